@@ -1,0 +1,1 @@
+"""jaxllm: sharded decoder-only language models in JAX/Flax."""

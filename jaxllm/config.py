@@ -1,0 +1,249 @@
+"""Experiment configuration: frozen dataclasses and `key=value` overrides.
+
+Every config is a frozen (hence hashable) dataclass so it can be a Linen attribute or a static jit
+argument. An experiment file builds one with `dataclasses.replace`; the command line overrides leaves
+with dotted paths such as `model.num_layers=2 train.steps=50 mesh.fsdp=4`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import typing
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+    """A configuration the user can fix; the message says how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 384  # 259 byte-level ids, padded to a multiple of 128 for fast matmuls
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 means num_heads (plain multi-head attention); fewer means GQA
+    head_dim: int = 0  # 0 means d_model // num_heads
+    mlp_dim: int = 704
+    mlp_kind: str = "swiglu"  # key of model.MLP_KINDS
+    attention_kind: str = "dot_product"  # key of layers.ATTENTION_KINDS
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; params are always float32
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | save_dots
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; one of them may be -1 (use the remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Regexes over parameter paths ("blocks/attn/q/kernel") exempt from weight decay.
+    no_decay: tuple[str, ...] = (r"norm", r"embed", r"bias")
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32  # global batch, in sequences
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    z_loss: float = 0.0  # weight of log(Z)^2 on the LM logits
+    log_every: int = 25
+    eval_every: int = 250
+    eval_batches: int = 8
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "python_stdlib": the embedded corpus (this Python's standard library source).
+    # "text_files": the files matched by `text_files`, one document per file.
+    # Anything else: a registered TFDS dataset name (e.g. "lm1b") prepared under `data_dir`.
+    dataset: str = "python_stdlib"
+    text_files: str = ""  # glob, for dataset="text_files"
+    data_dir: str = ""  # "" means $JAXLLM_DATA_DIR or ~/.cache/jaxllm/tensorflow_datasets
+    text_feature: str = "text"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_fraction: float = 0.05  # share of local files held out for validation
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 250  # steps between saves; 0 disables saving
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    opt: OptConfig = OptConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    sample_prompt: str = "def "  # a sample is generated from this at the end of a run
+    sample_tokens: int = 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """All dotted leaf paths of a config, e.g. ['workdir', 'model.d_model', ...]."""
+    keys = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(valid_keys(value, prefix + field.name + "."))
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def _parse_value(raw: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if typ is float:
+            return float(raw)
+        if typ is str:
+            return raw
+        if origin is tuple:
+            if raw.strip() == "":
+                return ()
+            value = ast.literal_eval(raw) if raw.strip().startswith(("(", "[")) else raw.split(",")
+            (item_type, *_) = typing.get_args(typ) or (str,)
+            return tuple(_parse_value(str(v), item_type, key) for v in value)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"cannot parse {key}={raw!r} as {getattr(typ, '__name__', typ)}") from e
+    raise ConfigError(f"{key} has unsupported type {typ}")
+
+
+def _replace_path(cfg: Any, path: Sequence[str], raw: str, full_key: str) -> Any:
+    name, rest = path[0], path[1:]
+    types = _field_types(type(cfg))
+    current = getattr(cfg, name)
+    if rest:
+        new = _replace_path(current, rest, raw, full_key)
+    else:
+        new = _parse_value(raw, types[name], full_key)
+    return dataclasses.replace(cfg, **{name: new})
+
+
+def override(cfg: Config, args: Sequence[str]) -> Config:
+    """Applies `a.b=value` overrides; an unknown key raises ConfigError naming the closest keys."""
+    keys = valid_keys(cfg)
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"expected key=value, got {arg!r} (for example train.steps=100)")
+        key, raw = arg.split("=", 1)
+        key = key.strip().lstrip("-")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            if not close:  # fall back to keys sharing the last component, e.g. "layers" ~ "num_layers"
+                leaf = key.rsplit(".", 1)[-1]
+                close = [k for k in keys if leaf in k.rsplit(".", 1)[-1]][:3]
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        cfg = _replace_path(cfg, key.split("."), raw, key)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, values: dict) -> Any:
+    """Inverse of `to_dict`; unknown keys are errors so a stale saved config is noticed."""
+    types = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in types:
+            raise ConfigError(f"unknown key {name!r} for {cls.__name__}")
+        typ = types[name]
+        if dataclasses.is_dataclass(typ):
+            value = from_dict(typ, value)
+        elif typing.get_origin(typ) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that do not need devices; mesh-dependent checks live in sharding.py."""
+    m, t = cfg.model, cfg.train
+    if m.d_model % m.num_heads and not m.head_dim:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+            "change one of them or set model.head_dim"
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.kv_heads}"
+        )
+    if m.head_size % 2:
+        raise ConfigError(f"head dimension {m.head_size} must be even for rotary embeddings")
+    if m.remat not in ("none", "full", "save_dots"):
+        raise ConfigError(f"model.remat={m.remat!r}; choose none, full or save_dots")
+    if m.vocab_size < 259:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is below the 259 byte-level token ids")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")

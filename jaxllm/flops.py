@@ -1,0 +1,68 @@
+"""Model FLOPs (PaLM appendix B) and the peak FLOP/s they are compared against for MFU."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+
+# Rated dense bf16 peak per chip, FLOP/s. CPU has no rated figure: it is measured instead.
+RATED_PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul for every token: the blocks' kernels plus the output
+    projection (the input embedding is a gather, not a matmul)."""
+    D, H, N, K, F = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim
+    attention = D * H * K * 2 + D * N * K * 2
+    mlp = 3 * D * F
+    return cfg.num_layers * (attention + mlp) + D * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus 12·layers·H·K·L
+    for the attention scores and values, as in PaLM's MFU definition."""
+    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+
+
+def rated_peak_flops(device=None) -> float | None:
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, flops in RATED_PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def measure_matmul_flops(shapes=((1024, 1024, 1024), (2048, 2048, 2048)), repeats=5, dtype=jnp.float32):
+    """Best FLOP/s over float32 matmuls of the given (m, k, n) shapes on the default device."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
+        b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), dtype)
+        matmul = jax.jit(jnp.matmul)
+        matmul(a, b).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops_per_device() -> float:
+    """Rated peak on accelerators; on CPU the measured float32 matmul rate (all of the host's cores
+    serve every fake device, so the figure is per host)."""
+    return rated_peak_flops() or measure_matmul_flops()

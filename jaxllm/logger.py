@@ -1,0 +1,80 @@
+"""Run output: metrics.jsonl (one JSON object per log step), TensorBoard events, a progress bar.
+Only process 0 writes; every process may call."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+import jax
+
+from jaxllm.config import Config
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drops records past `step`: a resumed run rewrites them, so the file keeps one per step."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, start_step: int = 0, extra_sink: Callable[[dict], None] | None = None):
+        self.extra_sink = extra_sink
+        self.is_writer = jax.process_index() == 0
+        self.jsonl = self.tensorboard = self.bar = None
+        if not self.is_writer:
+            return
+        path = os.path.join(cfg.workdir, "metrics.jsonl")
+        _truncate_after(path, start_step)
+        self.jsonl = open(path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
+        except ImportError:  # TensorBoard output is optional
+            self.tensorboard = None
+        if cfg.train.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        if self.is_writer:
+            (self.bar.write if self.bar else print)(message, file=sys.stderr)
+
+    def write(self, record: dict) -> None:
+        if self.extra_sink is not None:
+            self.extra_sink(record)
+        if not self.is_writer:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+        if self.bar is not None:
+            shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def progress(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)  # tqdm throttles the redraws
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.bar:
+            self.bar.close()

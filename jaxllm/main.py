@@ -1,0 +1,49 @@
+"""Entry point of every experiment file: `python experiments/NAME.py key=value ...`.
+
+Parses dotted overrides onto the experiment's config, initialises multi-host JAX when asked, trains
+(resuming from <workdir>/checkpoints if a checkpoint exists), and writes a generated sample.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from jaxllm.config import Config, ConfigError, override
+
+
+def parse(get_config: Callable[[], Config], argv: Sequence[str]) -> Config:
+    return override(get_config(), argv)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from jaxllm.config import valid_keys
+
+        print("usage: python EXPERIMENT.py [key=value ...]\nkeys:\n  " + "\n  ".join(valid_keys(get_config())))
+        return
+    try:
+        cfg = parse(get_config, argv)
+    except ConfigError as e:
+        _fail(str(e))
+
+    # Heavy imports after argument parsing, so a typo fails in a fraction of a second.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from jaxllm import generate, train
+
+    try:
+        train.train(cfg)
+        if cfg.sample_tokens > 0:
+            text = generate.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
+            with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:
+                f.write(text)
+            print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
+    except (ConfigError, train.TrainingError, FileNotFoundError) as e:
+        _fail(str(e))

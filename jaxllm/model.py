@@ -1,0 +1,116 @@
+"""Decoder-only transformer: embed -> N pre-norm blocks (optionally scanned and rematerialised)
+-> final RMSNorm -> logits.
+
+Shape legend: B batch, L length, D model width, V vocab.
+
+A research fork adds a layer by writing a module with the signature of `layers.Mlp` (or
+`layers.Attention`) and registering it in `MLP_KINDS` (or `layers.ATTENTION_KINDS`); the config
+then selects it by name.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm import layers
+from jaxllm.config import ModelConfig
+
+MLP_KINDS: dict[str, type[nn.Module]] = {"swiglu": layers.Mlp}
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    # Keep the weight matmuls' outputs, recompute the cheap elementwise work and attention.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _lookup(table: dict, kind: str, what: str):
+    if kind not in table:
+        raise ValueError(f"unknown {what} {kind!r}; registered: {sorted(table)}")
+    return table[kind]
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+        cfg = self.cfg
+        attention = _lookup(layers.ATTENTION_KINDS, cfg.attention_kind, "model.attention_kind")
+        mlp = _lookup(MLP_KINDS, cfg.mlp_kind, "model.mlp_kind")
+        h = layers.RMSNorm(cfg, name="attn_norm")(x_BLD)
+        x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL)
+        h = layers.RMSNorm(cfg, name="mlp_norm")(x_BLD)
+        x_BLD = x_BLD + mlp(cfg, name="mlp")(h)
+        return layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+
+
+class ScannedBlock(Block):
+    """Block with the (carry, output) signature that nn.scan expects."""
+
+    @nn.compact
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+        return super().__call__(x_BLD, segment_ids_BL, positions_BL), None
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, return_hidden=False):
+        """Returns float32 logits [B, L, V] (and the final hidden states if `return_hidden`).
+
+        segment_ids: document ids for packed rows (0 = padding); None means one document per row.
+        positions: per-token positions, restarting per document; None means 0..L-1.
+        """
+        cfg = self.cfg
+        B, L = tokens_BL.shape
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((B, L), jnp.int32)
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+
+        embed = layers.Embed(cfg, name="embed")
+        x_BLD = embed(tokens_BL)
+
+        block_cls = ScannedBlock if cfg.scan_layers else Block
+        if cfg.remat != "none":
+            block_cls = nn.remat(
+                block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
+            )
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, decode=self.decode, name="blocks")
+            x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL)
+        else:
+            for i in range(cfg.num_layers):
+                x_BLD = block_cls(cfg, decode=self.decode, name=f"block_{i}")(
+                    x_BLD, segment_ids_BL, positions_BL
+                )
+
+        x_BLD = layers.RMSNorm(cfg, name="final_norm")(x_BLD)
+        if cfg.tie_embeddings:
+            logits_BLV = embed.attend(x_BLD)
+        else:
+            w_out = self.param(
+                "unembed", layers.dense_init(cfg.init_std, ("embed", "vocab")),
+                (cfg.d_model, cfg.vocab_size), jnp.float32,
+            )
+            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, w_out.astype(x_BLD.dtype))
+        logits_BLV = layers.constrain(logits_BLV, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
+        logits_BLV = logits_BLV.astype(jnp.float32)
+        return (logits_BLV, x_BLD) if return_hidden else logits_BLV
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

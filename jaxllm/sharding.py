@@ -1,0 +1,144 @@
+"""Device mesh, logical-to-mesh axis rules, and shardings for states and batches.
+
+The model names axes logically ("embed", "mlp", "batch", ...). `LOGICAL_RULES` decides which mesh
+axis each logical name is split over; adding a parallelism style is a change of these rules.
+
+- fsdp   shards parameters and optimizer state along their "embed" dimension (ZeRO-3 style) and
+         splits the batch;
+- tensor shards heads, the MLP hidden dimension and the vocabulary (Megatron style);
+- expert shards the expert dimension of MoE weights and splits the batch everywhere else;
+- data   splits the batch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxllm.config import Config, ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("expert", "expert"),
+)
+
+
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    sizes = [getattr(mesh_cfg, axis) for axis in MESH_AXES]
+    described = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got {described}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes must be positive or -1, got {described}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(
+                f"{described} cannot fill {num_devices} devices: the fixed axes multiply to "
+                f"{known}, which does not divide {num_devices}"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    elif known != num_devices:
+        raise ConfigError(
+            f"{described} uses {known} devices but {num_devices} are available; make the "
+            f"product equal {num_devices} or set one axis to -1"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        axes = (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_divisibility(cfg: Config, mesh: Mesh) -> None:
+    """Every dimension that a rule shards must divide by that mesh axis; say which one does not."""
+    m, t = cfg.model, cfg.train
+    tensor, fsdp, expert = mesh.shape["tensor"], mesh.shape["fsdp"], mesh.shape["expert"]
+    checks = [
+        ("model.num_heads", m.num_heads, "tensor", tensor),
+        ("model.num_kv_heads (or num_heads)", m.kv_heads, "tensor", tensor),
+        ("model.mlp_dim", m.mlp_dim, "tensor", tensor),
+        ("model.vocab_size", m.vocab_size, "tensor", tensor),
+        ("model.d_model", m.d_model, "fsdp", fsdp),
+    ]
+    moe = getattr(m, "moe", None)
+    if moe is not None and getattr(moe, "num_experts", 0):
+        checks.append(("model.moe.num_experts", moe.num_experts, "expert", expert))
+    batch_shards = axis_size(mesh, BATCH_AXES)
+    micro_batch = t.batch_size // t.grad_accum
+    checks.append(("train.batch_size / train.grad_accum", micro_batch, "data*fsdp*expert", batch_shards))
+    for name, value, axis, size in checks:
+        if value % size:
+            raise ConfigError(
+                f"{name}={value} is not divisible by the {axis} mesh axis ({size}); change "
+                f"{name} or the mesh"
+            )
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh):
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """Shardings for a pytree whose leaves may be `nn.Partitioned` boxes (from eval_shape)."""
+    return logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the global batch from each process's rows (each process passes its own part)."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """Makes `mesh` and LOGICAL_RULES current, so logical constraints inside the model resolve."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield

@@ -1,0 +1,276 @@
+"""Sharded training: state creation, the jitted train/eval steps, and the training loop.
+
+Data flow: Config -> mesh -> init_state (params born sharded) -> loop: batch(step) placed with the
+batch sharding -> train_step (state donated) -> metrics -> logs; checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxllm import checkpoint as ckpt
+from jaxllm import config as config_lib
+from jaxllm import data, flops, losses, optim, sharding
+from jaxllm.config import Config
+from jaxllm.model import Transformer, count_params
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (for example a NaN loss); the message says what to do."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from a Config that the steps need."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    model: nn.Module
+    tx: optax.GradientTransformation
+    state_shardings: Any  # pytree of NamedSharding matching TrainState
+    abstract_state: Any  # pytree of ShapeDtypeStruct with shardings (for restore)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    return Transformer(cfg.model)
+
+
+def _boxed_init(cfg: Config, model: nn.Module, tx: optax.GradientTransformation):
+    def init(rng):
+        tokens = jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32)
+        params = model.init(rng, tokens)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
+    config_lib.validate(cfg)
+    mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
+    sharding.check_divisibility(cfg, mesh)
+    model = build_model(cfg)
+    tx = optim.make_optimizer(cfg.opt, cfg.train.steps)
+    boxed = jax.eval_shape(_boxed_init(cfg, model, tx), jax.random.key(0))
+    shardings = sharding.state_shardings(boxed, mesh)
+    abstract = ckpt.abstract_like(nn.meta.unbox(boxed), shardings)
+    return Setup(cfg, mesh, model, tx, shardings, abstract)
+
+
+def init_state(s: Setup, rng: jax.Array) -> TrainState:
+    """Initialises the state directly into its shardings: no device ever holds all of it."""
+    boxed_init = _boxed_init(s.cfg, s.model, s.tx)
+    with sharding.activate(s.mesh):
+        return jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=s.state_shardings)(rng)
+
+
+def _apply(model, params, batch):
+    return model.apply(
+        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"]
+    )
+
+
+def make_train_step(s: Setup) -> Callable:
+    cfg = s.cfg
+    accum = cfg.train.grad_accum
+
+    def loss_sums(params, batch):
+        logits = _apply(s.model, params, batch)
+        loss_sum, z_sum, weight_sum = losses.cross_entropy(
+            logits, batch["targets"], batch["weights"], cfg.train.z_loss
+        )
+        return loss_sum + z_sum, (loss_sum, weight_sum)
+
+    grad_fn = jax.grad(loss_sums, has_aux=True)
+
+    def step_fn(state: TrainState, batch):
+        if accum == 1:
+            grads, (loss_sum, weight_sum) = grad_fn(state.params, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+            def body(carry, micro_batch):
+                g, (l, w) = grad_fn(state.params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (g, l, w)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+            (grads, loss_sum, weight_sum), _ = jax.lax.scan(body, zeros, micro)
+        # Gradients of token sums divided once by the global token count: identical whether the
+        # batch was split into micro-batches or over devices.
+        denom = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss = loss_sum / denom
+        metrics = {
+            "loss": loss,
+            "bits_per_byte": loss / math.log(2),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "tokens": weight_sum,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    batch_sharding = sharding.batch_sharding(s.mesh)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(s.state_shardings, batch_sharding),
+        out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batch):
+        with sharding.activate(s.mesh):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+def make_eval_step(s: Setup) -> Callable:
+    def eval_fn(params, batch):
+        logits = _apply(s.model, params, batch)
+        loss_sum, _, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
+        return loss_sum, weight_sum
+
+    jitted = jax.jit(
+        eval_fn,
+        in_shardings=(s.state_shardings.params, sharding.batch_sharding(s.mesh)),
+        out_shardings=sharding.replicated(s.mesh),
+    )
+
+    def run(params, batch):
+        with sharding.activate(s.mesh):
+            return jitted(params, batch)
+
+    return run
+
+
+def evaluate(s: Setup, eval_step, params, batches: data.Batches, num_batches: int) -> dict:
+    """Mean token loss over the first `num_batches` validation batches (same rows every time)."""
+    total, count = 0.0, 0.0
+    for k in range(num_batches):
+        local = batches.local_batch(k, jax.process_index(), jax.process_count())
+        loss_sum, weight_sum = eval_step(params, sharding.place_batch(local, s.mesh))
+        total += float(loss_sum)
+        count += float(weight_sum)
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_bits_per_byte": loss / math.log(2)}
+
+
+def peak_flops_total() -> float:
+    """Peak FLOP/s of all devices in the run: on CPU the host's measured matmul rate (the fake
+    devices share its cores), elsewhere the rated per-chip peak times the chip count."""
+    if jax.default_backend() == "cpu":
+        return flops.measure_matmul_flops()
+    return flops.peak_flops_per_device() * jax.device_count()
+
+
+def restore_or_init(s: Setup, checkpointer: ckpt.Checkpointer | None) -> tuple[TrainState, int]:
+    """The latest checkpoint if there is one (resume), else a fresh state; and its step."""
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        with sharding.activate(s.mesh):
+            state, meta = checkpointer.restore(s.abstract_state)
+        return state, int(meta["data_step"])
+    return init_state(s, jax.random.key(s.cfg.seed)), 0
+
+
+def train(cfg: Config, log: Callable[[dict], None] | None = None, mesh=None) -> TrainState:
+    """The training loop. `log` receives every metrics dict (used by tests and main)."""
+    from jaxllm.logger import MetricsLogger  # imported here: tensorboard/tqdm only for real runs
+
+    s = setup(cfg, mesh)
+    os.makedirs(cfg.workdir, exist_ok=True)
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir), cfg.checkpoint)
+    state, start = restore_or_init(s, checkpointer)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(cfg))
+
+    logger = MetricsLogger(cfg, start_step=start, extra_sink=log)
+    logger.info(
+        f"{count_params(state.params) / 1e6:.2f}M params on mesh {dict(s.mesh.shape)}; "
+        + (f"resuming at step {start}" if start else "starting from scratch")
+    )
+    train_batches = data.train_batches(cfg)
+    eval_batches = data.eval_batches(cfg)
+    train_step = make_train_step(s)
+    eval_step = make_eval_step(s)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    model_flops_per_step = flops.flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
+    peak = peak_flops_total()
+    schedule = optim.learning_rate_schedule(cfg.opt, cfg.train.steps)
+    last_saved = checkpointer.latest_step()
+
+    def place(step):
+        local = train_batches.local_batch(step, jax.process_index(), jax.process_count())
+        return sharding.place_batch(local, s.mesh)
+
+    try:
+        window_start, window_steps = time.perf_counter(), 0
+        batch = place(start) if start < cfg.train.steps else None
+        for step in range(start, cfg.train.steps):
+            state, metrics = train_step(state, batch)
+            # Prepare the next batch while the device works on this step.
+            batch = place(step + 1) if step + 1 < cfg.train.steps else None
+            window_steps += 1
+            done = step + 1
+            is_log = done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1
+            is_save = cfg.checkpoint.every > 0 and (
+                done % cfg.checkpoint.every == 0 or done == cfg.train.steps
+            )
+            is_eval = done % cfg.train.eval_every == 0 or done == cfg.train.steps
+            if is_log or is_save or is_eval:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                if not np.isfinite(metrics["loss"]):
+                    good = checkpointer.latest_step()
+                    raise TrainingError(
+                        f"loss is {metrics['loss']} at step {done}; stopping. The last good "
+                        f"checkpoint is step {good} in {checkpointer.directory}. Lower "
+                        "opt.learning_rate or raise opt.warmup_steps, then rerun to resume."
+                    )
+                record = {
+                    "step": done,
+                    "loss": float(metrics["loss"]),
+                    "bits_per_byte": float(metrics["bits_per_byte"]),
+                    "learning_rate": float(schedule(step)),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "param_norm": float(metrics["param_norm"]),
+                    "step_time_s": step_time,
+                    "tokens_per_s": tokens_per_step / step_time,
+                    "mfu": model_flops_per_step / step_time / peak,
+                }
+                if is_eval:
+                    record.update(evaluate(s, eval_step, state.params, eval_batches, cfg.train.eval_batches))
+                logger.write(record)
+                if is_save:
+                    checkpointer.save(done, state, {"data_step": done, "config": config_lib.to_dict(cfg)})
+                    last_saved = done
+                window_start, window_steps = time.perf_counter(), 0
+            logger.progress(done)
+        if cfg.checkpoint.every > 0 and last_saved != cfg.train.steps and start < cfg.train.steps:
+            checkpointer.save(cfg.train.steps, state, {"data_step": cfg.train.steps, "config": config_lib.to_dict(cfg)})
+    finally:
+        checkpointer.close()
+        logger.close()
+    return state
+

@@ -1,0 +1,43 @@
+"""Small configs and synthetic batches shared by the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxllm import config as C
+
+
+def tiny_config(**overrides) -> C.Config:
+    cfg = C.Config(
+        workdir="unused",
+        model=C.ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128),
+        train=C.TrainConfig(batch_size=8, seq_len=32, steps=10, log_every=1, eval_every=5,
+                            eval_batches=1, progress_bar=False),
+        opt=C.OptConfig(warmup_steps=2),
+        mesh=C.MeshConfig(data=1, fsdp=1, tensor=1, expert=1),
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def with_model(cfg: C.Config, **model_overrides) -> C.Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides))
+
+
+def packed_batch(batch_size=8, seq_len=32, seed=0, vocab=259) -> dict[str, np.ndarray]:
+    """Random tokens in rows holding two or three documents each, like the packed data."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, vocab, (batch_size, seq_len)).astype(np.int32)
+    targets = rng.integers(0, vocab, (batch_size, seq_len)).astype(np.int32)
+    segment_ids = np.ones((batch_size, seq_len), np.int32)
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
+    for row in range(batch_size):
+        cut = int(rng.integers(4, seq_len - 4))
+        segment_ids[row, cut:] = 2
+        positions[row, cut:] = np.arange(seq_len - cut)
+    weights = np.ones((batch_size, seq_len), np.float32)
+    weights[:, -3:] = 0.0  # padding at the end of every row
+    segment_ids[:, -3:] = 0
+    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
+            "positions": positions, "weights": weights}
