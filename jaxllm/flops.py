@@ -47,19 +47,43 @@ def rated_peak_flops(device=None) -> float | None:
     return None
 
 
-def measure_matmul_flops(shapes=((1024, 1024, 1024), (2048, 2048, 2048)), repeats=5, dtype=jnp.float32):
-    """Best FLOP/s over float32 matmuls of the given (m, k, n) shapes on the default device."""
-    best = 0.0
+# Square float32 matmuls whose best rate stands for the CPU's peak; 4096 is included because on
+# some hosts the largest size is the only one that keeps every core's FMA units busy.
+SQUARE_MATMUL_SIZES = (1024, 2048, 4096)
+
+
+def largest_matmul_shape(cfg: ModelConfig, tokens: int) -> tuple[int, int, int]:
+    """(m, k, n) of the biggest weight matmul one forward pass over `tokens` tokens runs, counting
+    the fused projections (q/k/v together, gate/up together) as the single matmul they are."""
+    D, H, N, K, F, V = (
+        cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim, cfg.vocab_size
+    )
+    shapes = [(tokens, D, (H + 2 * N) * K), (tokens, H * K, D), (tokens, D, 2 * F), (tokens, F, D),
+              (tokens, D, V)]
+    return max(shapes, key=lambda s: (s[0] * s[1] * s[2], s))
+
+
+def measure_matmul_flops(shapes=None, repeats=5, dtype=jnp.float32, per_shape=False):
+    """Best FLOP/s over matmuls of the given (m, k, n) shapes on the default device (default: the
+    SQUARE_MATMUL_SIZES cubes), each the fastest of `repeats` timed runs after a warm-up run.
+
+    With `per_shape` returns {shape: best FLOP/s} instead, so a caller can say which shape set the
+    peak."""
+    if shapes is None:
+        shapes = tuple((n, n, n) for n in SQUARE_MATMUL_SIZES)
+    matmul = jax.jit(jnp.matmul)
+    rates = {}
     for m, k, n in shapes:
         a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
         b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), dtype)
-        matmul = jax.jit(jnp.matmul)
         matmul(a, b).block_until_ready()
+        best = 0.0
         for _ in range(repeats):
             start = time.perf_counter()
             matmul(a, b).block_until_ready()
             best = max(best, 2 * m * k * n / (time.perf_counter() - start))
-    return best
+        rates[(m, k, n)] = max(best, rates.get((m, k, n), 0.0))
+    return rates if per_shape else max(rates.values())
 
 
 def peak_flops_per_device() -> float:

@@ -7,6 +7,7 @@ batch sharding -> train_step (state donated) -> metrics -> logs; checkpoint ever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -104,7 +105,9 @@ def make_train_step(s: Setup) -> Callable:
         if accum == 1:
             grads, (loss_sum, weight_sum) = grad_fn(state.params, batch)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+            # Micro-batch k takes rows k, k+accum, ...: every device's shard of the batch feeds
+            # every micro-batch, so no rows move between devices.
+            micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, micro_batch):
                 g, (l, w) = grad_fn(state.params, micro_batch)
@@ -122,8 +125,8 @@ def make_train_step(s: Setup) -> Callable:
         metrics = {
             "loss": loss,
             "bits_per_byte": loss / math.log(2),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "tokens": weight_sum,
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -175,6 +178,7 @@ def evaluate(s: Setup, eval_step, params, batches: data.Batches, num_batches: in
     return {"eval_loss": loss, "eval_bits_per_byte": loss / math.log(2)}
 
 
+@functools.lru_cache(maxsize=None)
 def peak_flops_total() -> float:
     """Peak FLOP/s of all devices in the run: on CPU the host's measured matmul rate (the fake
     devices share its cores), elsewhere the rated per-chip peak times the chip count."""
@@ -186,8 +190,15 @@ def peak_flops_total() -> float:
 def restore_or_init(s: Setup, checkpointer: ckpt.Checkpointer | None) -> tuple[TrainState, int]:
     """The latest checkpoint if there is one (resume), else a fresh state; and its step."""
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        with sharding.activate(s.mesh):
-            state, meta = checkpointer.restore(s.abstract_state)
+        try:
+            with sharding.activate(s.mesh):
+                state, meta = checkpointer.restore(s.abstract_state)
+        except ValueError as e:  # orbax: tree structure or shapes differ from the saved state
+            raise config_lib.ConfigError(
+                f"the checkpoint in {checkpointer.directory} does not match this config's model or "
+                f"optimizer ({str(e).splitlines()[0][:200]}); use a new workdir, or the config the "
+                "checkpoint was written with"
+            ) from e
         return state, int(meta["data_step"])
     return init_state(s, jax.random.key(s.cfg.seed)), 0
 

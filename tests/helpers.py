@@ -16,7 +16,7 @@ def tiny_config(**overrides) -> C.Config:
         train=C.TrainConfig(batch_size=8, seq_len=32, steps=10, log_every=1, eval_every=5,
                             eval_batches=1, progress_bar=False),
         opt=C.OptConfig(warmup_steps=2),
-        mesh=C.MeshConfig(data=1, fsdp=1, tensor=1, expert=1),
+        mesh=C.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1),  # all 8 test devices
     )
     return dataclasses.replace(cfg, **overrides)
 
