@@ -107,6 +107,19 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process start-up (see jaxllm/distributed.py). All defaults: one process, unless the
+    environment is a recognised multi-process launch (SLURM srun, Open MPI, JAX_COORDINATOR_ADDRESS)."""
+
+    coordinator_address: str = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or detect
+    num_processes: int = 0  # 0 = detect
+    process_id: int = -1  # -1 = detect; the one field that differs between the processes
+    auto: bool = False  # let JAX detect everything (TPU pod slices, SLURM, Open MPI, ...)
+    initialization_timeout_s: int = 300  # fail, rather than wait forever, for missing processes
+    heartbeat_timeout_s: int = 100  # a process silent this long is declared dead and the run stops
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
@@ -116,6 +129,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     sample_prompt: str = "def "  # a sample is generated from this at the end of a run
     sample_tokens: int = 200
 

@@ -233,6 +233,8 @@ def prepare_text_files(
         lock = os.path.join(data_dir, "jaxllm_locks", f"{builder.name}-{config_name}.lock")
         with _file_lock(lock):
             if not builder.is_prepared():
+                print(f"building the {name} dataset under {data_dir} (once)", file=sys.stderr)
+                tfds.disable_progress_bar()  # TFDS's bars would bury the training progress bar
                 builder.download_and_prepare()
         return make()  # a fresh builder reads split sizes from the written dataset_info.json
 

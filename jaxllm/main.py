@@ -36,14 +36,26 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
 
     # Heavy imports after argument parsing, so a typo fails in a fraction of a second.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from jaxllm import distributed
+
+    try:
+        # Before anything else touches JAX: the device list is fixed when a backend starts.
+        distributed.maybe_initialize(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+
+    import jax
+
     from jaxllm import generate, train
 
     try:
         train.train(cfg)
         if cfg.sample_tokens > 0:
+            # Every process takes part (the params are sharded over all devices); one writes.
             text = generate.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
-            with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:
-                f.write(text)
-            print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
+            if jax.process_index() == 0:
+                with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:
+                    f.write(text)
+                print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
     except (ConfigError, train.TrainingError, FileNotFoundError) as e:
         _fail(str(e))

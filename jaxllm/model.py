@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jaxllm import layers
 from jaxllm.config import ModelConfig
 
+KNOBS = dict(hoist=False, unroll=1)
+
 MLP_KINDS: dict[str, type[nn.Module]] = {"swiglu": layers.Mlp}
 
 REMAT_POLICIES = {
@@ -37,12 +39,12 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, sin_cos=None, bias=None):
         cfg = self.cfg
         attention = _lookup(layers.ATTENTION_KINDS, cfg.attention_kind, "model.attention_kind")
         mlp = _lookup(MLP_KINDS, cfg.mlp_kind, "model.mlp_kind")
         h = layers.RMSNorm(cfg, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL)
+        x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL, sin_cos, bias)
         h = layers.RMSNorm(cfg, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + mlp(cfg, name="mlp")(h)
         return layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
@@ -52,8 +54,8 @@ class ScannedBlock(Block):
     """Block with the (carry, output) signature that nn.scan expects."""
 
     @nn.compact
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL):
-        return super().__call__(x_BLD, segment_ids_BL, positions_BL), None
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, sin_cos=None, bias=None):
+        return super().__call__(x_BLD, segment_ids_BL, positions_BL, sin_cos, bias), None
 
 
 class Transformer(nn.Module):
@@ -76,6 +78,13 @@ class Transformer(nn.Module):
 
         embed = layers.Embed(cfg, name="embed")
         x_BLD = embed(tokens_BL)
+        sin_cos = bias = None
+        if KNOBS['hoist']:
+            sin_cos = layers.rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta)
+            if not self.decode and layers.KNOBS['fast_softmax']:
+                idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+                mask = layers.attention_mask(segment_ids_BL, segment_ids_BL, idx, idx)
+                bias = (layers.attention_bias(mask), mask.any(-1)[:, None, None, :, None].astype(jnp.float32))
 
         block_cls = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat != "none":
@@ -87,15 +96,15 @@ class Transformer(nn.Module):
                 block_cls,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers, unroll=KNOBS['unroll'],
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, decode=self.decode, name="blocks")
-            x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL)
+            x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, sin_cos, bias)
         else:
             for i in range(cfg.num_layers):
                 x_BLD = block_cls(cfg, decode=self.decode, name=f"block_{i}")(
-                    x_BLD, segment_ids_BL, positions_BL
+                    x_BLD, segment_ids_BL, positions_BL, sin_cos, bias
                 )
 
         x_BLD = layers.RMSNorm(cfg, name="final_norm")(x_BLD)

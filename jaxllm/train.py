@@ -75,11 +75,17 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     return Setup(cfg, mesh, model, tx, shardings, abstract)
 
 
+def state_initializer(s: Setup) -> Callable[[jax.Array], TrainState]:
+    """The jitted init: params and optimizer state come out already sharded (call it, or
+    eval_shape it, under `sharding.activate(s.mesh)`)."""
+    boxed_init = _boxed_init(s.cfg, s.model, s.tx)
+    return jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=s.state_shardings)
+
+
 def init_state(s: Setup, rng: jax.Array) -> TrainState:
     """Initialises the state directly into its shardings: no device ever holds all of it."""
-    boxed_init = _boxed_init(s.cfg, s.model, s.tx)
     with sharding.activate(s.mesh):
-        return jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=s.state_shardings)(rng)
+        return state_initializer(s)(rng)
 
 
 def _apply(model, params, batch):
@@ -183,7 +189,9 @@ def peak_flops_total() -> float:
     """Peak FLOP/s of all devices in the run: on CPU the host's measured matmul rate (the fake
     devices share its cores), elsewhere the rated per-chip peak times the chip count."""
     if jax.default_backend() == "cpu":
-        return flops.measure_matmul_flops()
+        # A quick estimate (well under a second) for the logged MFU; benchmarks/train_throughput.py
+        # measures the peak thoroughly.
+        return flops.measure_matmul_flops(shapes=((1024, 1024, 1024),), repeats=3)
     return flops.peak_flops_per_device() * jax.device_count()
 
 

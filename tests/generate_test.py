@@ -1,0 +1,70 @@
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import data, generate, train
+from jaxllm.model import Transformer
+from helpers import tiny_config
+
+
+def test_left_pad_positions_and_segments():
+    tokens, segs, pos = generate.left_pad([[5, 6, 7], [9]])
+    np.testing.assert_array_equal(tokens, [[5, 6, 7], [data.PAD_ID, data.PAD_ID, 9]])
+    np.testing.assert_array_equal(segs, [[1, 1, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(pos, [[0, 1, 2], [0, 0, 0]])
+
+
+def test_top_k_and_top_p_filtering():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    top2 = generate.filter_logits(logits, 1.0, 2, 1.0)
+    assert np.isfinite(top2[0, :2]).all() and np.isinf(top2[0, 2:]).all()
+    nucleus = generate.filter_logits(logits, 1.0, 0, 0.7)  # 0.5 + 0.3 reaches 0.7
+    assert np.isfinite(nucleus[0, :2]).all() and np.isinf(nucleus[0, 2:]).all()
+    tiny_p = generate.filter_logits(logits, 1.0, 0, 0.01)  # always keeps the top token
+    assert np.isfinite(tiny_p[0, 0]) and np.isinf(tiny_p[0, 1:]).all()
+
+
+def test_sampling_draws_only_from_the_kept_tokens():
+    logits = jnp.tile(jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]])), (512, 1))
+    tokens = generate.choose_tokens(logits, jax.random.key(0), generate.SamplingConfig(temperature=1.0, top_k=2))
+    assert set(np.unique(tokens)) == {0, 1}
+    greedy = generate.choose_tokens(logits, jax.random.key(0), generate.SamplingConfig(temperature=0.0))
+    assert (np.asarray(greedy) == 0).all()
+
+
+def test_batched_greedy_generation_equals_unbatched_and_full_recompute():
+    cfg = tiny_config().model
+    import flax.linen as nn
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    gen = generate.Generator(cfg)
+    greedy = generate.SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    prompts = [[data.BOS_ID, 10, 11, 12, 13], [data.BOS_ID, 40]]
+    batched = gen.generate(params, prompts, greedy, jax.random.key(0))
+    for prompt, out in zip(prompts, batched):
+        assert gen.generate(params, [prompt], greedy, jax.random.key(0))[0] == out
+        # Greedy decoding by full recompute, one token at a time.
+        seq = list(prompt)
+        for _ in range(6):
+            logits = Transformer(cfg).apply({"params": params}, jnp.array([seq], jnp.int32))
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert seq[len(prompt):] == out
+
+
+def test_generation_stops_at_eos_per_sequence(monkeypatch):
+    """Row 0 emits EOS at its 2nd token, row 1 at its 4th: each output ends at its EOS and the
+    loop stops once every row is done."""
+    cfg = tiny_config().model
+    import flax.linen as nn
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    scripted = iter([[7, 7], [data.EOS_ID, 8], [9, 9], [10, data.EOS_ID], [11, 11]])
+    monkeypatch.setattr(generate, "choose_tokens", lambda *_: jnp.array(next(scripted), jnp.int32))
+    gen = generate.Generator(cfg)
+    out = gen.generate(params, [[data.BOS_ID, 1], [data.BOS_ID, 2, 3]],
+                       generate.SamplingConfig(max_new_tokens=10), jax.random.key(0))
+    assert out == [[7, data.EOS_ID], [7, 8, 9, data.EOS_ID]]
+    assert next(scripted) == [11, 11]  # nothing sampled after both rows finished
