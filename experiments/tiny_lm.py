@@ -3,7 +3,7 @@
 
     python experiments/tiny_lm.py [key=value ...]      # e.g. train.steps=100 workdir=runs/try
 
-Result (2-core CPU, defaults): see README results table.
+Result (2-core CPU, defaults, 300 steps): validation 2.52 bits per byte; see the README results table.
 """
 
 from jaxllm import config, main
@@ -15,9 +15,9 @@ def get_config() -> config.Config:
         model=config.ModelConfig(
             d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=704, vocab_size=384
         ),
-        train=config.TrainConfig(steps=600, batch_size=16, seq_len=256, log_every=25, eval_every=200),
-        opt=config.OptConfig(learning_rate=3e-3, warmup_steps=50),
-        checkpoint=config.CheckpointConfig(every=200, keep=3),
+        train=config.TrainConfig(steps=300, batch_size=16, seq_len=256, log_every=25, eval_every=100),
+        opt=config.OptConfig(learning_rate=3e-3, warmup_steps=30),
+        checkpoint=config.CheckpointConfig(every=100, keep=3),
     )
 
 
