@@ -10,9 +10,13 @@ of all local devices, fed synthetic packed batches (random tokens, two documents
 tails) so no dataset is needed.
 
 MFU = model FLOPs per step (jaxllm.flops: PaLM's 6N per token plus attention) / step time / peak.
-On CPU the peak is measured in this run, so it sees the same load as the step: the best FLOP/s over
-float32 square matmuls (flops.SQUARE_MATMUL_SIZES) and the model's own largest matmul shape. On an
-accelerator it is the rated bf16 peak per chip times the device count.
+On CPU the peak is measured in this run, before and after the steps (best of both): the best FLOP/s
+over float32 square matmuls (flops.SQUARE_MATMUL_SIZES) and the model's own largest matmul shape.
+On an accelerator it is the rated bf16 peak per chip times the device count. The lines are printed
+once every configuration has run, since the peak is only known then.
+
+On a shared machine, `other_processes_cpu_share` says how much of the CPU other processes used
+while the steps were timed; a value above a few percent means the timings are disturbed.
 """
 
 from __future__ import annotations
@@ -98,6 +102,18 @@ def machine_info() -> dict:
     }
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy jiffies of the whole machine, CPU jiffies of this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _, _, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return user + nice + system + irq + softirq + steal, int(fields[11]) + int(fields[12])
+    except (OSError, ValueError):
+        return None
+
+
 def peak_memory() -> tuple[int, str]:
     """(bytes, source): the device allocator's peak where it reports one, else the process's max
     RSS, which on CPU includes everything the process has touched so far (a high-water mark over
@@ -109,21 +125,31 @@ def peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process_max_rss"
 
 
-def peak_flops(cfg: config_lib.Config, square_rates: dict) -> tuple[float, str]:
-    """(FLOP/s, what set it) for MFU's denominator."""
+def measure_peak(cfgs: list[config_lib.Config]) -> dict:
+    """{(m, k, n): best FLOP/s} over the square matmuls and each config's largest matmul."""
+    shapes = [(n, n, n) for n in flops.SQUARE_MATMUL_SIZES]
+    for cfg in cfgs:
+        shape = flops.largest_matmul_shape(cfg.model, cfg.train.batch_size * cfg.train.seq_len)
+        if shape not in shapes:
+            shapes.append(shape)
+    return flops.measure_matmul_flops(shapes, per_shape=True)
+
+
+def peak_flops(cfg: config_lib.Config, rates: dict) -> tuple[float, str]:
+    """(FLOP/s, what set it) for MFU's denominator: on an accelerator the rated peak, on CPU the
+    best measured rate among the square matmuls and this config's own largest matmul."""
     if jax.default_backend() != "cpu":
         rated = flops.rated_peak_flops()
         if rated:
             return rated * jax.device_count(), f"rated bf16 peak x {jax.device_count()} devices"
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    model_shape = flops.largest_matmul_shape(cfg.model, tokens)
-    rates = dict(square_rates)
-    rates.update(flops.measure_matmul_flops([model_shape], per_shape=True))
-    best = max(rates, key=rates.get)
-    return rates[best], "float32 matmul %dx%dx%d (measured)" % best
+    own = flops.largest_matmul_shape(cfg.model, cfg.train.batch_size * cfg.train.seq_len)
+    candidates = {s: r for s, r in rates.items() if s == own or s[0] == s[1] == s[2]}
+    best = max(candidates, key=candidates.get)
+    return candidates[best], "float32 matmul %dx%dx%d (measured)" % best
 
 
-def run_config(name: str, cfg: config_lib.Config, steps: int, warmup: int, square_rates: dict) -> dict:
+def run_config(name: str, cfg: config_lib.Config, steps: int, warmup: int) -> dict:
+    """Times the train step; MFU is filled in by `add_mfu` once the peak is known."""
     mesh = sharding.make_mesh(cfg.mesh, jax.local_devices())
     s = train.setup(cfg, mesh)
     state = train.init_state(s, jax.random.key(cfg.seed))
@@ -149,15 +175,23 @@ def run_config(name: str, cfg: config_lib.Config, steps: int, warmup: int, squar
     for i in range(warmup):
         state, metrics = step(state, i)
     times = []
+    jiffies_before, start = _cpu_jiffies(), time.perf_counter()
     for i in range(steps):
         t0 = time.perf_counter()
         state, metrics = step(state, i)
         times.append(time.perf_counter() - t0)
+    jiffies_after, elapsed = _cpu_jiffies(), time.perf_counter() - start
+    # On a shared machine other processes slow the step down: report how much of the machine
+    # they used while the steps were timed, so a disturbed measurement can be recognised.
+    other_load = None
+    if jiffies_before and jiffies_after:
+        tick = os.sysconf("SC_CLK_TCK")
+        other = (jiffies_after[0] - jiffies_before[0]) - (jiffies_after[1] - jiffies_before[1])
+        other_load = max(other, 0) / (tick * elapsed * os.cpu_count())
 
     step_time = statistics.median(times)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     model_flops = flops.flops_per_token(cfg.model, cfg.train.seq_len) * tokens
-    peak, peak_source = peak_flops(cfg, square_rates)
     memory, memory_source = peak_memory()
     xla_memory = compiled.memory_analysis()
     return {
@@ -173,10 +207,8 @@ def run_config(name: str, cfg: config_lib.Config, steps: int, warmup: int, squar
         "step_times_s": [round(t, 4) for t in times],
         "model_flops_per_step": model_flops,
         "tflops": model_flops / step_time / 1e12,
-        "peak_flops": peak,
-        "peak_source": peak_source,
-        "mfu": model_flops / step_time / peak,
         "compile_s": compile_s,
+        "other_processes_cpu_share": other_load,
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,
         "xla_temp_bytes": getattr(xla_memory, "temp_size_in_bytes", None),
@@ -198,14 +230,24 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
 
-    square_rates = {}
-    if jax.default_backend() == "cpu":
-        square_rates = flops.measure_matmul_flops(per_shape=True)
+    cfgs = []
     for name in names:
         cfg = config_lib.override(CONFIGS[name](), args.set)
         # All local devices, data-parallel over fsdp (which also shards the optimizer state).
-        cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1))
-        print(json.dumps(run_config(name, cfg, args.steps, args.warmup, square_rates)), flush=True)
+        cfgs.append(dataclasses.replace(cfg, mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1)))
+    # The peak is measured before and after the steps and the best rate kept, so that a moment of
+    # load from another process lowers neither measurement's share of the denominator.
+    on_cpu = jax.default_backend() == "cpu"
+    rates = measure_peak(cfgs) if on_cpu else {}
+    results = [run_config(name, cfg, args.steps, args.warmup) for name, cfg in zip(names, cfgs)]
+    if on_cpu:
+        for shape, rate in measure_peak(cfgs).items():
+            rates[shape] = max(rate, rates.get(shape, 0.0))
+    for cfg, result in zip(cfgs, results):
+        peak, source = peak_flops(cfg, rates)
+        result.update(peak_flops=peak, peak_source=source,
+                      mfu=result["model_flops_per_step"] / result["step_time_s"] / peak)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Transformer building blocks: embedding, RMSNorm, rotary embedding, attention, SwiGLU MLP.
 
 Shape legend: B batch, L query length, S key length, D model width, H query heads, G query heads
-per KV head, N KV heads, K head dim, F MLP width, V vocab.
+per KV head, N KV heads, K head dim, F MLP width, V vocab, T tokens (B·L flattened).
 
 Parameters are float32 and carry logical axis names; `sharding.LOGICAL_RULES` maps those names
 onto mesh axes. Matmuls run in the configured compute dtype; softmax and norms in float32.
@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxllm.config import ModelConfig
 
@@ -24,8 +26,9 @@ from jaxllm.config import ModelConfig
 BATCH, LENGTH, ACT_EMBED = "batch", "act_length", "act_embed"
 ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = "act_heads", "act_kv_heads", "act_mlp", "act_vocab"
 
-
-KNOBS = dict(no_rope=False, no_attn_core=False, no_silu=False, fuse_qkv=False, fuse_gate_up=False, onehot_embed=False, fast_softmax=False, mha_4d=False)
+# Name of every weight-projection output, for remat policies (see model.REMAT_POLICIES): the
+# projections run inside a custom VJP, where a policy that looks for dot_general cannot see them.
+PROJECTION = "projection"
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -38,6 +41,99 @@ def constrain(x, names):
 
 def dense_init(std: float, names: tuple[str, ...]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight projections
+
+
+@jax.custom_vjp
+def _matmul_TD_DF(x_TD, w_DF):
+    return x_TD @ w_DF
+
+
+def _matmul_fwd(x_TD, w_DF):
+    return x_TD @ w_DF, (x_TD, w_DF)
+
+
+def _matmul_bwd(residuals, g_TF):
+    # The weight gradient contracts over tokens, so one of x and g must be transposed. Left to
+    # itself XLA:CPU transposes whichever its layout pass picks, often the wider one, and fuses
+    # the elementwise backward (e.g. SiLU') into that transposing copy; both make it slow. Here we
+    # transpose the narrower operand explicitly, and on CPU behind a barrier so that the copy stays
+    # a plain transpose and the matmul sees row-major operands. Accelerators fold transposes into
+    # their matmuls, so they get no barrier.
+    x_TD, w_DF = residuals
+    transposed = jax.lax.optimization_barrier if jax.default_backend() == "cpu" else (lambda a: a)
+    dx_TD = g_TF @ w_DF.T
+    if x_TD.shape[1] <= g_TF.shape[1]:
+        dw_DF = transposed(x_TD.T) @ g_TF
+    else:
+        dw_DF = (transposed(g_TF.T) @ x_TD).T
+    return dx_TD, dw_DF
+
+
+_matmul_TD_DF.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def project(x, w, contract: int):
+    """x [..., in...] · w [in..., out...] over the last `contract` dims of x and the first of w.
+
+    The same contraction as `jnp.tensordot(x, w, contract)`, flattened to one 2-D matmul whose
+    backward pass picks cheap transposes (see `_matmul_bwd`)."""
+    lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract:]
+    out = w.shape[contract:]
+    y = _matmul_TD_DF(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
+    return checkpoint_name(y.reshape(*lead, *out), PROJECTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-call context shared by all layers
+
+
+@flax.struct.dataclass
+class LayerContext:
+    """Tensors that depend only on positions and segment ids, computed once per model call
+    instead of once per layer. In a scanned stack they enter the loop as constants, so XLA
+    materialises them once instead of recomputing sin/cos and the mask inside every layer."""
+
+    rope_sin: jax.Array  # [B, L, 1, K/2]
+    rope_cos: jax.Array  # [B, L, 1, K/2]
+    # Additive attention bias [B, 1, 1, L, S] (0 visible, float32 min hidden) and [B, 1, 1, L, 1]
+    # 1.0 where the query sees at least one key. None in decode mode, where the cache decides.
+    attention_bias: jax.Array | None = None
+    query_has_keys: jax.Array | None = None
+    # Keys are the queries' own positions in order (training, plain forward): the causal structure
+    # is known statically and attention can skip the all-masked blocks above the diagonal.
+    causal_self_attention: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def _computed_once(x_BLNK):
+    """x unchanged, but computed once instead of inside each consumer.
+
+    XLA:CPU fuses elementwise producers into every consumer, so RoPE's sin and cos would be
+    re-evaluated for each element of q and k in every layer (two transcendentals per element, ~6%
+    of a d512 step). A matmul is never fused into its consumers, and one by the identity is exact
+    (x·1 plus zeros), so it makes XLA keep the [B, L, 1, K/2] result in a buffer. Accelerators
+    compute these fusions cheaply enough that the extra matmul is not worth it there."""
+    if jax.default_backend() != "cpu":
+        return x_BLNK
+    return jnp.einsum("blnk,kj->blnj", x_BLNK, jnp.eye(x_BLNK.shape[-1], dtype=x_BLNK.dtype))
+
+
+def layer_context(cfg: ModelConfig, segment_ids_BL, positions_BL, decode: bool) -> LayerContext:
+    sin, cos = (_computed_once(t) for t in rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta))
+    if decode:
+        return LayerContext(sin, cos)
+    B, L = segment_ids_BL.shape
+    index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    mask_BLS = attention_mask(segment_ids_BL, segment_ids_BL, index_BL, index_BL)
+    bias, has_keys = attention_bias(mask_BLS)
+    return LayerContext(sin, cos, bias, has_keys, causal_self_attention=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
 
 
 class Embed(nn.Module):
@@ -53,11 +149,7 @@ class Embed(nn.Module):
         # Gather from a replicated table: a lookup into a vocab-sharded table makes XLA replicate
         # the gathered activations instead, which costs more than all-gathering the table once.
         table_VD = constrain(self.embedding, (None, None))
-        if KNOBS['onehot_embed']:
-            onehot = jax.nn.one_hot(tokens_BL, table_VD.shape[0], dtype=table_VD.dtype)
-            x_BLD = jnp.einsum("blv,vd->bld", onehot, table_VD).astype(compute_dtype(self.cfg))
-        else:
-            x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(compute_dtype(self.cfg))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(compute_dtype(self.cfg))
         return constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
 
     def attend(self, x_BLD):
@@ -80,19 +172,26 @@ class RMSNorm(nn.Module):
         return (x32 * scale).astype(x.dtype)
 
 
-def rotary_sin_cos(positions_BL, head_dim, theta):
+def rotary_sin_cos(positions_BL, head_dim: int, theta: float):
+    """sin and cos [B, L, 1, K/2] of the RoPE angles, shared by every head and layer."""
     half = head_dim // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
     return jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
 
 
-def rotary_embedding(x_BLNK, positions_BL, theta: float, sin_cos=None):
-    """Rotates channel pairs (i, i + K/2) by position-dependent angles (RoPE, rotate-half form)."""
-    sin, cos = sin_cos if sin_cos is not None else rotary_sin_cos(positions_BL, x_BLNK.shape[-1], theta)
+def apply_rotary(x_BLNK, sin, cos):
+    """Rotates channel pairs (i, i + K/2) by position-dependent angles (RoPE, rotate-half form).
+    Works for any head layout between L and K (e.g. [B, L, N, G, K]) given sin/cos broadcastable
+    to it."""
     x1, x2 = jnp.split(x_BLNK.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BLNK.dtype)
+
+
+def rotary_embedding(x_BLNK, positions_BL, theta: float):
+    sin, cos = rotary_sin_cos(positions_BL, x_BLNK.shape[-1], theta)
+    return apply_rotary(x_BLNK, sin, cos)
 
 
 def attention_mask(q_segment_BL, k_segment_BS, q_index_BL, k_index_BS):
@@ -104,27 +203,48 @@ def attention_mask(q_segment_BL, k_segment_BS, q_index_BL, k_index_BS):
 
 
 def attention_bias(mask_BLS):
-    return jnp.where(mask_BLS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)[:, None, None]
+    """(additive bias [B, 1, 1, L, S], query-has-keys [B, 1, 1, L, 1]) from a boolean mask.
+
+    Adding the bias is one fused add where a select would be a separate pass over the scores in
+    the forward and the backward; the float32 minimum (not -inf) keeps rows with no visible key
+    finite, and multiplying by query-has-keys zeroes them as the masked softmax would."""
+    bias = jnp.where(mask_BLS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    has_keys = jnp.any(mask_BLS, axis=-1, keepdims=True).astype(jnp.float32)
+    return bias[:, None, None], has_keys[:, None, None]
 
 
-def fast_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, valid_B11L1):
+def _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1):
     scale = 1.0 / math.sqrt(q_BLNGK.shape[-1])
     scores = jnp.einsum("blngk,bsnk->bngls", q_BLNGK * jnp.asarray(scale, q_BLNGK.dtype), k_BSNK)
     scores = scores.astype(jnp.float32) + bias_B11LS
-    e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    probs = e * (valid_B11L1 / jnp.sum(e, axis=-1, keepdims=True))
+    # The max only keeps exp() in range; its gradient cancels, so none is computed for it.
+    unnormalised = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    # Normalising and zeroing rows without keys are one multiply of the [.., L, S] tensor.
+    probs = unnormalised * (has_keys_B11L1 / jnp.sum(unnormalised, axis=-1, keepdims=True))
     return jnp.einsum("bngls,bsnk->blngk", probs.astype(v_BSNK.dtype), v_BSNK)
 
 
-def dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, mask_BLS):
-    scale = 1.0 / math.sqrt(q_BLNGK.shape[-1])
-    scores = jnp.einsum("blngk,bsnk->bngls", q_BLNGK * jnp.asarray(scale, q_BLNGK.dtype), k_BSNK)
-    scores = scores.astype(jnp.float32)
-    scores = jnp.where(mask_BLS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # Rows with no visible key (padding queries) would average garbage; zero them instead.
-    probs = jnp.where(mask_BLS[:, None, None].any(-1, keepdims=True), probs, 0.0)
-    return jnp.einsum("bngls,bsnk->blngk", probs.astype(v_BSNK.dtype), v_BSNK)
+# Causal self-attention splits the queries into this many blocks, each attending only to keys up
+# to its own end: 1/2 + 1/(2·blocks) of the full score matrix (62.5% at 4), with the same result,
+# since the skipped keys are all in the future. More blocks means smaller, less efficient matmuls.
+CAUSAL_QUERY_BLOCKS = 4
+MIN_QUERY_BLOCK = 32
+
+
+def dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=False):
+    """Softmax attention with an additive bias; `causal_self` promises that key i is query i's
+    position and that the bias hides every future key, which lets whole blocks be skipped."""
+    L, S = q_BLNGK.shape[1], k_BSNK.shape[1]
+    blocks = CAUSAL_QUERY_BLOCKS
+    if not causal_self or L != S or L % blocks or L // blocks < MIN_QUERY_BLOCK:
+        return _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
+    size = L // blocks
+    outs = []
+    for i in range(blocks):
+        lo, hi = i * size, (i + 1) * size
+        outs.append(_attend(q_BLNGK[:, lo:hi], k_BSNK[:, :hi], v_BSNK[:, :hi],
+                            bias_B11LS[..., lo:hi, :hi], has_keys_B11L1[..., lo:hi, :]))
+    return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nn.Module):
@@ -139,7 +259,7 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL, sin_cos=None, bias=None):
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, context: LayerContext | None = None):
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         H, N, K, D = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
@@ -149,48 +269,39 @@ class Attention(nn.Module):
         w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_o = self.param("o", dense_init(out_std, ("heads", "head_dim", "embed")), (H, K, D))
+        if context is None:
+            context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
 
-        x_BLD = x_BLD.astype(dtype)
-        if KNOBS['fuse_qkv']:
-            w_qkv = jnp.concatenate(
-                [w_q.reshape(D, N, G, K), w_k[:, :, None], w_v[:, :, None]], axis=2).astype(dtype)
-            qkv = jnp.einsum("bld,dnjk->blnjk", x_BLD, w_qkv)
-            B_, L_ = x_BLD.shape[:2]
-            q_BLHK = qkv[:, :, :, :G].reshape(B_, L_, H, K)
-            k_BLNK = qkv[:, :, :, G]
-            v_BLNK = qkv[:, :, :, G + 1]
-        else:
-            q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, w_q.astype(dtype))
-            k_BLNK = jnp.einsum("bld,dnk->blnk", x_BLD, w_k.astype(dtype))
-            v_BLNK = jnp.einsum("bld,dnk->blnk", x_BLD, w_v.astype(dtype))
-        q_BLHK = constrain(q_BLHK, (BATCH, LENGTH, ACT_HEADS, None))
-        k_BLNK = constrain(k_BLNK, (BATCH, LENGTH, ACT_KV_HEADS, None))
-        v_BLNK = constrain(v_BLNK, (BATCH, LENGTH, ACT_KV_HEADS, None))
-        if not KNOBS['no_rope']:
-            q_BLHK = rotary_embedding(q_BLHK, positions_BL, cfg.rope_theta, sin_cos)
-            k_BLNK = rotary_embedding(k_BLNK, positions_BL, cfg.rope_theta, sin_cos)
+        # One matmul for q, k and v: three narrow matmuls each re-read x and run well below the
+        # matmul peak on CPU. The weights are concatenated per step (cheap next to the matmul),
+        # so the parameters stay separate. Per KV head n the fused kernel holds its G query
+        # heads, then k, then v, so tensor sharding over kv_heads keeps each group on one shard.
+        w_qkv_DNJK = jnp.concatenate(
+            [w_q.reshape(D, N, G, K), w_k[:, :, None], w_v[:, :, None]], axis=2
+        ).astype(dtype)
+        w_qkv_DNJK = constrain(w_qkv_DNJK, ("embed", "kv_heads", None, "head_dim"))
+        qkv_BLNJK = project(x_BLD.astype(dtype), w_qkv_DNJK, 1)
+        qkv_BLNJK = constrain(qkv_BLNJK, (BATCH, LENGTH, ACT_KV_HEADS, None, None))
+        q_BLNGK, k_BLNK, v_BLNK = qkv_BLNJK[:, :, :, :G], qkv_BLNJK[:, :, :, G], qkv_BLNJK[:, :, :, G + 1]
+        sin, cos = context.rope_sin, context.rope_cos
+        q_BLNGK = apply_rotary(q_BLNGK, sin[..., None, :], cos[..., None, :])
+        k_BLNK = apply_rotary(k_BLNK, sin, cos)
 
-        B, L = segment_ids_BL.shape
         if self.decode:
             k_BSNK, v_BSNK, k_segment_BS, q_index_BL, k_index_BS = self._update_cache(
                 k_BLNK, v_BLNK, segment_ids_BL
             )
-        else:
-            k_BSNK, v_BSNK, k_segment_BS = k_BLNK, v_BLNK, segment_ids_BL
-            q_index_BL = k_index_BS = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        q_BLNGK = q_BLHK.reshape(B, L, N, G, K)
-        if KNOBS['no_attn_core']:
-            out_BLNGK = q_BLNGK * k_BSNK[:, :, :, None] * v_BSNK[:, :, :, None]
-        elif KNOBS['fast_softmax']:
-            if bias is None:
-                mask_BLS = attention_mask(segment_ids_BL, k_segment_BS, q_index_BL, k_index_BS)
-                bias = (attention_bias(mask_BLS), mask_BLS.any(-1)[:, None, None, :, None].astype(jnp.float32))
-            out_BLNGK = fast_attention(q_BLNGK, k_BSNK, v_BSNK, *bias)
-        else:
             mask_BLS = attention_mask(segment_ids_BL, k_segment_BS, q_index_BL, k_index_BS)
-            out_BLNGK = dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, mask_BLS)
+            bias, has_keys = attention_bias(mask_BLS)
+            out_BLNGK = dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias, has_keys)
+        else:
+            out_BLNGK = dot_product_attention(
+                q_BLNGK, k_BLNK, v_BLNK, context.attention_bias, context.query_has_keys,
+                causal_self=context.causal_self_attention,
+            )
+        B, L = segment_ids_BL.shape
         out_BLHK = constrain(out_BLNGK.reshape(B, L, H, K), (BATCH, LENGTH, ACT_HEADS, None))
-        out_BLD = jnp.einsum("blhk,hkd->bld", out_BLHK, w_o.astype(dtype))
+        out_BLD = project(out_BLHK, w_o.astype(dtype), 2)
         return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
 
     def _update_cache(self, k_BLNK, v_BLNK, segment_ids_BL):
@@ -234,14 +345,11 @@ class Mlp(nn.Module):
         w_gate = self.param("gate", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
         w_up = self.param("up", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
         w_down = self.param("down", dense_init(out_std, ("mlp", "embed")), (F, D))
-        x_BLD = x_BLD.astype(dtype)
-        if KNOBS['fuse_gate_up']:
-            w = jnp.stack([w_gate, w_up], axis=1).astype(dtype)
-            gu = jnp.einsum("bld,djf->bljf", x_BLD, w)
-            gate_BLF, up_BLF = gu[:, :, 0], gu[:, :, 1]
-        else:
-            gate_BLF = jnp.einsum("bld,df->blf", x_BLD, w_gate.astype(dtype))
-            up_BLF = jnp.einsum("bld,df->blf", x_BLD, w_up.astype(dtype))
-        h_BLF = constrain((gate_BLF if KNOBS['no_silu'] else nn.silu(gate_BLF)) * up_BLF, (BATCH, LENGTH, ACT_MLP))
-        out_BLD = jnp.einsum("blf,fd->bld", h_BLF, w_down.astype(dtype))
+        # Gate and up as one [D, 2, F] matmul (see Attention for why); "mlp" stays the last axis,
+        # so tensor sharding splits gate and up identically.
+        w_gate_up_DJF = constrain(jnp.stack([w_gate, w_up], axis=1).astype(dtype), ("embed", None, "mlp"))
+        gate_up_BLJF = project(x_BLD.astype(dtype), w_gate_up_DJF, 1)
+        gate_up_BLJF = constrain(gate_up_BLJF, (BATCH, LENGTH, None, ACT_MLP))
+        h_BLF = constrain(nn.silu(gate_up_BLJF[:, :, 0]) * gate_up_BLJF[:, :, 1], (BATCH, LENGTH, ACT_MLP))
+        out_BLD = project(h_BLF, w_down.astype(dtype), 1)
         return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))

@@ -6,9 +6,6 @@ import jax
 import jax.numpy as jnp
 
 
-KNOBS = dict(onehot_loss=False)
-
-
 def cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
     """Next-token cross entropy summed over weighted tokens.
 
@@ -19,10 +16,7 @@ def cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
     logits_BLV = logits_BLV.astype(jnp.float32)
     weights_BL = weights_BL.astype(jnp.float32)
     log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    if KNOBS['onehot_loss']:
-        target_logit_BL = jnp.sum(logits_BLV * jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=logits_BLV.dtype), axis=-1)
-    else:
-        target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
     nll_BL = log_z_BL - target_logit_BL
     z_BL = z_loss * jnp.square(log_z_BL)
     return (

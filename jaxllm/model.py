@@ -17,15 +17,26 @@ import jax.numpy as jnp
 from jaxllm import layers
 from jaxllm.config import ModelConfig
 
-KNOBS = dict(hoist=False, unroll=1)
-
 MLP_KINDS: dict[str, type[nn.Module]] = {"swiglu": layers.Mlp}
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
-    # Keep the weight matmuls' outputs, recompute the cheap elementwise work and attention.
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep the weight matmuls' outputs, recompute the cheap elementwise work and attention. The
+    # projections run inside a custom VJP (layers.project), invisible to the dot-based policy, so
+    # they are also saved by name.
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(layers.PROJECTION),
+    ),
 }
+
+# A scanned stack this shallow is unrolled (same stacked parameters, same maths) when nothing is
+# rematerialised. The rolled loop has to stack every activation the backward pass needs into
+# [layers, ...] buffers (zero-filled, written with dynamic-update-slice, read back with
+# dynamic-slice), which costs ~15% of a step on CPU; unrolled, each is an ordinary buffer. Deeper
+# stacks stay rolled to keep compile time flat; with remat they stay rolled because unrolling
+# would let XLA merge the recomputation with the forward pass and undo the memory saving.
+MAX_UNROLLED_SCAN_LAYERS = 16
 
 
 def _lookup(table: dict, kind: str, what: str):
@@ -39,12 +50,14 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL, sin_cos=None, bias=None):
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         cfg = self.cfg
         attention = _lookup(layers.ATTENTION_KINDS, cfg.attention_kind, "model.attention_kind")
         mlp = _lookup(MLP_KINDS, cfg.mlp_kind, "model.mlp_kind")
         h = layers.RMSNorm(cfg, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL, sin_cos, bias)
+        x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(
+            h, segment_ids_BL, positions_BL, context
+        )
         h = layers.RMSNorm(cfg, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + mlp(cfg, name="mlp")(h)
         return layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
@@ -54,8 +67,8 @@ class ScannedBlock(Block):
     """Block with the (carry, output) signature that nn.scan expects."""
 
     @nn.compact
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL, sin_cos=None, bias=None):
-        return super().__call__(x_BLD, segment_ids_BL, positions_BL, sin_cos, bias), None
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
+        return super().__call__(x_BLD, segment_ids_BL, positions_BL, context), None
 
 
 class Transformer(nn.Module):
@@ -78,13 +91,8 @@ class Transformer(nn.Module):
 
         embed = layers.Embed(cfg, name="embed")
         x_BLD = embed(tokens_BL)
-        sin_cos = bias = None
-        if KNOBS['hoist']:
-            sin_cos = layers.rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta)
-            if not self.decode and layers.KNOBS['fast_softmax']:
-                idx = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-                mask = layers.attention_mask(segment_ids_BL, segment_ids_BL, idx, idx)
-                bias = (layers.attention_bias(mask), mask.any(-1)[:, None, None, :, None].astype(jnp.float32))
+        # RoPE angles and the attention mask depend only on positions and segments: once per call.
+        context = layers.layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
 
         block_cls = ScannedBlock if cfg.scan_layers else Block
         if cfg.remat != "none":
@@ -96,15 +104,20 @@ class Transformer(nn.Module):
                 block_cls,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers, unroll=KNOBS['unroll'],
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                unroll=(
+                    cfg.num_layers
+                    if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS
+                    else 1
+                ),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, decode=self.decode, name="blocks")
-            x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, sin_cos, bias)
+            x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
         else:
             for i in range(cfg.num_layers):
                 x_BLD = block_cls(cfg, decode=self.decode, name=f"block_{i}")(
-                    x_BLD, segment_ids_BL, positions_BL, sin_cos, bias
+                    x_BLD, segment_ids_BL, positions_BL, context
                 )
 
         x_BLD = layers.RMSNorm(cfg, name="final_norm")(x_BLD)

@@ -1,0 +1,63 @@
+"""The fast paths in layers.py against their plain formulations: the custom-VJP projection, and
+attention with an additive bias and skipped causal blocks (model_test's sequences are too short to
+reach the block path)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import layers
+from helpers import packed_batch
+
+
+def _reference_attention(q_BLNGK, k_BSNK, v_BSNK, mask_BLS):
+    """Masked softmax attention written the obvious way (select, softmax, zero empty rows)."""
+    scores = jnp.einsum("blngk,bsnk->bngls", q_BLNGK / math.sqrt(q_BLNGK.shape[-1]), k_BSNK)
+    mask = mask_BLS[:, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+    return jnp.einsum("bngls,bsnk->blngk", probs, v_BSNK)
+
+
+def test_blocked_causal_attention_equals_full_masked_softmax_with_gradients():
+    B, L, N, G, K = 2, 128, 2, 2, 16
+    assert L // layers.CAUSAL_QUERY_BLOCKS >= layers.MIN_QUERY_BLOCK  # the block path is taken
+    batch = packed_batch(batch_size=B, seq_len=L, seed=4)  # two documents and padding per row
+    segment_ids = jnp.asarray(batch["segment_ids"])
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in [(B, L, N, G, K), (B, L, N, K), (B, L, N, K)])
+    index = jnp.broadcast_to(jnp.arange(L), (B, L))
+    mask = layers.attention_mask(segment_ids, segment_ids, index, index)
+    bias, has_keys = layers.attention_bias(mask)
+
+    def fast(q, k, v):
+        return layers.dot_product_attention(q, k, v, bias, has_keys, causal_self=True)
+
+    def reference(q, k, v):
+        return _reference_attention(q, k, v, mask)
+
+    np.testing.assert_allclose(fast(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(rng.standard_normal((B, L, N, G, K)), jnp.float32)
+    g_fast = jax.grad(lambda *a: jnp.sum(fast(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_fast, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_projection_matches_tensordot_and_its_gradients():
+    rng = np.random.default_rng(1)
+    for x_shape, w_shape, contract in [((2, 5, 8), (8, 3, 4), 1),  # wide output: transpose x
+                                       ((2, 5, 3, 4), (3, 4, 6), 2),  # two contracted dims
+                                       ((2, 5, 16), (16, 4), 1)]:  # narrow output: transpose g
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        np.testing.assert_allclose(layers.project(x, w, contract), jnp.tensordot(x, w, contract),
+                                   rtol=1e-5, atol=1e-5)
+        out_weights = jnp.asarray(rng.standard_normal(jnp.tensordot(x, w, contract).shape))
+        g1 = jax.grad(lambda x, w: jnp.sum(layers.project(x, w, contract) * out_weights), (0, 1))(x, w)
+        g2 = jax.grad(lambda x, w: jnp.sum(jnp.tensordot(x, w, contract) * out_weights), (0, 1))(x, w)
+        for a, b in zip(g1, g2):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
