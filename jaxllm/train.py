@@ -94,33 +94,45 @@ def _apply(model, params, batch):
     )
 
 
-def make_train_step(s: Setup) -> Callable:
-    cfg = s.cfg
-    accum = cfg.train.grad_accum
+def lm_loss_fn(s: Setup) -> Callable:
+    """The default objective: next-token cross entropy (+ z-loss) as token sums.
 
-    def loss_sums(params, batch):
+    A loss function maps (params, batch) to (objective, (loss_sum, weight_sum, extras)): the
+    objective and loss are sums over the batch's weighted tokens, and `extras` is a dict of further
+    per-token sums that are logged as metrics after division by the global token count. Other
+    trainers (distillation, for example) supply their own through `make_train_step(s, loss_fn)`."""
+    cfg = s.cfg
+
+    def loss_fn(params, batch):
         logits = _apply(s.model, params, batch)
         loss_sum, z_sum, weight_sum = losses.cross_entropy(
             logits, batch["targets"], batch["weights"], cfg.train.z_loss
         )
-        return loss_sum + z_sum, (loss_sum, weight_sum)
+        return loss_sum + z_sum, (loss_sum, weight_sum, {})
 
-    grad_fn = jax.grad(loss_sums, has_aux=True)
+    return loss_fn
+
+
+def make_train_step(s: Setup, loss_fn: Callable | None = None) -> Callable:
+    cfg = s.cfg
+    accum = cfg.train.grad_accum
+    grad_fn = jax.grad(loss_fn or lm_loss_fn(s), has_aux=True)
 
     def step_fn(state: TrainState, batch):
         if accum == 1:
-            grads, (loss_sum, weight_sum) = grad_fn(state.params, batch)
+            grads, (loss_sum, weight_sum, extras) = grad_fn(state.params, batch)
         else:
             # Micro-batch k takes rows k, k+accum, ...: every device's shard of the batch feeds
             # every micro-batch, so no rows move between devices.
             micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, micro_batch):
-                g, (l, w) = grad_fn(state.params, micro_batch)
-                return jax.tree.map(jnp.add, carry, (g, l, w)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro_batch)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-            (grads, loss_sum, weight_sum), _ = jax.lax.scan(body, zeros, micro)
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state.params, first)
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            (grads, (loss_sum, weight_sum, extras)), _ = jax.lax.scan(body, zeros, micro)
         # Gradients of token sums divided once by the global token count: identical whether the
         # batch was split into micro-batches or over devices.
         denom = jnp.maximum(weight_sum, 1.0)
@@ -134,6 +146,7 @@ def make_train_step(s: Setup) -> Callable:
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "tokens": weight_sum,
+            **{name: value / denom for name, value in extras.items()},
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -211,8 +224,14 @@ def restore_or_init(s: Setup, checkpointer: ckpt.Checkpointer | None) -> tuple[T
     return init_state(s, jax.random.key(s.cfg.seed)), 0
 
 
-def train(cfg: Config, log: Callable[[dict], None] | None = None, mesh=None) -> TrainState:
-    """The training loop. `log` receives every metrics dict (used by tests and main)."""
+def train(
+    cfg: Config,
+    log: Callable[[dict], None] | None = None,
+    mesh=None,
+    make_step: Callable[[Setup], Callable] | None = None,
+) -> TrainState:
+    """The training loop. `log` receives every metrics dict (used by tests and main); `make_step`
+    builds the train step from the Setup (default `make_train_step`; distillation passes its own)."""
     from jaxllm.logger import MetricsLogger  # imported here: tensorboard/tqdm only for real runs
 
     s = setup(cfg, mesh)
@@ -230,7 +249,7 @@ def train(cfg: Config, log: Callable[[dict], None] | None = None, mesh=None) -> 
     )
     train_batches = data.train_batches(cfg)
     eval_batches = data.eval_batches(cfg)
-    train_step = make_train_step(s)
+    train_step = (make_step or make_train_step)(s)
     eval_step = make_eval_step(s)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     model_flops_per_step = flops.flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
@@ -278,6 +297,9 @@ def train(cfg: Config, log: Callable[[dict], None] | None = None, mesh=None) -> 
                     "tokens_per_s": tokens_per_step / step_time,
                     "mfu": model_flops_per_step / step_time / peak,
                 }
+                # Metrics a loss function or optimizer adds (MoE balance, distillation, sparsity).
+                for name, value in metrics.items():
+                    record.setdefault(name, float(value) if np.ndim(value) == 0 else np.asarray(value).tolist())
                 if is_eval:
                     record.update(evaluate(s, eval_step, state.params, eval_batches, cfg.train.eval_batches))
                 logger.write(record)
