@@ -1,6 +1,7 @@
-"""Sampling with a KV cache: one prefill over the (left-padded) prompts, then one jitted decode step
-per new token. Greedy, temperature, top-k and top-p; batched prompts of different lengths; each
-sequence stops at EOS.
+"""Sampling with a KV cache: one prefill over the (left- or right-padded) prompts, then one jitted
+decode step per new token. Greedy, temperature, top-k and top-p; batched prompts of different
+lengths; each sequence stops at EOS; optionally sharded over a mesh's batch and tensor axes; float
+or int8-quantized params (jaxllm.quantize).
 
     python -m jaxllm.generate --workdir runs/tiny_lm --prompt "def "
 
@@ -14,6 +15,7 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 from typing import Sequence
 
 import jax
@@ -35,19 +37,31 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = data.PAD_ID):
-    """Left-pads token lists to one length: tokens [B, P], segment ids (0 on padding), positions
-    counted from each prompt's first real token."""
+PADDING_SIDES = ("left", "right")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], side: str = "left", pad_id: int = data.PAD_ID):
+    """Pads token lists to one length on `side`: tokens [B, P], segment ids (0 on padding),
+    positions counted from each prompt's first real token, and each prompt's length [B]."""
+    if side not in PADDING_SIDES:
+        raise ValueError(f"padding side must be one of {PADDING_SIDES}, got {side!r}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (BOS counts)")
     P = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), P), pad_id, np.int32)
     segment_ids = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = p
-        segment_ids[i, P - len(p):] = 1
+        real = slice(P - len(p), P) if side == "left" else slice(0, len(p))
+        tokens[i, real] = p
+        segment_ids[i, real] = 1
     positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-    return tokens, segment_ids, positions
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    return tokens, segment_ids, positions, lengths
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = data.PAD_ID):
+    """Left-padded tokens, segment ids and positions (see `pad_prompts`)."""
+    return pad_prompts(prompts, "left", pad_id)[:3]
 
 
 def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
@@ -74,12 +88,45 @@ def choose_tokens(logits_BV, rng, sampling: SamplingConfig):
 
 
 class Generator:
-    """Holds the jitted prefill and decode step for one model config; reuse across calls."""
+    """Holds the jitted prefill and decode step for one model config; reuse across calls.
 
-    def __init__(self, model_cfg: ModelConfig):
+    With a `mesh`, every call runs under it: prompts, cache and logits are split over the batch
+    axes and the KV heads over `tensor` (the params must already be sharded on that mesh, as
+    `load_params` returns them). Params may be float or int8-quantized (jaxllm.quantize).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None):
         # Scanned or not, cache layout follows the params; decoding needs no remat.
         self.model_cfg = dataclasses.replace(model_cfg, remat="none")
         self.model = Transformer(self.model_cfg, decode=True)
+        self.full_model = Transformer(self.model_cfg)
+        self.mesh = mesh
+        # Wall-clock seconds of the last `generate` call: the prompt pass ("prefill_s") and each
+        # following step ("step_s"), for benchmarks.
+        self.last_timings: dict = {}
+
+    def _run(self, fn, *args):
+        if self.mesh is None:
+            return fn(*args)
+        from jaxllm import sharding
+
+        with sharding.activate(self.mesh):
+            return fn(*args)
+
+    def _batch_multiple(self) -> int:
+        if self.mesh is None:
+            return 1
+        from jaxllm import sharding
+
+        return sharding.axis_size(self.mesh, sharding.BATCH_AXES)
+
+    def _place(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from jaxllm import sharding
+
+        spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES, *([None] * (np.ndim(x) - 1)))
+        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
     def init_cache(self, batch: int, length: int):
         tokens = jnp.zeros((batch, length), jnp.int32)
@@ -95,20 +142,69 @@ class Generator:
         )
         return logits, updated["cache"]
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, rng):
-        """Returns the generated token ids per prompt (without the prompt, cut after EOS)."""
-        tokens, segment_ids, positions = left_pad(prompts)
+    @functools.partial(jax.jit, static_argnums=0)
+    def prefill(self, params, cache, tokens_BP, segment_ids_BP, positions_BP, last_B):
+        """The prompt pass: fills the cache; returns the logits at each prompt's last token."""
+        logits, cache = self.forward(params, cache, tokens_BP, segment_ids_BP, positions_BP)
+        return jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0], cache
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def decode_step(self, params, cache, tokens_B, positions_B):
+        """One new token per row at the next cache slot; the same compiled function every step."""
+        ones = jnp.ones_like(tokens_B)[:, None]
+        logits, cache = self.forward(params, cache, tokens_B[:, None], ones, positions_B[:, None])
+        return logits[:, 0], cache
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def recompute_step(self, params, tokens_BT, segment_ids_BT, positions_BT, last_B):
+        """No cache: the whole fixed-length buffer (prompt, generated tokens, empty future slots
+        marked as padding) through the model; the logits at each row's last real token."""
+        logits = self.full_model.apply({"params": params}, tokens_BT, segment_ids_BT, positions_BT)
+        return jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, rng,
+                 padding: str = "left", use_cache: bool = True):
+        """Returns the generated token ids per prompt (without the prompt, cut after EOS).
+
+        Prompts of different lengths are padded on the `padding` side. New tokens go to the slots
+        after the padded prompt for every row; padding is masked and positions count real tokens
+        only, so the result does not depend on the side. `use_cache=False` recomputes the whole
+        sequence for every token (the reference the cache is tested and benchmarked against)."""
+        n_prompts = len(prompts)
+        # A sharded batch must divide over the batch axes: fill up with one-token rows, dropped.
+        multiple = self._batch_multiple()
+        prompts = list(prompts) + [[data.BOS_ID]] * (-n_prompts % multiple)
+        tokens, segment_ids, positions, lengths = pad_prompts(prompts, padding)
         B, P = tokens.shape
-        cache = self.init_cache(B, P + sampling.max_new_tokens)
-        logits, cache = self.forward(params, cache, tokens, segment_ids, positions)
-        last_logits = logits[:, -1]
-        next_position = positions[:, -1:] + 1
-        ones = jnp.ones((B, 1), jnp.int32)
+        T = P + sampling.max_new_tokens
+        last_slot = np.where(padding == "left", P - 1, lengths - 1).astype(np.int32)
+        next_position = lengths.copy()
+        timings = {"prefill_s": 0.0, "step_s": []}
+        start = time.perf_counter()
+        if use_cache:
+            cache = self.init_cache(B, T)
+            last_logits, cache = self._run(
+                self.prefill, params, cache, *map(self._place, (tokens, segment_ids, positions, last_slot))
+            )
+        else:
+            buf_tokens = np.full((B, T), data.PAD_ID, np.int32)
+            buf_segments = np.zeros((B, T), np.int32)
+            buf_positions = np.zeros((B, T), np.int32)
+            buf_tokens[:, :P], buf_segments[:, :P], buf_positions[:, :P] = tokens, segment_ids, positions
+            last_logits = self._run(self.recompute_step, params, *map(
+                self._place, (buf_tokens, buf_segments, buf_positions, last_slot)))
         out = np.full((B, sampling.max_new_tokens), data.PAD_ID, np.int32)
         done = np.zeros(B, bool)
+        done[n_prompts:] = True
         for t in range(sampling.max_new_tokens):
             rng, step_rng = jax.random.split(rng)
             new_tokens = np.asarray(choose_tokens(last_logits, step_rng, sampling))
+            now = time.perf_counter()
+            if t == 0:
+                timings["prefill_s"] = now - start
+            else:
+                timings["step_s"].append(now - start)
+            start = now
             new_tokens = np.where(done, data.PAD_ID, new_tokens)
             out[:, t] = new_tokens
             if sampling.stop_at_eos:
@@ -117,11 +213,20 @@ class Generator:
                     break
             if t + 1 == sampling.max_new_tokens:
                 break
-            logits, cache = self.forward(params, cache, new_tokens[:, None], ones, next_position)
-            last_logits = logits[:, -1]
+            if use_cache:
+                last_logits, cache = self._run(
+                    self.decode_step, params, cache, *map(self._place, (new_tokens, next_position))
+                )
+            else:
+                slot = P + t
+                buf_tokens[:, slot], buf_segments[:, slot], buf_positions[:, slot] = new_tokens, 1, next_position
+                last_slot = np.full(B, slot, np.int32)
+                last_logits = self._run(self.recompute_step, params, *map(
+                    self._place, (buf_tokens, buf_segments, buf_positions, last_slot)))
             next_position = next_position + 1
+        self.last_timings = timings
         results = []
-        for row in out:
+        for row in out[:n_prompts]:
             row = list(row)
             if data.EOS_ID in row:
                 row = row[: row.index(data.EOS_ID) + 1]
@@ -129,21 +234,29 @@ class Generator:
         return results
 
 
-def load_params(workdir: str, mesh_cfg: config_lib.MeshConfig | None = None):
+def load_params(workdir: str, mesh_cfg: config_lib.MeshConfig | None = None, return_step: bool = False):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
-    devices (fsdp over all of them unless `mesh_cfg` says otherwise). Returns (config, params)."""
+    devices (fsdp over all of them unless `mesh_cfg` says otherwise). Returns (config, params)
+    (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
+    `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
-    from jaxllm import sharding, train
+    from jaxllm import quantize, sharding, train
 
     cfg = config_lib.from_dict(Config, ckpt.read_config_json(workdir))
     mesh = sharding.make_mesh(mesh_cfg or config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1))
     s = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size)), mesh)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
     try:
-        restored, _ = checkpointer.restore({"params": s.abstract_state.params}, partial=True)
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        abstract = s.abstract_state.params
+        if checkpointer.restore_meta(step).get(quantize.META_KEY) is not None:
+            abstract = quantize.quantized_abstract(abstract)
+        restored, _ = checkpointer.restore({"params": abstract}, step=step, partial=True)
     finally:
         checkpointer.close()
-    return cfg, restored["params"]
+    return (cfg, restored["params"], step) if return_step else (cfg, restored["params"])
 
 
 def sample_from_workdir(workdir: str, prompt: str, max_new_tokens: int = 200, seed: int = 0,
@@ -164,16 +277,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--padding", choices=PADDING_SIDES, default="left")
+    parser.add_argument("--tensor", type=int, default=1,
+                        help="shard heads and MLP over this many devices (batch over the rest)")
     args = parser.parse_args(argv)
     prompts = args.prompt or [""]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     try:
-        cfg, params = load_params(args.workdir)
-    except FileNotFoundError as e:
+        cfg, params = load_params(
+            args.workdir, config_lib.MeshConfig(data=1, fsdp=-1, tensor=args.tensor, expert=1)
+        )
+    except (FileNotFoundError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     ids = [[data.BOS_ID, *data.encode(p).tolist()] for p in prompts]
-    outputs = Generator(cfg.model).generate(params, ids, sampling, jax.random.key(args.seed))
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    outputs = Generator(cfg.model, mesh).generate(
+        params, ids, sampling, jax.random.key(args.seed), padding=args.padding
+    )
     for prompt, generated in zip(prompts, outputs):
         print(prompt + data.decode(generated))
         if len(prompts) > 1:

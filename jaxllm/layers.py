@@ -10,6 +10,7 @@ onto mesh axes. Matmuls run in the configured compute dtype; softmax and norms i
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable
 
 import flax
@@ -85,6 +86,55 @@ def project(x, w, contract: int):
     out = w.shape[contract:]
     y = _matmul_TD_DF(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
     return checkpoint_name(y.reshape(*lead, *out), PROJECTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels that may be int8-quantized (see jaxllm.quantize)
+#
+# A quantized kernel is a dict {"int8": values, "scale": float32 scales} stored under the kernel's
+# own parameter name. The scale keeps the kernel's rank with size 1 on the contracting axes (one
+# scale per output channel), so any reshape, concatenation or stacking along output axes that is
+# written without hard-coding the contracting sizes applies to values and scales alike. A plain
+# dict (not a custom pytree class) is what orbax and flax handle without registration; the key
+# "int8" sorts before "scale", so flax's shape check of `self.param` (which compares the first
+# leaf with the initializer's shape) sees the values.
+QUANTIZED_VALUES, QUANTIZED_SCALE = "int8", "scale"
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, Mapping) and QUANTIZED_VALUES in w
+
+
+def map_kernels(fn: Callable, *kernels):
+    """`fn(*kernels)` for float kernels; for quantized ones, fn on the values and on the scales.
+
+    `fn` must only rearrange output axes (and must not assume the contracting axes' sizes), e.g.
+    `lambda a: a.reshape(a.shape[0], N, G, K)` rather than `a.reshape(D, N, G, K)`."""
+    kinds = {is_quantized(k) for k in kernels}
+    if len(kinds) > 1:
+        raise ValueError("cannot combine float and int8-quantized kernels in one projection")
+    if kinds == {True}:
+        return {part: fn(*(k[part] for k in kernels)) for part in (QUANTIZED_VALUES, QUANTIZED_SCALE)}
+    return fn(*kernels)
+
+
+def project_kernel(x, w, contract: int, dtype, names: tuple | None = None):
+    """`project(x, w, contract)` in `dtype` for a float or int8-quantized kernel `w`; `names` are
+    the logical names of w's axes to constrain it to (None: no constraint).
+
+    A quantized kernel is converted to `dtype` inside the computation (no float copy outlives the
+    call) and its per-output-channel scale multiplies the matmul's output, which is the same as
+    scaling the kernel since the scale is constant along the contracted axes. The int8 values are
+    constrained before the conversion, so resharding moves a quarter of the float bytes."""
+    if not is_quantized(w):
+        kernel = w.astype(dtype)
+        return project(x.astype(dtype), kernel if names is None else constrain(kernel, names), contract)
+    values = w[QUANTIZED_VALUES]
+    if names is not None:
+        values = constrain(values, names)
+    y = project(x.astype(dtype), values.astype(dtype), contract)
+    scale = w[QUANTIZED_SCALE].reshape(values.shape[contract:]).astype(dtype)
+    return y * scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +326,13 @@ class Attention(nn.Module):
         # matmul peak on CPU. The weights are concatenated per step (cheap next to the matmul),
         # so the parameters stay separate. Per KV head n the fused kernel holds its G query
         # heads, then k, then v, so tensor sharding over kv_heads keeps each group on one shard.
-        w_qkv_DNJK = jnp.concatenate(
-            [w_q.reshape(D, N, G, K), w_k[:, :, None], w_v[:, :, None]], axis=2
-        ).astype(dtype)
-        w_qkv_DNJK = constrain(w_qkv_DNJK, ("embed", "kv_heads", None, "head_dim"))
-        qkv_BLNJK = project(x_BLD.astype(dtype), w_qkv_DNJK, 1)
+        w_qkv_DNJK = map_kernels(
+            lambda q, k, v: jnp.concatenate(
+                [q.reshape(q.shape[0], N, G, K), k[:, :, None], v[:, :, None]], axis=2
+            ),
+            w_q, w_k, w_v,
+        )
+        qkv_BLNJK = project_kernel(x_BLD, w_qkv_DNJK, 1, dtype, ("embed", "kv_heads", None, "head_dim"))
         qkv_BLNJK = constrain(qkv_BLNJK, (BATCH, LENGTH, ACT_KV_HEADS, None, None))
         q_BLNGK, k_BLNK, v_BLNK = qkv_BLNJK[:, :, :, :G], qkv_BLNJK[:, :, :, G], qkv_BLNJK[:, :, :, G + 1]
         sin, cos = context.rope_sin, context.rope_cos
@@ -301,7 +353,7 @@ class Attention(nn.Module):
             )
         B, L = segment_ids_BL.shape
         out_BLHK = constrain(out_BLNGK.reshape(B, L, H, K), (BATCH, LENGTH, ACT_HEADS, None))
-        out_BLD = project(out_BLHK, w_o.astype(dtype), 2)
+        out_BLD = project_kernel(out_BLHK, w_o, 2, dtype)
         return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
 
     def _update_cache(self, k_BLNK, v_BLNK, segment_ids_BL):
@@ -318,8 +370,15 @@ class Attention(nn.Module):
             q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
             return k_BLNK, v_BLNK, segment_ids_BL, q_index_BL, k_index_BS[:, :L]
         start = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BLNK, (0, start, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BLNK, (0, start, 0, 0))
+        # Sharded like the keys and values themselves (batch over the batch axes, KV heads over
+        # tensor), so a sharded decode step never gathers the cache.
+        cache_names = (BATCH, LENGTH, ACT_KV_HEADS, None)
+        cached_k.value = constrain(
+            jax.lax.dynamic_update_slice(cached_k.value, k_BLNK, (0, start, 0, 0)), cache_names
+        )
+        cached_v.value = constrain(
+            jax.lax.dynamic_update_slice(cached_v.value, v_BLNK, (0, start, 0, 0)), cache_names
+        )
         cached_seg.value = jax.lax.dynamic_update_slice(
             cached_seg.value, segment_ids_BL.astype(jnp.int32), (0, start)
         )
@@ -347,9 +406,9 @@ class Mlp(nn.Module):
         w_down = self.param("down", dense_init(out_std, ("mlp", "embed")), (F, D))
         # Gate and up as one [D, 2, F] matmul (see Attention for why); "mlp" stays the last axis,
         # so tensor sharding splits gate and up identically.
-        w_gate_up_DJF = constrain(jnp.stack([w_gate, w_up], axis=1).astype(dtype), ("embed", None, "mlp"))
-        gate_up_BLJF = project(x_BLD.astype(dtype), w_gate_up_DJF, 1)
+        w_gate_up_DJF = map_kernels(lambda g, u: jnp.stack([g, u], axis=1), w_gate, w_up)
+        gate_up_BLJF = project_kernel(x_BLD, w_gate_up_DJF, 1, dtype, ("embed", None, "mlp"))
         gate_up_BLJF = constrain(gate_up_BLJF, (BATCH, LENGTH, None, ACT_MLP))
         h_BLF = constrain(nn.silu(gate_up_BLJF[:, :, 0]) * gate_up_BLJF[:, :, 1], (BATCH, LENGTH, ACT_MLP))
-        out_BLD = project(h_BLF, w_down.astype(dtype), 1)
+        out_BLD = project_kernel(h_BLF, w_down, 1, dtype)
         return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))

@@ -166,7 +166,9 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None) -> Callable:
     return run
 
 
-def make_eval_step(s: Setup) -> Callable:
+def make_eval_step(s: Setup, param_shardings=None) -> Callable:
+    """`param_shardings` defaults to the float params'; an int8-quantized tree (jaxllm.quantize)
+    has its own."""
     def eval_fn(params, batch):
         logits = _apply(s.model, params, batch)
         loss_sum, _, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
@@ -174,7 +176,10 @@ def make_eval_step(s: Setup) -> Callable:
 
     jitted = jax.jit(
         eval_fn,
-        in_shardings=(s.state_shardings.params, sharding.batch_sharding(s.mesh)),
+        in_shardings=(
+            s.state_shardings.params if param_shardings is None else param_shardings,
+            sharding.batch_sharding(s.mesh),
+        ),
         out_shardings=sharding.replicated(s.mesh),
     )
 
