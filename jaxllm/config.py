@@ -120,6 +120,49 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a frozen teacher (jaxllm/distill.py). Off while teacher_workdir
+    is empty."""
+
+    # A run directory holding checkpoints/ (as written by any experiment), or a checkpoints
+    # directory itself; the teacher is restored from its latest step (or `teacher_step`).
+    teacher_workdir: str = ""
+    teacher_step: int = -1  # -1 = latest
+    teacher: ModelConfig = ModelConfig()  # the teacher's architecture; vocab must match the student's
+    # If > 0 and teacher_workdir has no checkpoint, first train the teacher for this many steps with
+    # this config's data, optimizer and batch settings (the experiments use this); 0 = error instead.
+    teacher_train_steps: int = 0
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    temperature: float = 1.0
+    alpha: float = 0.5  # objective = alpha * soft loss + (1 - alpha) * hard next-token loss
+    beta: float = 0.5  # jsd mixture weight of the teacher: 0 = forward KL, 1 = reverse KL
+    top_k: int = 0  # keep only the teacher's k largest logits; 0 = all
+    # Hidden-state distillation: "student_layer:teacher_layer" pairs of 0-based block indices
+    # (the block's output), e.g. ("1:3", "3:7"); empty = off. The student's states go through a
+    # learned linear projection to the teacher's width.
+    hidden_layers: tuple[str, ...] = ()
+    hidden_loss: str = "cosine"  # cosine | mse
+    hidden_weight: float = 1.0  # objective += hidden_weight * (mean over the pairs of the per-token loss)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher_workdir)
+
+    def layer_pairs(self) -> tuple[tuple[int, int], ...]:
+        pairs = []
+        for item in self.hidden_layers:
+            try:
+                student, teacher = (int(x) for x in str(item).split(":"))
+            except ValueError:
+                raise ConfigError(
+                    f"distill.hidden_layers entry {item!r} is not 'student_layer:teacher_layer' "
+                    "(e.g. distill.hidden_layers=1:3,3:7)"
+                ) from None
+            pairs.append((student, teacher))
+        return tuple(pairs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
@@ -130,6 +173,7 @@ class Config:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
+    distill: DistillConfig = DistillConfig()
     sample_prompt: str = "def "  # a sample is generated from this at the end of a run
     sample_tokens: int = 200
 
@@ -261,3 +305,52 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    validate_distill(cfg)
+
+
+def validate_distill(cfg: Config) -> None:
+    d = cfg.distill
+    kinds = ("forward_kl", "reverse_kl", "jsd")
+    if d.loss not in kinds:
+        raise ConfigError(f"distill.loss={d.loss!r}; choose one of {', '.join(kinds)}")
+    if d.hidden_loss not in ("cosine", "mse"):
+        raise ConfigError(f"distill.hidden_loss={d.hidden_loss!r}; choose cosine or mse")
+    if not d.temperature > 0:
+        raise ConfigError(f"distill.temperature must be positive, got {d.temperature}")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")
+    if not 0.0 <= d.beta <= 1.0:
+        raise ConfigError(f"distill.beta must be in [0, 1], got {d.beta}")
+    if d.top_k < 0:
+        raise ConfigError(f"distill.top_k must be >= 0 (0 keeps all logits), got {d.top_k}")
+    if d.hidden_weight < 0:
+        raise ConfigError(f"distill.hidden_weight must be >= 0, got {d.hidden_weight}")
+    reverse_like = d.loss == "reverse_kl" or (d.loss == "jsd" and d.beta == 1.0)
+    if d.top_k and reverse_like:
+        raise ConfigError(
+            "distill.top_k with a reverse KL is degenerate: the teacher has zero probability "
+            "outside its top k, so any student mass there costs the (floored) infinite log ratio; "
+            "use distill.loss=forward_kl, or jsd with distill.beta < 1, or distill.top_k=0"
+        )
+    if not d.enabled:
+        return
+    try:  # the teacher's architecture must be valid on its own
+        validate(dataclasses.replace(cfg, model=d.teacher, distill=DistillConfig()))
+    except ConfigError as e:
+        raise ConfigError(f"distill.teacher: {e}") from None
+    if d.teacher.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"distill.teacher.vocab_size={d.teacher.vocab_size} differs from "
+            f"model.vocab_size={cfg.model.vocab_size}: teacher and student must share a vocabulary"
+        )
+    for student, teacher in d.layer_pairs():
+        if not 0 <= student < cfg.model.num_layers:
+            raise ConfigError(
+                f"distill.hidden_layers: student layer {student} is outside 0..{cfg.model.num_layers - 1}"
+            )
+        if not 0 <= teacher < d.teacher.num_layers:
+            raise ConfigError(
+                f"distill.hidden_layers: teacher layer {teacher} is outside 0..{d.teacher.num_layers - 1}"
+            )
+    if d.top_k > cfg.model.vocab_size:
+        raise ConfigError(f"distill.top_k={d.top_k} exceeds the vocabulary ({cfg.model.vocab_size})")

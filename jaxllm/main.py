@@ -49,7 +49,12 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
     from jaxllm import generate, train
 
     try:
-        train.train(cfg)
+        if cfg.distill.enabled:
+            from jaxllm import distill
+
+            distill.train(cfg)
+        else:
+            train.train(cfg)
         if cfg.sample_tokens > 0:
             # Every process takes part (the params are sharded over all devices); one writes.
             text = generate.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)

@@ -60,7 +60,10 @@ class Block(nn.Module):
         )
         h = layers.RMSNorm(cfg, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + mlp(cfg, name="mlp")(h)
-        return layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+        x_BLD = layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+        # Kept only when "intermediates" is mutable (hidden-state distillation); a no-op otherwise.
+        self.sow("intermediates", "hidden", x_BLD)
+        return x_BLD
 
 
 class ScannedBlock(Block):

@@ -51,6 +51,12 @@ class Setup:
 
 
 def build_model(cfg: Config) -> nn.Module:
+    if cfg.distill.hidden_layers:
+        # The student also owns the learned projection(s) to the teacher's width, so they are
+        # trained, sharded and checkpointed with its params (see jaxllm/distill.py).
+        from jaxllm.distill import ProjectedStudent
+
+        return ProjectedStudent(cfg.model, distill=cfg.distill)
     return Transformer(cfg.model)
 
 
@@ -113,24 +119,30 @@ def lm_loss_fn(s: Setup) -> Callable:
     return loss_fn
 
 
-def make_train_step(s: Setup, loss_fn: Callable | None = None) -> Callable:
+def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = None) -> Callable:
+    """The jitted train step `run(state, batch)`. `frozen` is an optional pytree of sharded arrays
+    (a distillation teacher's params, say) that `loss_fn` receives as a third argument: they enter
+    the jitted computation as arguments, not closure constants (which would be embedded in the
+    program), are not donated, and get no gradient."""
     cfg = s.cfg
     accum = cfg.train.grad_accum
-    grad_fn = jax.grad(loss_fn or lm_loss_fn(s), has_aux=True)
+    loss_fn = loss_fn or lm_loss_fn(s)
+    objective = loss_fn if frozen is not None else (lambda params, batch, _: loss_fn(params, batch))
+    grad_fn = jax.grad(objective, has_aux=True)  # with respect to the params only
 
-    def step_fn(state: TrainState, batch):
+    def step_fn(state: TrainState, batch, frozen):
         if accum == 1:
-            grads, (loss_sum, weight_sum, extras) = grad_fn(state.params, batch)
+            grads, (loss_sum, weight_sum, extras) = grad_fn(state.params, batch, frozen)
         else:
             # Micro-batch k takes rows k, k+accum, ...: every device's shard of the batch feeds
             # every micro-batch, so no rows move between devices.
             micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, micro_batch):
-                return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro_batch)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro_batch, frozen)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first)
+            shapes = jax.eval_shape(grad_fn, state.params, first, frozen)
             zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
             (grads, (loss_sum, weight_sum, extras)), _ = jax.lax.scan(body, zeros, micro)
         # Gradients of token sums divided once by the global token count: identical whether the
@@ -151,16 +163,19 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None) -> Callable:
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     batch_sharding = sharding.batch_sharding(s.mesh)
+    # Without frozen arrays the jitted step keeps its (state, batch) signature.
+    extra_args = () if frozen is None else (frozen,)
     jitted = jax.jit(
-        step_fn,
-        in_shardings=(s.state_shardings, batch_sharding),
+        step_fn if frozen is not None else (lambda state, batch: step_fn(state, batch, None)),
+        in_shardings=(s.state_shardings, batch_sharding)
+        + tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra_args),
         out_shardings=(s.state_shardings, sharding.replicated(s.mesh)),
         donate_argnums=(0,),
     )
 
     def run(state, batch):
         with sharding.activate(s.mesh):
-            return jitted(state, batch)
+            return jitted(state, batch, *extra_args)
 
     run.jitted = jitted
     return run
