@@ -44,7 +44,7 @@ def _synthetic_params(seed=0):
     }
 
 
-PRUNED = {"q", "o", "gate", "down"}
+PRUNED = {"q", "k", "v", "o", "gate", "up", "down"}  # the default include, in the real model too
 
 
 def _named_leaves(tree):
@@ -269,18 +269,25 @@ def test_pruned_step_on_fsdp4_tensor2_equals_single_device():
     assert q_mask.sharding.spec == q.sharding.spec
 
 
-def test_resumed_run_keeps_masks_and_schedule_position(tmp_path):
+@pytest.fixture(scope="module")
+def gradual_run(tmp_path_factory):
+    """A 9-step run pruned gradually (mask updates at t = 2, 4, 6, 8), checkpointed at 4, 8, 9."""
+    tmp = tmp_path_factory.mktemp("gradual")
     prune = C.PruneConfig(kind="magnitude", sparsity=0.8, schedule="gradual", start_step=2, every=2,
                           num_updates=3)
-    cfg = tiny_config(workdir=str(tmp_path / "run"), prune=prune)
+    cfg = tiny_config(workdir=str(tmp / "run"), prune=prune)
     cfg = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, data_dir=str(tmp_path / "tfds")),
+        cfg, data=dataclasses.replace(cfg.data, data_dir=str(tmp / "tfds")),
         train=dataclasses.replace(cfg.train, steps=9, eval_every=100),
         checkpoint=C.CheckpointConfig(every=4, keep=3, async_save=False),
     )
-    # One device: this test is about the optimizer state surviving a restart, not about sharding.
+    # One device: these tests are about the optimizer state surviving a restart, not about sharding.
     mesh = sharding.make_mesh(C.MeshConfig(data=1, fsdp=1), jax.devices()[:1])
-    full = train.train(cfg, mesh=mesh)
+    return cfg, mesh, train.train(cfg, mesh=mesh)
+
+
+def test_resumed_run_keeps_masks_and_schedule_position(gradual_run):
+    cfg, mesh, full = gradual_run
     with open(os.path.join(cfg.workdir, "metrics.jsonl")) as f:
         logged = {r["step"]: r["sparsity"] for r in map(json.loads, f)}
     assert logged[4] == pytest.approx(0.0) and logged[5] > 0  # the update at t=2 targets s_i = 0
@@ -302,3 +309,34 @@ def test_resumed_run_keeps_masks_and_schedule_position(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state.masks),
                  jax.device_get(full.opt_state.masks))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(full.params))
+
+
+def test_prune_command_prunes_a_checkpoint_and_reports_the_losses(gradual_run, tmp_path, capsys):
+    from jaxllm import generate, prune
+
+    cfg, _, _ = gradual_run
+    out = str(tmp_path / "pruned")
+    prune.main(["--workdir", cfg.workdir, "--out", out, "kind=global", "sparsity=0.9", "--eval_batches", "1"])
+    printed = capsys.readouterr().out
+    for path in ("blocks/attn/q", "blocks/attn/o", "blocks/mlp/gate", "blocks/mlp/down"):
+        assert path in printed
+    assert "sparsity 0.8000 -> 0.9000" in printed  # the run had reached 80% per tensor
+    assert "validation loss (1 batches):" in printed
+
+    _, original = generate.load_params(cfg.workdir)
+    pruned_cfg, pruned = generate.load_params(out)
+    assert pruned_cfg.prune.kind == "global" and pruned_cfg.prune.sparsity == 0.9
+    zeros = total = 0
+    original = _named_leaves(jax.device_get(original))
+    for path, leaf in _named_leaves(jax.device_get(pruned)).items():
+        leaf, before = np.asarray(leaf), np.asarray(original[path])
+        if path.rsplit("/", 1)[-1] in PRUNED:
+            zeros, total = zeros + (leaf == 0).sum(), total + leaf.size
+            np.testing.assert_array_equal(leaf[leaf != 0], before[leaf != 0])
+        else:
+            np.testing.assert_array_equal(leaf, before)
+    assert abs(zeros - 0.9 * total) <= 1
+
+    with pytest.raises(SystemExit):
+        prune.main(["--workdir", cfg.workdir, "--out", out, "kind=magnitud"])
+    assert "error: kind='magnitud'; choose one of none, magnitude" in capsys.readouterr().err
