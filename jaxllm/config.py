@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from typing import Any, Sequence
 
@@ -119,6 +120,34 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 100  # a process silent this long is declared dead and the run stops
 
 
+PRUNE_KINDS = ("none", "magnitude", "global", "nm")
+PRUNE_SCHEDULES = ("one_shot", "gradual")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning inside the optimizer (see jaxllm/pruning.py).
+
+    kind: none | magnitude (each tensor to `sparsity`) | global (one threshold over all prunable
+    tensors) | nm (keep `n` of every `m` consecutive weights along the input dimension).
+    schedule: one_shot (prune to `sparsity` at `start_step`) | gradual (Zhu & Gupta: recompute the
+    masks every `every` steps from `start_step` to `start_step + num_updates * every`, the target
+    rising from `initial_sparsity` to `sparsity` as a cubic)."""
+
+    kind: str = "none"
+    sparsity: float = 0.5  # final fraction of zeros in the prunable params (ignored for nm)
+    n: int = 2
+    m: int = 4
+    schedule: str = "one_shot"
+    start_step: int = 0  # t0
+    every: int = 100  # Δt
+    num_updates: int = 10  # n: the last mask update is at start_step + num_updates * every
+    initial_sparsity: float = 0.0
+    # Regexes over parameter paths ("blocks/attn/q"): attention and MLP kernels, expert and shared
+    # expert kernels; never embeddings, norms or the MoE router.
+    include: tuple[str, ...] = (r"(^|/)attn/(q|k|v|o)$", r"(^|/)mlp/(.+/)?(gate|up|down)$")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation from a frozen teacher (jaxllm/distill.py). Off while teacher_workdir
@@ -174,6 +203,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     distributed: DistributedConfig = DistributedConfig()
     distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
     sample_prompt: str = "def "  # a sample is generated from this at the end of a run
     sample_tokens: int = 200
 
@@ -305,6 +335,7 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    validate_prune(cfg.prune)
     validate_distill(cfg)
 
 
@@ -354,3 +385,39 @@ def validate_distill(cfg: Config) -> None:
             )
     if d.top_k > cfg.model.vocab_size:
         raise ConfigError(f"distill.top_k={d.top_k} exceeds the vocabulary ({cfg.model.vocab_size})")
+
+
+def validate_prune(p: PruneConfig, prefix: str = "prune.") -> None:
+    if p.kind not in PRUNE_KINDS:
+        raise ConfigError(f"{prefix}kind={p.kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
+    if p.schedule not in PRUNE_SCHEDULES:
+        raise ConfigError(f"{prefix}schedule={p.schedule!r}; choose one of {', '.join(PRUNE_SCHEDULES)}")
+    if p.kind == "none":
+        return
+    if p.kind == "nm":
+        if not 0 < p.n < p.m:
+            raise ConfigError(f"{prefix}n={p.n}, {prefix}m={p.m}: need 0 < n < m (for example n=2 m=4)")
+        if p.schedule != "one_shot":
+            raise ConfigError(
+                f"{prefix}kind=nm has a fixed sparsity of 1 - n/m; use {prefix}schedule=one_shot"
+            )
+    if not 0.0 <= p.sparsity < 1.0:
+        raise ConfigError(f"{prefix}sparsity={p.sparsity} must be in [0, 1)")
+    if not 0.0 <= p.initial_sparsity <= p.sparsity:
+        raise ConfigError(
+            f"{prefix}initial_sparsity={p.initial_sparsity} must be in [0, {prefix}sparsity={p.sparsity}]"
+        )
+    if p.start_step < 0:
+        raise ConfigError(f"{prefix}start_step={p.start_step} must be >= 0")
+    if p.schedule == "gradual" and (p.every <= 0 or p.num_updates <= 0):
+        raise ConfigError(
+            f"{prefix}every={p.every} and {prefix}num_updates={p.num_updates} must be positive "
+            "for the gradual schedule"
+        )
+    if not p.include:
+        raise ConfigError(f"{prefix}include is empty: give regexes of the parameter paths to prune")
+    for pattern in p.include:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{prefix}include has an invalid regex {pattern!r}: {e}") from e

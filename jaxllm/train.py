@@ -22,7 +22,7 @@ import optax
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import config as config_lib
-from jaxllm import data, flops, losses, optim, sharding
+from jaxllm import data, flops, losses, optim, pruning, sharding
 from jaxllm.config import Config
 from jaxllm.model import Transformer, count_params
 
@@ -74,7 +74,7 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(cfg, mesh)
     model = build_model(cfg)
-    tx = optim.make_optimizer(cfg.opt, cfg.train.steps)
+    tx = pruning.maybe_wrap(optim.make_optimizer(cfg.opt, cfg.train.steps), cfg.prune)
     boxed = jax.eval_shape(_boxed_init(cfg, model, tx), jax.random.key(0))
     shardings = sharding.state_shardings(boxed, mesh)
     abstract = ckpt.abstract_like(nn.meta.unbox(boxed), shardings)
@@ -159,6 +159,7 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
             "param_norm": optax.tree.norm(params),
             "tokens": weight_sum,
             **{name: value / denom for name, value in extras.items()},
+            **pruning.train_metrics(opt_state, params),  # empty unless pruning
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,138 @@
+"""One-shot magnitude pruning of a trained checkpoint.
+
+    python -m jaxllm.prune --workdir runs/tiny_lm --out runs/tiny_lm_pruned sparsity=0.5 kind=global
+    python -m jaxllm.prune --workdir runs/tiny_lm --out runs/tiny_lm_2of4 kind=nm n=2 m=4
+
+The arguments after the flags are PruneConfig fields (`kind=`, `sparsity=`, `n=`, `m=`, `include=`;
+a `prune.` prefix is accepted too); the kind defaults to per-tensor `magnitude`. Restores the latest
+params of --workdir, prunes them, prints a per-tensor sparsity table and the validation loss before
+and after, and writes --out: a config.json (with the prune settings) and a checkpoint holding the
+step and the pruned params, which `python -m jaxllm.generate --workdir OUT` samples from. It holds no
+optimizer state: to fine-tune with the masks fixed, train with `prune.kind=...` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import checkpoint as ckpt
+from jaxllm import config as config_lib
+from jaxllm.config import Config, ConfigError
+
+
+def prune_config(saved: Config, args: Sequence[str]) -> Config:
+    """The saved run's config with the command line's PruneConfig fields applied (one-shot)."""
+    base = saved.prune if saved.prune.kind != "none" else dataclasses.replace(saved.prune, kind="magnitude")
+    cfg = dataclasses.replace(saved, prune=dataclasses.replace(base, schedule="one_shot", start_step=0))
+    cfg = config_lib.override(cfg, [a if a.startswith("prune.") else "prune." + a.lstrip("-") for a in args])
+    if cfg.prune.kind == "none":
+        raise ConfigError("kind=none prunes nothing; choose kind=magnitude, global or nm")
+    config_lib.validate_prune(cfg.prune, prefix="")
+    return cfg
+
+
+def table(params_before, params_after, layouts) -> str:
+    from jaxllm import pruning
+
+    after = jax.device_get(pruning.sparsity_metrics(params_after, layouts))
+    before = jax.device_get(pruning.sparsity_metrics(params_before, layouts))
+    lines = [f"{'parameter':<28} {'shape':<18} {'tensors':>7} {'sparsity':>9} {'min':>7} {'max':>7}"]
+    for leaf, layout in zip(jax.tree.leaves(params_after), layouts):
+        if layout is None:
+            continue
+        per_tensor = after["sparsity/" + layout.path]
+        lines.append(
+            f"{layout.path:<28} {str(tuple(leaf.shape)):<18} {len(per_tensor):>7} "
+            f"{per_tensor.mean():>9.4f} {per_tensor.min():>7.4f} {per_tensor.max():>7.4f}"
+        )
+    lines.append(
+        f"prunable weights: sparsity {before['sparsity']:.4f} -> {after['sparsity']:.4f}; nonzero "
+        f"params (all): {int(before['nonzero_params']):,} -> {int(after['nonzero_params']):,}"
+    )
+    return "\n".join(lines)
+
+
+def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: int | None = None) -> dict:
+    """Does the work of the command; returns the losses and the sparsity reached."""
+    from jaxllm import data, pruning, sharding, train
+
+    cfg = prune_config(config_lib.from_dict(Config, ckpt.read_config_json(workdir)), args)
+    if os.path.abspath(out) == os.path.abspath(workdir):
+        raise ConfigError("--out must differ from --workdir (the original checkpoint is kept)")
+    mesh = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1))
+    if cfg.train.batch_size % mesh.size:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size))
+    # The saved run's optimizer is irrelevant here: only its params are restored.
+    s = train.setup(dataclasses.replace(cfg, prune=config_lib.PruneConfig()), mesh)
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        with sharding.activate(mesh):
+            restored, _ = checkpointer.restore({"params": s.abstract_state.params}, partial=True)
+    finally:
+        checkpointer.close()
+    params = restored["params"]
+
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    boxed = jax.eval_shape(lambda: s.model.init(jax.random.key(0), tokens)["params"])
+    layouts = pruning.layouts_for(boxed, cfg.prune)
+    target = 1.0 - cfg.prune.n / cfg.prune.m if cfg.prune.kind == "nm" else cfg.prune.sparsity
+
+    @jax.jit
+    def prune(p):
+        return pruning.apply_masks(p, pruning.compute_masks(p, layouts, cfg.prune, target))
+
+    with sharding.activate(mesh):
+        pruned = prune(params)
+
+    eval_step = train.make_eval_step(s)
+    batches = data.eval_batches(cfg)
+    num_batches = eval_batches or cfg.train.eval_batches
+    before = train.evaluate(s, eval_step, params, batches, num_batches)["eval_loss"]
+    after = train.evaluate(s, eval_step, pruned, batches, num_batches)["eval_loss"]
+    sparsity = float(pruning.sparsity_metrics(pruned, layouts)["sparsity"])
+    if jax.process_index() == 0:
+        print(table(params, pruned, layouts))
+        print(f"validation loss ({num_batches} batches): {before:.4f} before, {after:.4f} after "
+              f"({cfg.prune.kind}, sparsity {sparsity:.4f})")
+
+    out_cfg = dataclasses.replace(cfg, workdir=out)
+    os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write(config_lib.to_json(out_cfg))
+    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(out))
+    try:
+        writer.save(step, {"step": jnp.asarray(step, jnp.int32), "params": pruned},
+                    {"data_step": step, "config": config_lib.to_dict(out_cfg), "pruned_from": os.path.abspath(workdir)})
+    finally:
+        writer.close()
+    return {"eval_loss_before": before, "eval_loss_after": after, "sparsity": sparsity, "step": step}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Prune a jaxllm checkpoint by weight magnitude.",
+        epilog="further arguments: PruneConfig fields, e.g. sparsity=0.5 kind=global (or kind=nm n=2 m=4)",
+    )
+    parser.add_argument("--workdir", required=True, help="a run directory with checkpoints")
+    parser.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+    parser.add_argument("--eval_batches", type=int, default=None, help="default: the run's train.eval_batches")
+    args, rest = parser.parse_known_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        prune_checkpoint(args.workdir, args.out, rest, args.eval_batches)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
