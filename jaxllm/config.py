@@ -21,6 +21,31 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLPs (jaxllm/moe.py). num_experts=0 keeps every block dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    expert_dim: int = 0  # width F of each expert's SwiGLU; 0 means model.mlp_dim
+    every: int = 1  # every k-th block is MoE (blocks k-1, 2k-1, ...); the others stay dense
+    num_shared: int = 0  # always-on shared experts (DeepSeek style), one SwiGLU of num_shared*shared_dim
+    shared_dim: int = 0  # 0 means expert_dim
+    # softmax_topk: softmax over all experts, then top-k (Switch, GShard);
+    # topk_softmax: top-k logits, then softmax over those k (Mixtral).
+    router: str = "softmax_topk"
+    renormalize: bool = True  # rescale the k weights to sum to 1 (softmax_topk only)
+    jitter: float = 0.0  # multiplicative noise in [1-j, 1+j] on the MoE layer input (needs a dropout rng)
+    dispatch: str = "dropless"  # capacity | dropless
+    capacity_factor: float = 1.25
+    # How dropless runs its grouped matmul: blocked (sorted rows padded to per-expert blocks; fast on
+    # CPU), ragged_dot (jax.lax.ragged_dot; the natural choice on GPU/TPU), auto (ragged_dot on
+    # GPU/TPU, blocked elsewhere).
+    grouped_matmul: str = "auto"
+    aux_loss_weight: float = 1e-2
+    z_loss_weight: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 384  # 259 byte-level ids, padded to a multiple of 128 for fast matmuls
     d_model: int = 256
@@ -38,6 +63,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"  # none | full | save_dots
     init_std: float = 0.02
+    moe: MoeConfig = MoeConfig()
 
     @property
     def kv_heads(self) -> int:
@@ -328,6 +354,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.remat={m.remat!r}; choose none, full or save_dots")
     if m.vocab_size < 259:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is below the 259 byte-level token ids")
+    moe = m.moe
+    if moe.num_experts:
+        if moe.router not in ("softmax_topk", "topk_softmax"):
+            raise ConfigError(f"model.moe.router={moe.router!r}; choose softmax_topk or topk_softmax")
+        if moe.dispatch not in ("capacity", "dropless"):
+            raise ConfigError(f"model.moe.dispatch={moe.dispatch!r}; choose capacity or dropless")
+        if moe.grouped_matmul not in ("auto", "blocked", "ragged_dot", "dense"):
+            raise ConfigError(
+                f"model.moe.grouped_matmul={moe.grouped_matmul!r}; choose auto, blocked, ragged_dot or dense"
+            )
+        if not 1 <= moe.top_k <= moe.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
+            )
+        if moe.every < 1 or m.num_layers % moe.every:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} must be a multiple of model.moe.every={moe.every} (>= 1)"
+            )
+        if moe.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
