@@ -1,0 +1,26 @@
+"""prune_2of4: tiny_lm with 2:4 structured sparsity (two of every four consecutive weights along
+each kernel's input dimension are zero), applied once after warm-up at step 60 and kept for the
+rest of training.
+
+    python experiments/prune_2of4.py [key=value ...]
+
+Result: see the README results table (compare with tiny_lm at the same 300 steps).
+"""
+
+import dataclasses
+
+from jaxllm import config, main
+
+from tiny_lm import get_config as tiny_config  # noqa: E402  (experiments build on each other)
+
+
+def get_config() -> config.Config:
+    return dataclasses.replace(
+        tiny_config(),
+        workdir="runs/prune_2of4",
+        prune=config.PruneConfig(kind="nm", n=2, m=4, schedule="one_shot", start_step=60),
+    )
+
+
+if __name__ == "__main__":
+    main.run(get_config)
