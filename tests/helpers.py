@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from jaxllm import config as C
+from jaxllm import sharding, train
 
 
 def tiny_config(**overrides) -> C.Config:
@@ -41,3 +43,16 @@ def packed_batch(batch_size=8, seq_len=32, seed=0, vocab=259) -> dict[str, np.nd
     segment_ids[:, -3:] = 0
     return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
             "positions": positions, "weights": weights}
+
+
+def two_train_steps(cfg: C.Config, devices=None):
+    """(setup, state, per-step metrics) after two train steps on packed batches 0 and 1, on a mesh
+    of `devices` (default: all); the common core of the sharded-equals-single-device tests."""
+    s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
+    state = train.init_state(s, jax.random.key(0))
+    step = train.make_train_step(s)
+    history = []
+    for seed in range(2):
+        state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
+        history.append(jax.device_get(metrics))
+    return s, state, history

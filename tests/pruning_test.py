@@ -16,7 +16,7 @@ import pytest
 from jaxllm import checkpoint as ckpt
 from jaxllm import config as C
 from jaxllm import data, optim, pruning, sharding, train
-from helpers import packed_batch, tiny_config
+from helpers import tiny_config, two_train_steps
 
 Box = nn.Partitioned
 
@@ -238,24 +238,13 @@ def _pruned(cfg, prune):
     return dataclasses.replace(cfg, prune=prune)
 
 
-def _two_steps(cfg, devices=None):
-    s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
-    state = train.init_state(s, jax.random.key(0))
-    step = train.make_train_step(s)
-    history = []
-    for seed in range(2):
-        state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
-        history.append(jax.device_get(metrics))
-    return state, history
-
-
 def test_pruned_step_on_fsdp4_tensor2_equals_single_device():
     # Global ranking is the kind that needs every shard of every tensor; the mask is computed at
     # step 1, from parameters that one sharded optimizer step has already changed.
     prune = C.PruneConfig(kind="global", sparsity=0.7, start_step=1)
     cfg = _pruned(tiny_config(), prune)
-    ref_state, ref_history = _two_steps(cfg, jax.devices()[:1])
-    state, history = _two_steps(dataclasses.replace(cfg, mesh=C.MeshConfig(data=1, fsdp=4, tensor=2)))
+    _, ref_state, ref_history = two_train_steps(cfg, jax.devices()[:1])
+    _, state, history = two_train_steps(dataclasses.replace(cfg, mesh=C.MeshConfig(data=1, fsdp=4, tensor=2)))
     for got, want in zip(history, ref_history):
         np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
         np.testing.assert_allclose(got["sparsity"], want["sparsity"], rtol=1e-6)

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as C
 from jaxllm import sharding, train
-from helpers import packed_batch, tiny_config
+from helpers import packed_batch, tiny_config, two_train_steps
 
 MESHES = {
     "data=8": C.MeshConfig(data=8, fsdp=1),
@@ -21,28 +21,17 @@ MESHES = {
 }
 
 
-def _two_steps(cfg, devices=None):
-    s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
-    state = train.init_state(s, jax.random.key(0))
-    step = train.make_train_step(s)
-    history = []
-    for seed in range(2):
-        state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
-        history.append(jax.device_get(metrics))
-    return s, state, history
-
-
 @pytest.fixture(scope="module")
 def single_device_run():
     cfg = tiny_config()
-    return _two_steps(cfg, jax.devices()[:1])
+    return two_train_steps(cfg, jax.devices()[:1])
 
 
 @pytest.mark.parametrize("name", list(MESHES))
 def test_sharded_step_equals_single_device(name, single_device_run):
     _, ref_state, ref_history = single_device_run
     cfg = dataclasses.replace(tiny_config(), mesh=MESHES[name])
-    s, state, history = _two_steps(cfg)
+    s, state, history = two_train_steps(cfg)
     for got, want in zip(history, ref_history):
         np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
         np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
