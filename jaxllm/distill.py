@@ -63,13 +63,19 @@ def needs_projection(student_width: int, d: DistillConfig) -> bool:
 
 
 def block_outputs(intermediates, num_layers: int):
-    """The sown block outputs as one [N, B, L, D] array, for scanned and unscanned stacks."""
+    """The sown block outputs as one [N, B, L, D] array, for scanned and unscanned stacks (a scanned
+    stack of dense/MoE groups holds them as block_j, each stacked over the groups)."""
     if "blocks" in intermediates:
-        return intermediates["blocks"]["hidden"][0]
+        blocks = intermediates["blocks"]
+        if "hidden" in blocks:
+            return blocks["hidden"][0]
+        per_position = [blocks[f"block_{j}"]["hidden"][0] for j in range(len(blocks))]
+        stacked = jnp.stack(per_position, axis=1)  # [groups, group size, B, L, D]
+        return stacked.reshape(num_layers, *stacked.shape[2:])
     return jnp.stack([intermediates[f"block_{i}"]["hidden"][0] for i in range(num_layers)])
 
 
-def _forward(model: nn.Module, params, batch, with_hidden: bool):
+def _teacher_forward(model: nn.Module, params, batch, with_hidden: bool):
     args = (batch["inputs"], batch["segment_ids"], batch["positions"])
     if not with_hidden:
         return model.apply({"params": params}, *args), None
@@ -89,18 +95,23 @@ def distill_loss_fn(s: train_lib.Setup) -> Callable:
 
     def loss_fn(params, batch, teacher_params):
         teacher_params = jax.lax.stop_gradient(teacher_params)
-        logits_S, hidden_S = _forward(s.model, params, batch, bool(pairs))
-        logits_T, hidden_T = _forward(teacher, teacher_params, batch, bool(pairs))
+        logits_S, router_loss, router_metrics, variables = train_lib.apply_with_router_losses(
+            s.model, params, batch, mutable=("intermediates",) if pairs else ())
+        if pairs:
+            hidden_S = block_outputs(variables["intermediates"], s.model.cfg.num_layers)
+        logits_T, hidden_T = _teacher_forward(teacher, teacher_params, batch, bool(pairs))
         targets, weights = batch["targets"], batch["weights"]
         hard_sum, z_sum, weight_sum = losses.cross_entropy(logits_S, targets, weights, cfg.train.z_loss)
         soft_sum, _ = losses.distillation_loss(
             logits_S, logits_T, weights, d.loss, d.temperature, d.beta, d.top_k
         )
-        objective = d.alpha * soft_sum + (1.0 - d.alpha) * hard_sum + z_sum
+        # A MoE student's router losses join the objective as in plain training.
+        objective = d.alpha * soft_sum + (1.0 - d.alpha) * hard_sum + z_sum + router_loss * weight_sum
         extras = {
             "distill_loss": soft_sum,
             "hard_loss": hard_sum,
             "agreement": losses.top1_agreement(logits_S, logits_T, weights),
+            **train_lib.router_extras(router_loss, router_metrics, weight_sum),
         }
         if pairs:
             chosen_PBLS = hidden_S[student_layers]

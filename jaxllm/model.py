@@ -16,8 +16,13 @@ import jax.numpy as jnp
 
 from jaxllm import layers
 from jaxllm.config import ModelConfig
+from jaxllm.moe import MoeMlp
 
 MLP_KINDS: dict[str, type[nn.Module]] = {"swiglu": layers.Mlp}
+
+# Collections the MoE layers sow into: weighted router losses and per-layer routing metrics (read
+# by moe.collect). Scanned stacks carry them along the layers axis like the params.
+AUX_COLLECTIONS = ("losses", "metrics")
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -45,15 +50,26 @@ def _lookup(table: dict, kind: str, what: str):
     return table[kind]
 
 
+def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
+    """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1)."""
+    return cfg.moe.num_experts > 0 and (index + 1) % cfg.moe.every == 0
+
+
+def group_size(cfg: ModelConfig) -> int:
+    """Blocks per scanned unit: one, or one period of the dense/MoE pattern (model.moe.every)."""
+    return cfg.moe.every if cfg.moe.num_experts else 1
+
+
 class Block(nn.Module):
     cfg: ModelConfig
     decode: bool = False
+    moe: bool = False  # the MLP is a moe.MoeMlp instead of model.mlp_kind
 
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         cfg = self.cfg
         attention = _lookup(layers.ATTENTION_KINDS, cfg.attention_kind, "model.attention_kind")
-        mlp = _lookup(MLP_KINDS, cfg.mlp_kind, "model.mlp_kind")
+        mlp = MoeMlp if self.moe else _lookup(MLP_KINDS, cfg.mlp_kind, "model.mlp_kind")
         h = layers.RMSNorm(cfg, name="attn_norm")(x_BLD)
         x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(
             h, segment_ids_BL, positions_BL, context
@@ -72,6 +88,23 @@ class ScannedBlock(Block):
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         return super().__call__(x_BLD, segment_ids_BL, positions_BL, context), None
+
+
+class ScannedGroup(nn.Module):
+    """What nn.scan repeats when dense and MoE blocks alternate (model.moe.every = k > 1): k
+    consecutive blocks, the last one MoE, with params under `blocks/block_0` .. `blocks/block_{k-1}`
+    (stacked over the num_layers / k groups)."""
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
+        for j in range(group_size(self.cfg)):
+            x_BLD = Block(self.cfg, self.decode, moe=is_moe_layer(self.cfg, j), name=f"block_{j}")(
+                x_BLD, segment_ids_BL, positions_BL, context
+            )
+        return x_BLD, None
 
 
 class Transformer(nn.Module):
@@ -97,7 +130,11 @@ class Transformer(nn.Module):
         # RoPE angles and the attention mask depend only on positions and segments: once per call.
         context = layers.layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
 
-        block_cls = ScannedBlock if cfg.scan_layers else Block
+        groups = cfg.num_layers // group_size(cfg)
+        if cfg.scan_layers:
+            block_cls = ScannedGroup if group_size(cfg) > 1 else ScannedBlock
+        else:
+            block_cls = Block
         if cfg.remat != "none":
             block_cls = nn.remat(
                 block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
@@ -105,21 +142,21 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block_cls,
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+                               **{c: 0 for c in AUX_COLLECTIONS}},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                length=groups,
                 unroll=(
-                    cfg.num_layers
-                    if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS
-                    else 1
+                    groups if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS else 1
                 ),
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, decode=self.decode, name="blocks")
+            )(cfg, decode=self.decode, **({} if group_size(cfg) > 1 else {"moe": is_moe_layer(cfg, 0)}),
+              name="blocks")
             x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
         else:
             for i in range(cfg.num_layers):
-                x_BLD = block_cls(cfg, decode=self.decode, name=f"block_{i}")(
+                x_BLD = block_cls(cfg, decode=self.decode, moe=is_moe_layer(cfg, i), name=f"block_{i}")(
                     x_BLD, segment_ids_BL, positions_BL, context
                 )
 

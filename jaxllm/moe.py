@@ -83,12 +83,27 @@ def losses_and_metrics(sums, dropped, num_experts: int, top_k: int):
 
 # ---------------------------------------------------------------------------------------------
 # Experts
+#
+# An expert kernel is a float array, or an int8-quantized one ({"int8": values, "scale": scales},
+# see jaxllm.quantize): the values enter the matmul in the compute dtype and the per-output-channel
+# scale (shape [E, 1, F]) multiplies its output, so no float copy of the weights is made.
+
+
+def _take_experts(w, index):
+    return jax.tree.map(lambda a: a[index], w)
+
+
+def _expert_dot(x, w, spec: str):
+    if layers.is_quantized(w):
+        y = jnp.einsum(spec, x, w[layers.QUANTIZED_VALUES].astype(x.dtype))
+        return y * w[layers.QUANTIZED_SCALE].astype(x.dtype)
+    return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
 def swiglu_ECD(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
-    h_ECF = nn.silu(jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF)) * jnp.einsum(
-        "ecd,edf->ecf", x_ECD, w_up_EDF)
-    return jnp.einsum("ecf,efd->ecd", h_ECF, w_down_EFD)
+    h_ECF = nn.silu(_expert_dot(x_ECD, w_gate_EDF, "ecd,edf->ecf")) * _expert_dot(
+        x_ECD, w_up_EDF, "ecd,edf->ecf")
+    return _expert_dot(h_ECF, w_down_EFD, "ecf,efd->ecd")
 
 
 def rank_within_group(group_R, num_groups: int):
@@ -111,16 +126,18 @@ def block_size(rows: int, groups: int) -> int:
     return int(min(256, max(8, 2 ** int(math.log2(target)))))
 
 
-def grouped_swiglu_blocked(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
+def grouped_swiglu_blocked(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=None):
     """SwiGLU of each row with its group's expert; rows with group >= E give zeros.
 
     XLA:CPU lowers ragged_dot densely (every expert on every row), so rows are placed, grouped, into
     a buffer padded to whole blocks of S rows, each block multiplies one expert's weights, and the
-    results are read back: one extra gather and scatter against E-fold less matmul work."""
-    E = w_gate_EDF.shape[0]
+    results are read back: one extra gather and scatter against E-fold less matmul work.
+    `max_rows` bounds the number of valid rows (default: all R), which sizes the buffer."""
+    E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
     R, D = x_RD.shape
-    S = block_size(R, E)
-    N = -(-R // S) + E  # worst case: every group's last block is partly empty
+    valid_rows = R if max_rows is None else max_rows
+    S = block_size(valid_rows, E)
+    N = -(-valid_rows // S) + E  # worst case: every group's last block is partly empty
     rank_R, sizes_E = rank_within_group(group_R, E)
     padded_E = -(-sizes_E // S) * S
     padded_end_E = jnp.cumsum(padded_E)
@@ -130,41 +147,54 @@ def grouped_swiglu_blocked(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
     buffer_ND = jnp.zeros((N * S, D), x_RD.dtype).at[dest_R].set(x_RD, mode="drop")
     expert_N = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(N) * S, side="right"), E - 1)
     # Empty trailing blocks hold zeros, and SwiGLU(0) = 0, so their expert does not matter.
-    out_NSD = swiglu_ECD(buffer_ND.reshape(N, S, D), w_gate_EDF[expert_N], w_up_EDF[expert_N],
-                         w_down_EFD[expert_N])
+    out_NSD = swiglu_ECD(buffer_ND.reshape(N, S, D), *(_take_experts(w, expert_N)
+                                                       for w in (w_gate_EDF, w_up_EDF, w_down_EFD)))
     return out_NSD.reshape(N * S, D).at[dest_R].get(mode="fill", fill_value=0)
 
 
-def grouped_swiglu_ragged(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
+def _ragged_dot(x_RD, w_EDF, sizes_E, expert_sorted_R):
+    if layers.is_quantized(w_EDF):
+        y = jax.lax.ragged_dot(x_RD, w_EDF[layers.QUANTIZED_VALUES].astype(x_RD.dtype), sizes_E)
+        return y * w_EDF[layers.QUANTIZED_SCALE][expert_sorted_R, 0].astype(x_RD.dtype)
+    return jax.lax.ragged_dot(x_RD, w_EDF.astype(x_RD.dtype), sizes_E)
+
+
+def grouped_swiglu_ragged(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=None):
     """The same with jax.lax.ragged_dot over rows sorted by group (GPU/TPU)."""
-    E = w_gate_EDF.shape[0]
+    del max_rows  # ragged_dot skips the rows past the groups itself
+    E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
     order_R = jnp.argsort(group_R, stable=True)
     sizes_E = jax.ops.segment_sum(jnp.ones_like(group_R), group_R, num_segments=E)
+    group_sorted_R = jnp.minimum(group_R[order_R], E - 1)
     x_sorted_RD = jnp.where((group_R < E)[order_R, None], x_RD[order_R], 0)
-    h_RF = nn.silu(jax.lax.ragged_dot(x_sorted_RD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(
-        x_sorted_RD, w_up_EDF, sizes_E)
-    out_sorted_RD = jax.lax.ragged_dot(h_RF, w_down_EFD, sizes_E)
+    h_RF = nn.silu(_ragged_dot(x_sorted_RD, w_gate_EDF, sizes_E, group_sorted_R)) * _ragged_dot(
+        x_sorted_RD, w_up_EDF, sizes_E, group_sorted_R)
+    out_sorted_RD = _ragged_dot(h_RF, w_down_EFD, sizes_E, group_sorted_R)
     return jnp.zeros_like(x_RD).at[order_R].set(out_sorted_RD)
 
 
-def grouped_swiglu_dense(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
+def grouped_swiglu_dense(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=None):
     """Every expert on every row, then the row's own result kept (the naive baseline)."""
-    E = w_gate_EDF.shape[0]
+    del max_rows
+    E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
     out_ERD = swiglu_ECD(jnp.broadcast_to(x_RD, (E, *x_RD.shape)), w_gate_EDF, w_up_EDF, w_down_EFD)
     return jnp.einsum("re,erd->rd", jax.nn.one_hot(group_R, E, dtype=x_RD.dtype), out_ERD)
+
+
+GROUPED_MATMULS = {"blocked": grouped_swiglu_blocked, "ragged_dot": grouped_swiglu_ragged,
+                   "dense": grouped_swiglu_dense}
 
 
 def grouped_swiglu(kind: str):
     if kind == "auto":
         kind = "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocked"
-    table = {"blocked": grouped_swiglu_blocked, "ragged_dot": grouped_swiglu_ragged,
-             "dense": grouped_swiglu_dense}
-    if kind not in table:
-        raise ValueError(f"unknown model.moe.grouped_matmul {kind!r}; registered: {sorted(table)}")
-    return table[kind]
+    if kind not in GROUPED_MATMULS:
+        raise ValueError(f"unknown model.moe.grouped_matmul {kind!r}; registered: {sorted(GROUPED_MATMULS)}")
+    return GROUPED_MATMULS[kind]
 
 
 def capacity(tokens: int, moe: MoeConfig) -> int:
+    """Slots per expert for a group of `tokens` tokens: ceil(top_k · tokens / E · capacity_factor)."""
     return max(1, math.ceil(moe.top_k * tokens / moe.num_experts * moe.capacity_factor))
 
 
@@ -172,52 +202,62 @@ def capacity(tokens: int, moe: MoeConfig) -> int:
 # One shard's tokens: route, dispatch, experts (possibly on other devices), combine
 
 
-def moe_tokens(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig,
+def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig,
                expert_axis: str | None = None, num_shards: int = 1):
-    """Returns (out [T, D], router sums, dropped count). With `expert_axis` (inside shard_map) the
-    expert weights are this device's E/X experts and token copies are exchanged over that axis."""
-    T, D = x_TD.shape
+    """Returns (out [b, L, D], router sums, dropped count) for a shard of b sequences. With
+    `expert_axis` (inside shard_map) the expert weights are this device's E/X experts and token
+    copies are exchanged over that axis.
+
+    Capacity is per sequence (each row of L tokens is a GShard "group"): which tokens are dropped
+    then depends on the row alone, not on how the batch is split over devices, so every mesh gives
+    the same result."""
+    b, L, D = x_bLD.shape
+    T = b * L
     E, K = moe.num_experts, moe.top_k
     X = num_shards
     E_local = E // X
+    x_TD = x_bLD.reshape(T, D)
     logits_TE = jnp.dot(x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
     experts_TK, weights_TK, probs_TE = route(logits_TE, moe)
     sums = router_sums(logits_TE, probs_TE, experts_TK, E)
-    dtype = w_gate_EDF.dtype
+    dtype = x_bLD.dtype
 
-    def exchange(buf, forward):
-        # [X, ...] rows for each device <-> [X, ...] rows from each device.
+    def exchange(buf):
+        # [X, ...]: rows for each device -> rows from each device (its own inverse).
         if expert_axis is None:
             return buf
         return jax.lax.all_to_all(buf, expert_axis, 0, 0, tiled=True)
 
     if moe.dispatch == "capacity":
-        C = capacity(T, moe)
-        # k-major order: every token's first choice claims a slot before any second choice.
-        expert_R = experts_TK.T.reshape(-1)
-        token_R = jnp.tile(jnp.arange(T), K)
-        rank_R, _ = rank_within_group(expert_R, E)
+        C = capacity(L, moe)
+        # Copies in row-major, then k-major order: within a row, every token's first choice claims
+        # a slot before any second choice.
+        expert_R = experts_TK.reshape(b, L, K).transpose(0, 2, 1).reshape(-1)
+        row_R = jnp.repeat(jnp.arange(b), K * L)
+        token_R = row_R * L + jnp.tile(jnp.arange(L), b * K)
+        rank_R, _ = rank_within_group(row_R * E + expert_R, b * E)
         kept_R = rank_R < C
-        slot_R = jnp.where(kept_R, expert_R * C + rank_R, E * C)
-        buffer_ECD = jnp.zeros((E * C, D), dtype).at[slot_R].set(
-            x_TD[token_R].astype(dtype), mode="drop").reshape(E, C, D)
-        # [E, C, D] = [X, E_local, C, D]: after the exchange, X source shards per local expert.
-        recv = exchange(buffer_ECD.reshape(X, E_local, C, D), True)
-        local_in = recv.transpose(1, 0, 2, 3).reshape(E_local, X * C, D)
+        # Expert-major buffer [E, b·C, D] = [X, E_local, b·C, D]: the first axis is the device
+        # holding the expert.
+        slot_R = jnp.where(kept_R, (expert_R * b + row_R) * C + rank_R, E * b * C)
+        buffer = jnp.zeros((E * b * C, D), dtype).at[slot_R].set(x_TD[token_R], mode="drop")
+        recv_XECD = exchange(buffer.reshape(X, E_local, b * C, D))
+        local_in = recv_XECD.transpose(1, 0, 2, 3).reshape(E_local, X * b * C, D)
         local_out = swiglu_ECD(local_in, w_gate_EDF, w_up_EDF, w_down_EFD)
-        back = exchange(local_out.reshape(E_local, X, C, D).transpose(1, 0, 2, 3), False)
-        out_RD = back.reshape(E * C, D).at[slot_R].get(mode="fill", fill_value=0)
-        out_TKD = out_RD.reshape(K, T, D).transpose(1, 0, 2)
+        back = exchange(local_out.reshape(E_local, X, b * C, D).transpose(1, 0, 2, 3))
+        out_RD = back.reshape(E * b * C, D).at[slot_R].get(mode="fill", fill_value=0)
+        out_TKD = out_RD.reshape(b, K, L, D).transpose(0, 2, 1, 3).reshape(T, K, D)
         dropped = jnp.sum(1.0 - kept_R.astype(jnp.float32))
     elif moe.dispatch == "dropless":
         grouped = grouped_swiglu(moe.grouped_matmul)
         expert_R = experts_TK.reshape(-1)
-        x_RD = jnp.repeat(x_TD.astype(dtype), K, axis=0)
+        x_RD = jnp.repeat(x_TD, K, axis=0)
         if expert_axis is None:
             out_RD = grouped(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
         else:
             # XLA:CPU has no ragged_all_to_all, so each device reserves the worst case for every
-            # destination: all T tokens sending min(K, E_local) copies to one device.
+            # destination: all T tokens sending min(K, E_local) copies to one device. The
+            # receiver's grouped matmul is still sized by the copies that can really arrive.
             W = T * min(K, E_local)
             device_R = expert_R // E_local
             rank_R, _ = rank_within_group(device_R, X)
@@ -225,22 +265,22 @@ def moe_tokens(x_TD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig
             send_XWD = jnp.zeros((X * W, D), dtype).at[slot_R].set(x_RD).reshape(X, W, D)
             send_ids_XW = jnp.full((X * W,), E_local, jnp.int32).at[slot_R].set(
                 expert_R % E_local).reshape(X, W)
-            recv_XWD = exchange(send_XWD, True)
-            recv_ids_XW = exchange(send_ids_XW, True)
+            recv_XWD = exchange(send_XWD)
+            recv_ids_XW = exchange(send_ids_XW)
             local_out = grouped(recv_XWD.reshape(X * W, D), recv_ids_XW.reshape(-1),
-                                w_gate_EDF, w_up_EDF, w_down_EFD)
-            back_XWD = exchange(local_out.reshape(X, W, D), False)
+                                w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=min(X * W, X * T * K))
+            back_XWD = exchange(local_out.reshape(X, W, D))
             out_RD = back_XWD.reshape(X * W, D)[slot_R]
         out_TKD = out_RD.reshape(T, K, D)
         dropped = jnp.zeros((), jnp.float32)
     else:
         raise ValueError(f"unknown model.moe.dispatch {moe.dispatch!r}; choose capacity or dropless")
     out_TD = jnp.einsum("tkd,tk->td", out_TKD.astype(jnp.float32), weights_TK)
-    return out_TD.astype(x_TD.dtype), sums, dropped
+    return out_TD.astype(dtype).reshape(b, L, D), sums, dropped
 
 
 def moe_sharded(x_BLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig, mesh):
-    """The layer under shard_map: tokens split over the batch axes, experts over `expert`.
+    """The layer under shard_map: sequences split over the batch axes, experts over `expert`.
 
     Expert weights enter with spec P("expert"): fsdp/tensor shards of them are gathered before the
     layer (as FSDP does for every weight), the expert dimension never is."""
@@ -248,14 +288,13 @@ def moe_sharded(x_BLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConf
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
 
     def body(x_bLD, router_DE, w_gate, w_up, w_down):
-        b, L, D = x_bLD.shape
-        out_TD, sums, dropped = moe_tokens(
-            x_bLD.reshape(b * L, D), router_DE, w_gate, w_up, w_down, moe,
+        out_bLD, sums, dropped = moe_tokens(
+            x_bLD, router_DE, w_gate, w_up, w_down, moe,
             expert_axis="expert" if X > 1 else None, num_shards=X)
         sums, dropped = jax.lax.psum((sums, dropped), batch_axes)
-        return out_TD.reshape(b, L, D), sums, dropped
+        return out_bLD, sums, dropped
 
-    expert_spec = P("expert", None, None)
+    expert_spec = P("expert", None, None)  # a prefix: also covers an int8 kernel's values and scales
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(batch_axes, None, None), P(None, None), expert_spec, expert_spec, expert_spec),
@@ -269,10 +308,9 @@ def batch_shards(mesh) -> int:
 
 class MoeMlp(nn.Module):
     """Drop-in replacement for layers.Mlp (same call signature). Sows its weighted losses into the
-    "losses" collection and its metrics into "metrics" (both read by train.lm_loss_fn)."""
+    "losses" collection and its metrics into "metrics" (read by `collect`)."""
 
     cfg: ModelConfig
-    deterministic: bool = False
 
     @nn.compact
     def __call__(self, x_BLD):
@@ -286,29 +324,63 @@ class MoeMlp(nn.Module):
         w_up = self.param("up", layers.dense_init(cfg.init_std, ("expert", "embed", "mlp")), (E, D, F))
         w_down = self.param("down", layers.dense_init(out_std, ("expert", "mlp", "embed")), (E, F, D))
 
-        x_in = x_BLD
-        if moe.jitter > 0 and not self.deterministic and self.has_rng("dropout"):
-            noise = jax.random.uniform(self.make_rng("dropout"), x_BLD.shape, x_BLD.dtype,
+        x_in = x_BLD.astype(dtype)
+        if moe.jitter > 0 and self.has_rng("dropout"):
+            noise = jax.random.uniform(self.make_rng("dropout"), x_BLD.shape, dtype,
                                        1.0 - moe.jitter, 1.0 + moe.jitter)
             # Applied to the layer's input, so routing and experts both see it (simpler than
             # threading a separate router input through the exchange).
-            x_in = x_BLD * noise
-        weights = [w.astype(dtype) for w in (w_gate, w_up, w_down)]
+            x_in = x_in * noise
         mesh = jax.sharding.get_abstract_mesh()
-        B, L, _ = x_BLD.shape
+        B = x_BLD.shape[0]
         shards = batch_shards(mesh)
         if shards > 1 and B % shards == 0 and not self.is_initializing():
-            out_BLD, sums, dropped = moe_sharded(x_in, router_DE, *weights, moe=moe, mesh=mesh)
+            out_BLD, sums, dropped = moe_sharded(x_in, router_DE, w_gate, w_up, w_down, moe=moe, mesh=mesh)
         else:
-            out_TD, sums, dropped = moe_tokens(x_in.reshape(B * L, D), router_DE, *weights, moe)
-            out_BLD = out_TD.reshape(B, L, D)
+            out_BLD, sums, dropped = moe_tokens(x_in, router_DE, w_gate, w_up, w_down, moe)
         aux, z, metrics = losses_and_metrics(sums, dropped, E, moe.top_k)
         self.sow("losses", "moe", moe.aux_loss_weight * aux + moe.z_loss_weight * z)
         for name, value in metrics.items():
             self.sow("metrics", name, value)
-        out_BLD = layers.constrain(out_BLD.astype(dtype), (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+        out_BLD = layers.constrain(out_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
         if moe.num_shared:
-            shared_cfg = dataclasses.replace(
-                cfg, mlp_dim=moe.num_shared * (moe.shared_dim or F))
+            shared_cfg = dataclasses.replace(cfg, mlp_dim=moe.num_shared * (moe.shared_dim or F))
             out_BLD = out_BLD + layers.Mlp(shared_cfg, name="shared")(x_BLD)
         return out_BLD
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the sown losses and metrics
+
+
+def _layer_order(path) -> int:
+    # Unscanned stacks name their blocks block_0, block_1, ...; a scanned stack has one leaf per
+    # position in its repeated group, already ordered along the layers axis.
+    for key in path:
+        name = str(getattr(key, "key", key))
+        if name.startswith("block_"):
+            return int(name[len("block_"):])
+    return 0
+
+
+def _per_layer(tree, name: str):
+    """The values sown under `name` anywhere in `tree`, as one vector ordered by layer."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if any(str(getattr(k, "key", "")) == name for k in path):
+            found.append((_layer_order(path), jnp.atleast_1d(leaf)))
+    found.sort(key=lambda item: item[0])
+    return jnp.concatenate([v for _, v in found]) if found else None
+
+
+def collect(variables) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(weighted router loss summed over the MoE layers, {metric: [MoE layers] vector}) from the
+    "losses" and "metrics" collections of an apply with those collections mutable; (0, {}) for a
+    dense model."""
+    losses = _per_layer(variables.get("losses", {}), "moe")
+    if losses is None:
+        return jnp.zeros((), jnp.float32), {}
+    metrics = variables.get("metrics", {})
+    names = ("aux_loss", "z_loss", "expert_fraction_max", "expert_fraction_min", "dropped_fraction",
+             "router_entropy")
+    return jnp.sum(losses), {f"moe/{n}": _per_layer(metrics, n) for n in names}

@@ -22,9 +22,9 @@ import optax
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import config as config_lib
-from jaxllm import data, flops, losses, optim, pruning, sharding
+from jaxllm import data, flops, losses, moe, optim, pruning, sharding
 from jaxllm.config import Config
-from jaxllm.model import Transformer, count_params
+from jaxllm.model import AUX_COLLECTIONS, Transformer, count_params
 
 
 class TrainingError(RuntimeError):
@@ -100,6 +100,19 @@ def _apply(model, params, batch):
     )
 
 
+def apply_with_router_losses(model, params, batch, mutable: tuple[str, ...] = ()):
+    """Logits, the MoE layers' weighted router loss (0 for a dense model), their per-layer metrics
+    and the mutated collections (`mutable` plus the MoE ones). A batch carrying an "rng" key
+    (training) gives it to the layers that want randomness (MoE router jitter)."""
+    rngs = {"dropout": batch["rng"]} if "rng" in batch else None
+    logits, variables = model.apply(
+        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+        rngs=rngs, mutable=[*mutable, *AUX_COLLECTIONS],
+    )
+    router_loss, router_metrics = moe.collect(variables)
+    return logits, router_loss, router_metrics, variables
+
+
 def lm_loss_fn(s: Setup) -> Callable:
     """The default objective: next-token cross entropy (+ z-loss) as token sums.
 
@@ -110,13 +123,22 @@ def lm_loss_fn(s: Setup) -> Callable:
     cfg = s.cfg
 
     def loss_fn(params, batch):
-        logits = _apply(s.model, params, batch)
+        logits, router_loss, router_metrics, _ = apply_with_router_losses(s.model, params, batch)
         loss_sum, z_sum, weight_sum = losses.cross_entropy(
             logits, batch["targets"], batch["weights"], cfg.train.z_loss
         )
-        return loss_sum + z_sum, (loss_sum, weight_sum, {})
+        return loss_sum + z_sum + router_loss * weight_sum, (
+            loss_sum, weight_sum, router_extras(router_loss, router_metrics, weight_sum))
 
     return loss_fn
+
+
+def router_extras(router_loss, router_metrics, weight_sum) -> dict:
+    """MoE router loss and metrics as the token sums a loss function's extras hold (the train step
+    divides extras by the global token count); empty for a dense model."""
+    if not router_metrics:
+        return {}
+    return {name: value * weight_sum for name, value in {"moe/loss": router_loss, **router_metrics}.items()}
 
 
 def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = None) -> Callable:
@@ -131,12 +153,16 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
     grad_fn = jax.grad(objective, has_aux=True)  # with respect to the params only
 
     def step_fn(state: TrainState, batch, frozen):
+        # Randomness in the model (MoE router jitter) is a function of (seed, step, micro-batch), so
+        # a resumed run draws the same noise.
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         if accum == 1:
-            grads, (loss_sum, weight_sum, extras) = grad_fn(state.params, batch, frozen)
+            grads, (loss_sum, weight_sum, extras) = grad_fn(state.params, {**batch, "rng": rng}, frozen)
         else:
             # Micro-batch k takes rows k, k+accum, ...: every device's shard of the batch feeds
             # every micro-batch, so no rows move between devices.
             micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro["rng"] = jax.random.split(rng, accum)
 
             def body(carry, micro_batch):
                 return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro_batch, frozen)), None
