@@ -24,12 +24,19 @@ RATED_PEAK_FLOPS = {
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul for every token: the blocks' kernels plus the output
-    projection (the input embedding is a gather, not a matmul)."""
+    """Parameters that take part in a matmul for every token (for MoE: the active ones, the router,
+    top_k experts and the shared experts): the blocks' kernels plus the output projection (the
+    input embedding is a gather, not a matmul)."""
     D, H, N, K, F = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim
     attention = D * H * K * 2 + D * N * K * 2
-    mlp = 3 * D * F
-    return cfg.num_layers * (attention + mlp) + D * cfg.vocab_size
+    dense_mlp = 3 * D * F
+    moe = cfg.moe
+    moe_layers = cfg.num_layers // moe.every if moe.num_experts else 0
+    expert_F = moe.expert_dim or F
+    moe_mlp = D * moe.num_experts + 3 * D * expert_F * moe.top_k
+    moe_mlp += 3 * D * moe.num_shared * (moe.shared_dim or expert_F)
+    return (cfg.num_layers * attention + (cfg.num_layers - moe_layers) * dense_mlp
+            + moe_layers * moe_mlp + D * cfg.vocab_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
