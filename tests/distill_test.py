@@ -346,3 +346,47 @@ def test_distill_run_trains_a_missing_teacher_then_the_student_and_generation_st
     assert saved["distill"]["teacher_workdir"] == str(tmp_path / "teacher")
     text = generate.sample_from_workdir(cfg.workdir, "def ", max_new_tokens=4)
     assert text.startswith("def ")
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE on either side
+
+
+def test_dense_teacher_to_moe_student_expert_parallel_equals_single_device(teacher_workdir):
+    # Every other student block is MoE: the hidden-state pairs read both kinds of block.
+    cfg = _distill_config(teacher_workdir[0])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, moe=C.MoeConfig(num_experts=4, top_k=2, every=2)))
+    _, _, single = _distill_steps(cfg, sharding.make_mesh(C.MeshConfig(data=1, fsdp=1), jax.devices()[:1]))
+    _, _, sharded = _distill_steps(cfg, sharding.make_mesh(C.MeshConfig(data=2, fsdp=1, expert=4)))
+    for got, want in zip(sharded, single):
+        for name in ("loss", "grad_norm", "distill_loss", "hidden_loss", "objective", "moe/loss"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    # The student's router losses are part of its objective.
+    m, d = single[0], cfg.distill
+    assert m["moe/loss"] > 0
+    expected = (d.alpha * m["distill_loss"] + (1 - d.alpha) * m["hard_loss"]
+                + d.hidden_weight * m["hidden_loss"] + m["moe/loss"])
+    np.testing.assert_allclose(m["objective"], expected, rtol=1e-5)
+
+
+def test_moe_teacher_written_expert_parallel_distils_into_a_dense_student(tmp_path):
+    moe_teacher = dataclasses.replace(_distill_config().distill.teacher,
+                                      moe=C.MoeConfig(num_experts=4, top_k=2))
+    cfg = _distill_config(tmp_path, teacher=moe_teacher)
+    teacher_cfg = distill.teacher_training_config(dataclasses.replace(
+        cfg, distill=dataclasses.replace(cfg.distill, teacher_train_steps=1)))
+    s = train.setup(teacher_cfg, sharding.make_mesh(C.MeshConfig(data=2, fsdp=1, expert=4)))
+    saved = train.init_state(s, jax.random.key(3))
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(tmp_path))
+    checkpointer.save(1, saved, {"data_step": 1, "config": C.to_dict(teacher_cfg)})
+    checkpointer.close()
+
+    mesh = sharding.make_mesh(C.MeshConfig(data=2, fsdp=4))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(distill.restore_teacher(cfg, mesh)),
+                 jax.device_get(saved.params))
+    _, _, history = _distill_steps(cfg, mesh)
+    for m in history:
+        assert all(np.isfinite(m[k]) for k in ("loss", "distill_loss", "hidden_loss", "agreement"))
+        assert not any(k.startswith("moe/") for k in m), "a dense student has no router metrics"
+        assert m["hidden_loss"] > 0 and 0.0 <= m["agreement"] <= 1.0

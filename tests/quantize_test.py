@@ -77,8 +77,9 @@ def test_only_attention_mlp_and_expert_kernels_are_quantized():
         quantize.quantize_params(q)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_quantized_logits_are_close_to_float_logits(scan_layers):
+@pytest.mark.parametrize("scan_layers,moe", [(True, False), (False, False), (True, True)],
+                         ids=["scanned", "unscanned", "moe"])
+def test_quantized_logits_are_close_to_float_logits(scan_layers, moe):
     """Bound: the RMS logit error is at most 2% of the spread (std) of what the quantized kernels
     contribute to the logits, and the largest error at most 5% of the logits' own spread.
 
@@ -90,7 +91,14 @@ def test_quantized_logits_are_close_to_float_logits(scan_layers):
     tied unembedding) stays float and adds no error. A scale on the wrong axis or a lost scale
     gives errors of the order of the contribution itself."""
     cfg = dataclasses.replace(tiny_config().model, scan_layers=scan_layers)
+    if moe:  # expert kernels [layers, E, D, F] quantize per expert and output channel
+        cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, dispatch="dropless"))
     params = _float_params(cfg)
+    if moe:
+        # The router stays float, but its input moves with the quantized layers below it; a random
+        # init's router has near-tied logits, so that would flip top-k choices (a jump no weight
+        # rounding bound covers). A decisive router, like a trained one, keeps the routing.
+        params["blocks"]["mlp"]["router"] = params["blocks"]["mlp"]["router"] * 50.0
     batch = packed_batch()
     model = Transformer(cfg)
     jitted = jax.jit(lambda p: model.apply({"params": p}, batch["inputs"], batch["segment_ids"],
