@@ -1,8 +1,11 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import config as C
 from jaxllm import model as model_lib
 from jaxllm.generate import Generator
 from helpers import packed_batch, tiny_config, with_model
@@ -99,11 +102,15 @@ def test_untied_output_projection_and_bfloat16_compute():
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_decoding_equals_full_recompute(scan_layers):
+@pytest.mark.parametrize("scan_layers,moe", [(True, False), (False, False), (True, True)],
+                         ids=["scanned", "unscanned", "moe"])
+def test_cached_decoding_equals_full_recompute(scan_layers, moe):
     """Prefill a left-padded batch, then decode token by token: every step's logits equal the logits
-    of running the whole sequence so far without a cache."""
+    of running the whole sequence so far without a cache. (The MoE case is dropless: with capacity
+    dispatch, which copies overflow depends on the whole sequence, so no causal cache can match.)"""
     cfg = with_model(tiny_config(), scan_layers=scan_layers).model
+    if moe:
+        cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, every=2, num_shared=1))
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(0, 259, 5)), list(rng.integers(0, 259, 9))]
     continuation = rng.integers(0, 259, (2, 6)).astype(np.int32)
