@@ -126,18 +126,16 @@ def block_size(rows: int, groups: int) -> int:
     return int(min(256, max(8, 2 ** int(math.log2(target)))))
 
 
-def grouped_swiglu_blocked(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=None):
+def grouped_swiglu_blocked(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
     """SwiGLU of each row with its group's expert; rows with group >= E give zeros.
 
     XLA:CPU lowers ragged_dot densely (every expert on every row), so rows are placed, grouped, into
     a buffer padded to whole blocks of S rows, each block multiplies one expert's weights, and the
-    results are read back: one extra gather and scatter against E-fold less matmul work.
-    `max_rows` bounds the number of valid rows (default: all R), which sizes the buffer."""
+    results are read back: one extra gather and scatter against E-fold less matmul work."""
     E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
     R, D = x_RD.shape
-    valid_rows = R if max_rows is None else max_rows
-    S = block_size(valid_rows, E)
-    N = -(-valid_rows // S) + E  # worst case: every group's last block is partly empty
+    S = block_size(R, E)
+    N = -(-R // S) + E  # worst case: every group's last block is partly empty
     rank_R, sizes_E = rank_within_group(group_R, E)
     padded_E = -(-sizes_E // S) * S
     padded_end_E = jnp.cumsum(padded_E)
@@ -159,9 +157,8 @@ def _ragged_dot(x_RD, w_EDF, sizes_E, expert_sorted_R):
     return jax.lax.ragged_dot(x_RD, w_EDF.astype(x_RD.dtype), sizes_E)
 
 
-def grouped_swiglu_ragged(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=None):
+def grouped_swiglu_ragged(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
     """The same with jax.lax.ragged_dot over rows sorted by group (GPU/TPU)."""
-    del max_rows  # ragged_dot skips the rows past the groups itself
     E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
     order_R = jnp.argsort(group_R, stable=True)
     sizes_E = jax.ops.segment_sum(jnp.ones_like(group_R), group_R, num_segments=E)
@@ -173,9 +170,8 @@ def grouped_swiglu_ragged(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_r
     return jnp.zeros_like(x_RD).at[order_R].set(out_sorted_RD)
 
 
-def grouped_swiglu_dense(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=None):
+def grouped_swiglu_dense(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Every expert on every row, then the row's own result kept (the naive baseline)."""
-    del max_rows
     E = jax.tree.leaves(w_gate_EDF)[0].shape[0]
     out_ERD = swiglu_ECD(jnp.broadcast_to(x_RD, (E, *x_RD.shape)), w_gate_EDF, w_up_EDF, w_down_EFD)
     return jnp.einsum("re,erd->rd", jax.nn.one_hot(group_R, E, dtype=x_RD.dtype), out_ERD)
@@ -256,8 +252,9 @@ def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfi
             out_RD = grouped(x_RD, expert_R, w_gate_EDF, w_up_EDF, w_down_EFD)
         else:
             # XLA:CPU has no ragged_all_to_all, so each device reserves the worst case for every
-            # destination: all T tokens sending min(K, E_local) copies to one device. The
-            # receiver's grouped matmul is still sized by the copies that can really arrive.
+            # destination: all T tokens sending min(K, E_local) copies to one device. With static
+            # shapes the receiver's blocked grouped matmul is sized for that worst case too (X
+            # times the average load), the price of never dropping a token without a ragged exchange.
             W = T * min(K, E_local)
             device_R = expert_R // E_local
             rank_R, _ = rank_within_group(device_R, X)
@@ -268,7 +265,7 @@ def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfi
             recv_XWD = exchange(send_XWD)
             recv_ids_XW = exchange(send_ids_XW)
             local_out = grouped(recv_XWD.reshape(X * W, D), recv_ids_XW.reshape(-1),
-                                w_gate_EDF, w_up_EDF, w_down_EFD, max_rows=min(X * W, X * T * K))
+                                w_gate_EDF, w_up_EDF, w_down_EFD)
             back_XWD = exchange(local_out.reshape(X, W, D))
             out_RD = back_XWD.reshape(X * W, D)[slot_R]
         out_TKD = out_RD.reshape(T, K, D)

@@ -206,17 +206,49 @@ def moe_model_config(mesh: C.MeshConfig, **moe_overrides):
     return dataclasses.replace(cfg, mesh=mesh)
 
 
-def test_moe_train_step_on_data2_expert4_equals_single_device():
-    # Every other block is MoE, with a shared expert and capacity dispatch: the layer pattern
-    # scan, the shared expert and token dropping all go through the comparison.
-    overrides = dict(every=2, num_shared=1, dispatch="capacity", capacity_factor=1.0)
-    _, single_state, single = two_train_steps(moe_model_config(SINGLE, **overrides), jax.devices()[:1])
-    _, state, sharded = two_train_steps(moe_model_config(EXPERT_MESHES["data=2,expert=4"], **overrides))
+# Every other block is MoE, with a shared expert and capacity dispatch: the layer pattern scan, the
+# shared expert and token dropping all go through the comparisons.
+MODEL_MOE = dict(every=2, num_shared=1, dispatch="capacity", capacity_factor=1.0)
+
+
+@pytest.fixture(scope="module")
+def single_device_moe_steps():
+    return two_train_steps(moe_model_config(SINGLE, **MODEL_MOE), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_cfg", [
+    EXPERT_MESHES["data=2,expert=4"],
+    C.MeshConfig(data=1, fsdp=2, tensor=2, expert=2),  # with fsdp and tensor sharding around it
+], ids=["data=2,expert=4", "fsdp=2,tensor=2,expert=2"])
+def test_moe_train_step_equals_single_device(mesh_cfg, single_device_moe_steps):
+    _, single_state, single = single_device_moe_steps
+    _, state, sharded = two_train_steps(moe_model_config(mesh_cfg, **MODEL_MOE))
     for got, want in zip(sharded, single):
         for key in ("loss", "grad_norm", "moe/loss", "moe/dropped_fraction", "moe/aux_loss"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
     assert single[0]["moe/dropped_fraction"][0] > 0
     assert_trees_close(jax.device_get(state.params), jax.device_get(single_state.params), rtol=1e-4, atol=1e-6)
+
+
+def test_router_jitter_perturbs_only_when_given_randomness_and_is_reproducible():
+    cfg = layer_config(jitter=0.3)
+    _, params = layer_params(cfg)
+    x = layer_inputs()
+    model = moe.MoeMlp(cfg)
+
+    def out(seed=None):
+        rngs = None if seed is None else {"dropout": jax.random.key(seed)}
+        return np.asarray(model.apply({"params": params}, x, rngs=rngs, mutable=["losses"])[0])
+
+    plain = out()
+    np.testing.assert_array_equal(out(0), out(0))
+    assert not np.allclose(out(0), plain, atol=1e-4)
+    assert not np.allclose(out(0), out(1), atol=1e-4)
+    # Without jitter, randomness changes nothing.
+    no_jitter = moe.MoeMlp(layer_config())
+    np.testing.assert_array_equal(
+        no_jitter.apply({"params": params}, x, rngs={"dropout": jax.random.key(0)}, mutable=["losses"])[0],
+        no_jitter.apply({"params": params}, x, mutable=["losses"])[0])
 
 
 def expert_leaves(params):
