@@ -4,7 +4,10 @@ rest of training.
 
     python experiments/prune_2of4.py [key=value ...]
 
-Result: see the README results table (compare with tiny_lm at the same 300 steps).
+Result (shared 2-core CPU, defaults, 300 steps, same batches as tiny_lm): validation loss 1.746,
+2.519 bits per byte (tiny_lm dense: 1.732, 2.498); logged sparsity 0.5 in every prunable kernel,
+1,706,240 of 3,311,872 params nonzero (the 742,528-param dense experiments/prune_small_dense.py:
+1.680, 2.424). 5 min 52 s wall.
 """
 
 import dataclasses

@@ -4,7 +4,10 @@ the remaining steps recover. Each layer's kernel is pruned to the target on its 
 
     python experiments/prune_gradual.py [key=value ...]    # e.g. prune.kind=global
 
-Result: see the README results table (compare with tiny_lm at the same 300 steps).
+Result (shared 2-core CPU, defaults, 300 steps, same batches as tiny_lm): validation loss 1.845,
+2.661 bits per byte (tiny_lm dense: 1.732, 2.498); logged sparsity 0.8000 of the 3,211,264 prunable
+kernel params, 742,860 of 3,311,872 params nonzero. A dense model of that size
+(experiments/prune_small_dense.py, 742,528 params) reaches 1.680, 2.424. 5 min 36 s wall.
 """
 
 import dataclasses
