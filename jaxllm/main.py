@@ -55,7 +55,11 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
             distill.train(cfg)
         else:
             train.train(cfg)
-        if cfg.sample_tokens > 0:
+        if cfg.sample_tokens > 0 and cfg.checkpoint.every <= 0:
+            # The sample is drawn from the saved checkpoint, exactly as `python -m jaxllm.generate`
+            # would; with saving off there is none.
+            print("no sample: checkpoint.every=0 wrote no checkpoint to sample from", file=sys.stderr)
+        elif cfg.sample_tokens > 0:
             # Every process takes part (the params are sharded over all devices); one writes.
             text = generate.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
             if jax.process_index() == 0:
