@@ -263,15 +263,47 @@ def attention_bias(mask_BLS):
     return bias[:, None, None], has_keys[:, None, None]
 
 
-def _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1):
-    scale = 1.0 / math.sqrt(q_BLNGK.shape[-1])
-    scores = jnp.einsum("blngk,bsnk->bngls", q_BLNGK * jnp.asarray(scale, q_BLNGK.dtype), k_BSNK)
-    scores = scores.astype(jnp.float32) + bias_B11LS
+def _masked_softmax(scores_BNGLS, bias_B11LS, has_keys_B11L1):
+    """float32 softmax over S of scores plus the additive bias; rows without keys come out zero."""
+    scores = scores_BNGLS.astype(jnp.float32) + bias_B11LS
     # The max only keeps exp() in range; its gradient cancels, so none is computed for it.
     unnormalised = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     # Normalising and zeroing rows without keys are one multiply of the [.., L, S] tensor.
-    probs = unnormalised * (has_keys_B11L1 / jnp.sum(unnormalised, axis=-1, keepdims=True))
+    return unnormalised * (has_keys_B11L1 / jnp.sum(unnormalised, axis=-1, keepdims=True))
+
+
+def _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1):
+    scale = 1.0 / math.sqrt(q_BLNGK.shape[-1])
+    scores = jnp.einsum("blngk,bsnk->bngls", q_BLNGK * jnp.asarray(scale, q_BLNGK.dtype), k_BSNK)
+    probs = _masked_softmax(scores, bias_B11LS, has_keys_B11L1)
     return jnp.einsum("bngls,bsnk->blngk", probs.astype(v_BSNK.dtype), v_BSNK)
+
+
+def _attend_cache(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1):
+    """`_attend` over a KV cache whose rows are the (batch, KV head) pairs: X = B·N, b-major."""
+    B, L, N, G, K = q_BLNGK.shape
+    S = k_XSK.shape[1]
+    scale = jnp.asarray(1.0 / math.sqrt(K), q_BLNGK.dtype)
+    q_XMK = jnp.transpose(q_BLNGK * scale, (0, 2, 3, 1, 4)).reshape(B * N, G * L, K)  # M = G·L
+    scores_XMS = jnp.einsum("xmk,xsk->xms", q_XMK, k_XSK)
+    probs = _masked_softmax(scores_XMS.reshape(B, N, G, L, S), bias_B11LS, has_keys_B11L1)
+    out_XMK = jnp.einsum("xms,xsk->xmk", probs.reshape(B * N, G * L, S).astype(v_XSK.dtype), v_XSK)
+    return jnp.transpose(out_XMK.reshape(B, N, G, L, K), (0, 3, 1, 2, 4))
+
+
+def _constrain_cache(x_XSK):
+    """Shards a [B·N, S, K] cache array as [B, N, S, K] would be (batch over the batch axes, KV
+    heads over tensor): its rows over all of those mesh axes, batch axes major."""
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return x_XSK
+    row_axes = []
+    for axes in nn.logical_to_mesh_axes((BATCH, ACT_KV_HEADS), rules):
+        row_axes += [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
+    cache_rows = "kv_cache_rows"  # a logical name for just this call
+    return nn.with_logical_constraint(
+        x_XSK, (cache_rows, LENGTH, None), rules=(*rules, (cache_rows, tuple(row_axes) or None))
+    )
 
 
 # Causal self-attention splits the queries into this many blocks, each attending only to keys up
@@ -340,12 +372,7 @@ class Attention(nn.Module):
         k_BLNK = apply_rotary(k_BLNK, sin, cos)
 
         if self.decode:
-            k_BSNK, v_BSNK, k_segment_BS, q_index_BL, k_index_BS = self._update_cache(
-                k_BLNK, v_BLNK, segment_ids_BL
-            )
-            mask_BLS = attention_mask(segment_ids_BL, k_segment_BS, q_index_BL, k_index_BS)
-            bias, has_keys = attention_bias(mask_BLS)
-            out_BLNGK = dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias, has_keys)
+            out_BLNGK = self._attend_cached(q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL)
         else:
             out_BLNGK = dot_product_attention(
                 q_BLNGK, k_BLNK, v_BLNK, context.attention_bias, context.query_has_keys,
@@ -356,35 +383,42 @@ class Attention(nn.Module):
         out_BLD = project_kernel(out_BLHK, w_o, 2, dtype)
         return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
 
-    def _update_cache(self, k_BLNK, v_BLNK, segment_ids_BL):
+    def _attend_cached(self, q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL):
+        """Writes this call's keys and values into the cache at `index` (and advances it), then
+        attends over the whole cache.
+
+        Keys and values are cached as [B·N, S, K], one row per (batch, KV head) pair, and the
+        attention reads the updated arrays in exactly that shape. Then, with the cache donated
+        (as `generate.Generator` does), XLA writes the new entries in place and the matmuls read
+        the cache where it lies. A [B, S, N, K] cache was transposed for the matmuls, a copy of
+        the whole cache in every layer at every step; so was [B, N, S, K] at batch 1, whose unit
+        axis XLA drops (any reshape between the update and its reader makes XLA duplicate the
+        update, each copy with its own whole-cache buffer)."""
         B, L, N, K = k_BLNK.shape
         is_init = not self.has_variable("cache", "key")
         # At init the input length is the cache capacity (the longest sequence to be generated).
-        cached_k = self.variable("cache", "key", jnp.zeros, (B, L, N, K), k_BLNK.dtype)
-        cached_v = self.variable("cache", "value", jnp.zeros, (B, L, N, K), v_BLNK.dtype)
+        cached_k = self.variable("cache", "key", jnp.zeros, (B * N, L, K), k_BLNK.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, (B * N, L, K), v_BLNK.dtype)
         cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (B, L), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        S = cached_k.value.shape[1]
-        k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        if is_init:
-            q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-            return k_BLNK, v_BLNK, segment_ids_BL, q_index_BL, k_index_BS[:, :L]
+        q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if is_init:  # only the shapes matter
+            mask_BLL = attention_mask(segment_ids_BL, segment_ids_BL, q_index_BL, q_index_BL)
+            return _attend(q_BLNGK, k_BLNK, v_BLNK, *attention_bias(mask_BLL))
         start = index.value
-        # Sharded like the keys and values themselves (batch over the batch axes, KV heads over
-        # tensor), so a sharded decode step never gathers the cache.
-        cache_names = (BATCH, LENGTH, ACT_KV_HEADS, None)
-        cached_k.value = constrain(
-            jax.lax.dynamic_update_slice(cached_k.value, k_BLNK, (0, start, 0, 0)), cache_names
-        )
-        cached_v.value = constrain(
-            jax.lax.dynamic_update_slice(cached_v.value, v_BLNK, (0, start, 0, 0)), cache_names
-        )
+        for cached, new_BLNK in ((cached_k, k_BLNK), (cached_v, v_BLNK)):
+            new_XLK = jnp.swapaxes(new_BLNK, 1, 2).reshape(B * N, L, K)
+            updated = jax.lax.dynamic_update_slice(cached.value, new_XLK, (0, start, 0))
+            # Sharded like the keys and values themselves, so a sharded step never gathers it.
+            cached.value = _constrain_cache(updated)
         cached_seg.value = jax.lax.dynamic_update_slice(
             cached_seg.value, segment_ids_BL.astype(jnp.int32), (0, start)
         )
         index.value = start + L
-        q_index_BL = start + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        return cached_k.value, cached_v.value, cached_seg.value, q_index_BL, k_index_BS
+        S = cached_seg.value.shape[1]
+        k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        mask_BLS = attention_mask(segment_ids_BL, cached_seg.value, start + q_index_BL, k_index_BS)
+        return _attend_cache(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS))
 
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {"dot_product": Attention}

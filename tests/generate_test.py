@@ -9,7 +9,7 @@ import pytest
 
 from jaxllm import data, generate, train
 from jaxllm.model import Transformer
-from helpers import tiny_config
+from helpers import tiny_config, with_model
 
 
 def test_left_pad_positions_and_segments():
@@ -85,6 +85,27 @@ def _tiny_params(cfg):
     return nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
 
 
+@pytest.mark.parametrize("moe_every", [0, 1, 2], ids=["dense", "all_moe", "moe_every_2"])
+def test_unstack_layers_gives_the_unscanned_model_the_scanned_ones_weights(moe_every):
+    """The decoding model runs unscanned on converted scanned params: same tree as an unscanned
+    init, same logits as the scanned model (4 blocks; with MoE every 2nd, two scanned groups)."""
+    from jaxllm import config as C
+
+    cfg = with_model(tiny_config(), num_layers=4).model
+    if moe_every:
+        cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, every=moe_every, num_shared=1))
+    unscanned_cfg = dataclasses.replace(cfg, scan_layers=False)
+    params = _tiny_params(cfg)
+    converted = generate.unstack_layers(cfg, params)
+    expected = jax.eval_shape(lambda: _tiny_params(unscanned_cfg))
+    assert jax.tree.structure(converted) == jax.tree.structure(expected)
+    assert jax.tree.map(jnp.shape, converted) == jax.tree.map(lambda a: a.shape, expected)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 16)), jnp.int32)
+    np.testing.assert_allclose(Transformer(unscanned_cfg).apply({"params": converted}, tokens),
+                               Transformer(cfg).apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+    assert generate.unstack_layers(unscanned_cfg, converted) is converted
+
+
 PADDED_PROMPTS = [[data.BOS_ID, 10, 11, 12, 13, 14, 15], [data.BOS_ID, 40], [data.BOS_ID, 7, 8, 9]]
 
 
@@ -138,6 +159,8 @@ def test_sharded_decoding_equals_single_device(quantized):
         logits_8, cache = sharded.prefill(sharded_params, sharded.init_cache(4, 12),
                                           *map(sharded._place, (tokens, segs, pos, last)))
     np.testing.assert_allclose(np.asarray(logits_8), np.asarray(logits_1), rtol=1e-5, atol=1e-5)
-    key = cache["blocks"]["attn"]["key"]  # [layers, B, S, N, K]: B over 4 shards, N over 2
-    L, B, S, N, K = key.shape
-    assert key.sharding.shard_shape(key.shape) == (L, B // 4, S, N // 2, K)
+    for i in range(cfg.model.num_layers):
+        # [B·N, S, K], rows (batch, KV head) pairs: split like B over 4 shards and N over 2.
+        key = cache[f"block_{i}"]["attn"]["key"]
+        rows, S, K = key.shape
+        assert key.sharding.shard_shape(key.shape) == (rows // 8, S, K)
