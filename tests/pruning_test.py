@@ -329,3 +329,20 @@ def test_prune_command_prunes_a_checkpoint_and_reports_the_losses(gradual_run, t
     with pytest.raises(SystemExit):
         prune.main(["--workdir", cfg.workdir, "--out", out, "kind=magnitud"])
     assert "error: kind='magnitud'; choose one of none, magnitude" in capsys.readouterr().err
+
+
+def test_pruning_an_expert_parallel_moe_model_prunes_each_expert_and_keeps_zeros():
+    # A real MoE model on data=2 x expert=4: 2:4 holds in every expert's kernels (each expert is
+    # its own tensor), the router is never pruned, and pruned expert weights stay zero.
+    cfg = _pruned(tiny_config(), C.PruneConfig(kind="nm", n=2, m=4, start_step=0))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=C.MoeConfig(num_experts=4, top_k=2)),
+                              mesh=C.MeshConfig(data=2, fsdp=1, expert=4))
+    _, state, history = two_train_steps(cfg)
+    params = jax.device_get(state.params)["blocks"]["mlp"]
+    for name in ("gate", "up"):  # [layers, E, D, F]: groups of 4 along D
+        w = np.asarray(params[name])
+        groups = w.reshape(*w.shape[:2], w.shape[2] // 4, 4, w.shape[3])
+        assert np.all((groups != 0).sum(axis=3) <= 2), name
+        assert np.all((groups != 0).sum(axis=3) == 2), name  # and nothing beyond the mask is zero
+    assert np.all(np.asarray(params["router"]) != 0)
+    assert history[1]["sparsity"] == pytest.approx(history[0]["sparsity"]) and history[0]["sparsity"] > 0.4
