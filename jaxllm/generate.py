@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import config as config_lib
+from jaxllm import data, sharding
 from jaxllm.config import Config, ModelConfig
 from jaxllm.model import Transformer, group_size
-from jaxllm import data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,24 +134,19 @@ class Generator:
     def _run(self, fn, *args):
         if self.mesh is None:
             return fn(*args)
-        from jaxllm import sharding
-
         with sharding.activate(self.mesh):
             return fn(*args)
 
     def _batch_multiple(self) -> int:
         if self.mesh is None:
             return 1
-        from jaxllm import sharding
-
         return sharding.axis_size(self.mesh, sharding.BATCH_AXES)
 
     def _place(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        from jaxllm import sharding
-
-        spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES, *([None] * (np.ndim(x) - 1)))
+        # Rows over the batch axes; a spec shorter than the array leaves the other axes whole.
+        spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
         return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
     def init_cache(self, batch: int, length: int):
@@ -274,7 +269,7 @@ def load_params(workdir: str, mesh_cfg: config_lib.MeshConfig | None = None, ret
     (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
     `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
-    from jaxllm import quantize, sharding, train
+    from jaxllm import quantize, train
 
     cfg = config_lib.from_dict(Config, ckpt.read_config_json(workdir))
     mesh = sharding.make_mesh(mesh_cfg or config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1))

@@ -131,10 +131,12 @@ class Transformer(nn.Module):
         context = layers.layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
 
         groups = cfg.num_layers // group_size(cfg)
-        if cfg.scan_layers:
-            block_cls = ScannedGroup if group_size(cfg) > 1 else ScannedBlock
-        else:
-            block_cls = Block
+        if not cfg.scan_layers:
+            block_cls, scanned_kwargs = Block, {}
+        elif group_size(cfg) > 1:
+            block_cls, scanned_kwargs = ScannedGroup, {}
+        else:  # every scanned block alike: all dense, or all MoE
+            block_cls, scanned_kwargs = ScannedBlock, {"moe": is_moe_layer(cfg, 0)}
         if cfg.remat != "none":
             block_cls = nn.remat(
                 block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
@@ -151,8 +153,7 @@ class Transformer(nn.Module):
                     groups if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS else 1
                 ),
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, decode=self.decode, **({} if group_size(cfg) > 1 else {"moe": is_moe_layer(cfg, 0)}),
-              name="blocks")
+            )(cfg, decode=self.decode, name="blocks", **scanned_kwargs)
             x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
         else:
             for i in range(cfg.num_layers):

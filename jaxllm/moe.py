@@ -27,8 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import layers
 from jaxllm.config import ModelConfig, MoeConfig
-
-BATCH_AXES = ("data", "fsdp", "expert")  # as sharding.BATCH_AXES (not imported: no cycle)
+from jaxllm.sharding import BATCH_AXES
 
 
 # ---------------------------------------------------------------------------------------------
