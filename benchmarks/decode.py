@@ -2,7 +2,7 @@
 loss float vs int8. One JSON object per line.
 
     python benchmarks/decode.py [--workdir runs/tiny_lm] [--batches 1,8] [--prompts 64,512]
-                                [--new_tokens 128] [--repeats 3] [--eval_batches 8]
+                                [--new_tokens 128] [--repeats 5] [--eval_batches 8]
 
 Without --workdir it first trains the default experiment (tiny_lm) for --train_steps steps into a
 temporary directory. The int8 checkpoint is written with `jaxllm.quantize.quantize_workdir`, and both
@@ -10,12 +10,14 @@ checkpoints are loaded the way `python -m jaxllm.generate` loads them.
 
 Per (batch, prompt length, weights), with the prompts cut from the validation text:
 - cached: a whole greedy `Generator.generate` of --new_tokens tokens, timed --repeats times after one
-  untimed run (compilation). `decode_step_s` is the median time of one decode step (one new token
+  untimed run (compilation); the runs of every prompt length and weight kind of one batch size
+  take turns, round by round. `decode_step_s` is the median time of one decode step (one new token
   per row), `tokens_per_s` = batch / decode_step_s, `generate_tokens_per_s` counts the prompt pass.
 - recompute: no cache; every new token runs the whole fixed-length buffer (prompt + new tokens,
   future slots masked) through the model. Every step has the same cost, so --recompute_steps timed
   steps (after one untimed) give the median step time; tokens/s = batch / step time.
-The float and int8 runs of one shape alternate, so a burst of load from other processes hits both.
+The float and int8 recompute runs of one shape alternate, so a burst of load from other processes
+hits both.
 `position_ratio` lines compare the cached step time after a 512-token prompt with that after a
 64-token one (target <= 1.3).
 """
@@ -60,15 +62,24 @@ def prompts_from_validation(cfg, batch: int, length: int) -> list[list[int]]:
 
 
 def time_cached(gen, params, prompts, sampling, repeats):
-    gen.generate(params, prompts, sampling, jax.random.key(0))  # compiles
-    steps, totals, prefills = [], [], []
+    """{(prompt length, weights): (median step s, median prefill s, median generate s)}.
+
+    `prompts` and `params` map prompt lengths and weight kinds to their inputs. Every combination
+    is compiled first; then each round runs every combination once, so load from other processes
+    during a round hits all of them alike and the position ratio compares like with like."""
+    keys = [(length, name) for length in prompts for name in params]
+    for length, name in keys:
+        gen.generate(params[name], prompts[length], sampling, jax.random.key(0))  # compiles
+    steps, totals, prefills = ({key: [] for key in keys} for _ in range(3))
     for _ in range(repeats):
-        start = time.perf_counter()
-        gen.generate(params, prompts, sampling, jax.random.key(0))
-        totals.append(time.perf_counter() - start)
-        steps.extend(gen.last_timings["step_s"])
-        prefills.append(gen.last_timings["prefill_s"])
-    return statistics.median(steps), statistics.median(prefills), statistics.median(totals)
+        for length, name in keys:
+            start = time.perf_counter()
+            gen.generate(params[name], prompts[length], sampling, jax.random.key(0))
+            totals[length, name].append(time.perf_counter() - start)
+            steps[length, name].extend(gen.last_timings["step_s"])
+            prefills[length, name].append(gen.last_timings["prefill_s"])
+    return {key: (statistics.median(steps[key]), statistics.median(prefills[key]),
+                  statistics.median(totals[key])) for key in keys}
 
 
 def time_recompute(gen, params, prompts, new_tokens, steps):
@@ -98,7 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompts", default="64,512")
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--recompute_steps", type=int, default=8)
     parser.add_argument("--eval_batches", type=int, default=8)
     args = parser.parse_args(argv)
@@ -153,15 +164,16 @@ def main(argv=None) -> None:
                                            stop_at_eos=False)
         step_times = {}
         for batch in map(int, args.batches.split(",")):
-            for prompt_len in map(int, args.prompts.split(",")):
-                prompts = prompts_from_validation(cfg, batch, prompt_len)
+            prompts = {length: prompts_from_validation(cfg, batch, length)
+                       for length in map(int, args.prompts.split(","))}
+            cached = time_cached(gen, params, prompts, sampling, args.repeats)
+            for prompt_len in prompts:
                 results = {}
                 for name in ("float32", "int8"):  # alternating, see the docstring
-                    step_s, prefill_s, total_s = time_cached(gen, params[name], prompts, sampling, args.repeats)
-                    recompute_s = time_recompute(gen, params[name], prompts, args.new_tokens,
-                                                 args.recompute_steps)
-                    results[name] = (step_s, prefill_s, total_s, recompute_s)
-                    step_times[batch, prompt_len, name] = step_s
+                    recompute_s = time_recompute(gen, params[name], prompts[prompt_len],
+                                                 args.new_tokens, args.recompute_steps)
+                    results[name] = (*cached[prompt_len, name], recompute_s)
+                    step_times[batch, prompt_len, name] = cached[prompt_len, name][0]
                 for name, (step_s, prefill_s, total_s, recompute_s) in results.items():
                     emit({"metric": "decode", "batch": batch, "prompt_len": prompt_len,
                           "new_tokens": args.new_tokens, "weights": name,

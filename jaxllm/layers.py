@@ -135,6 +135,10 @@ def project_kernel(x, w, contract: int, dtype, names: tuple | None = None):
     values = w[QUANTIZED_VALUES]
     if names is not None:
         values = constrain(values, names)
+    # Tied to x, the conversion runs just before its matmul. Otherwise XLA hoists every layer's
+    # conversion (it depends on the params alone) to the start of the step, so all the float
+    # copies are live at once and have left the cache by the time their matmul reads them.
+    x, values = jax.lax.optimization_barrier((x, values))
     y = project(x.astype(dtype), values.astype(dtype), contract)
     scale = w[QUANTIZED_SCALE].reshape(values.shape[contract:]).astype(dtype)
     return y * scale
