@@ -377,7 +377,10 @@ class Attention(nn.Module):
         )
         qkv_BLNJK = project_kernel(x_BLD, w_qkv_DNJK, 1, dtype, ("embed", "kv_heads", None, "head_dim"))
         qkv_BLNJK = constrain(qkv_BLNJK, (BATCH, LENGTH, ACT_KV_HEADS, None, None))
-        q_BLNGK, k_BLNK, v_BLNK = qkv_BLNJK[:, :, :, :G], qkv_BLNJK[:, :, :, G], qkv_BLNJK[:, :, :, G + 1]
+        # split, not three slices: its gradient is one concatenate, where the slices' gradients
+        # are each padded to the full width and summed (two extra passes over [B, L, N, G+2, K]).
+        q_BLNGK, k_BLN1K, v_BLN1K = jnp.split(qkv_BLNJK, [G, G + 1], axis=3)
+        k_BLNK, v_BLNK = k_BLN1K[:, :, :, 0], v_BLN1K[:, :, :, 0]
         sin, cos = context.rope_sin, context.rope_cos
         q_BLNGK = apply_rotary(q_BLNGK, sin[..., None, :], cos[..., None, :])
         k_BLNK = apply_rotary(k_BLNK, sin, cos)
