@@ -3,8 +3,8 @@
 
     python experiments/tiny_lm.py [key=value ...]      # e.g. train.steps=100 workdir=runs/try
 
-Result (2-core CPU, defaults, 300 steps): validation 2.50 bits per byte (2.498 in the latest run,
-2.52 in an earlier one); see the README results table.
+Result (2-core CPU, defaults, 300 steps): validation 2.50–2.53 bits per byte (2.498 on an AMD EPYC,
+2.525 on an Intel Xeon, 6 min 15 s); see the README results table.
 """
 
 from jaxllm import config, main
