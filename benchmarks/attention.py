@@ -50,11 +50,7 @@ def blocked_attention_step(blocks: int, bias, has_keys):
     """Jitted forward + backward of the attention core with `blocks` causal query blocks."""
 
     def loss(q, k, v):
-        saved, layers.CAUSAL_QUERY_BLOCKS = layers.CAUSAL_QUERY_BLOCKS, blocks
-        try:  # the block count is read while tracing
-            out = layers.dot_product_attention(q, k, v, bias, has_keys, causal_self=True)
-        finally:
-            layers.CAUSAL_QUERY_BLOCKS = saved
+        out = layers.dot_product_attention(q, k, v, bias, has_keys, causal_self=True, blocks=blocks)
         return jnp.sum(out * out)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))

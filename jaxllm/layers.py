@@ -324,11 +324,12 @@ CAUSAL_QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 32
 
 
-def dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=False):
+def dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=False,
+                          blocks=CAUSAL_QUERY_BLOCKS):
     """Softmax attention with an additive bias; `causal_self` promises that key i is query i's
-    position and that the bias hides every future key, which lets whole blocks be skipped."""
+    position and that the bias hides every future key, which lets the queries be split into
+    `blocks` blocks that each skip the keys after their own end."""
     L, S = q_BLNGK.shape[1], k_BSNK.shape[1]
-    blocks = CAUSAL_QUERY_BLOCKS
     if not causal_self or L != S or L % blocks or L // blocks < MIN_QUERY_BLOCK:
         return _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
     size = L // blocks
