@@ -255,6 +255,20 @@ def valid_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _tuple_items(raw: str) -> list:
+    """The items of a tuple-valued override: a Python tuple or list literal such as ("a", "b"),
+    otherwise comma-separated text. Text that only looks like a literal (a regex such as
+    (^|/)attn/q$, or "(1)", which Python reads as 1) is split on commas like any other."""
+    if raw.strip().startswith(("(", "[")):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, (tuple, list)):
+            return list(value)
+    return raw.split(",")
+
+
 def _parse_value(raw: str, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     try:
@@ -274,10 +288,9 @@ def _parse_value(raw: str, typ: Any, key: str) -> Any:
         if origin is tuple:
             if raw.strip() == "":
                 return ()
-            value = ast.literal_eval(raw) if raw.strip().startswith(("(", "[")) else raw.split(",")
             (item_type, *_) = typing.get_args(typ) or (str,)
-            return tuple(_parse_value(str(v), item_type, key) for v in value)
-    except (ValueError, SyntaxError) as e:
+            return tuple(_parse_value(str(v), item_type, key) for v in _tuple_items(raw))
+    except (ValueError, SyntaxError, TypeError) as e:
         raise ConfigError(f"cannot parse {key}={raw!r} as {getattr(typ, '__name__', typ)}") from e
     raise ConfigError(f"{key} has unsupported type {typ}")
 
@@ -374,13 +387,19 @@ def validate(cfg: Config) -> None:
             )
         if moe.capacity_factor <= 0:
             raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
-    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
+    if cfg.checkpoint.keep < 1:
+        # orbax would delete every checkpoint as soon as it is written.
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1 "
+                          "(checkpoint.every=0 turns checkpointing off)")
     validate_prune(cfg.prune)
     validate_distill(cfg)
 

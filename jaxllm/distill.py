@@ -32,7 +32,7 @@ from jaxllm import checkpoint as ckpt
 from jaxllm import config as config_lib
 from jaxllm import layers, losses, sharding
 from jaxllm import train as train_lib
-from jaxllm.config import Config, ConfigError, DistillConfig
+from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
 from jaxllm.model import Transformer
 
 PROJECTION = "distill_projection"
@@ -154,14 +154,18 @@ def has_teacher_checkpoint(d: DistillConfig) -> bool:
 
 def teacher_training_config(cfg: Config) -> Config:
     """The config `distill.teacher_train_steps` trains a missing teacher with: this run's data,
-    optimizer, batch and mesh, the teacher's model, its own workdir."""
+    optimizer, batch and mesh, the teacher's model, its own workdir. The student's pruning is not
+    the teacher's, and the teacher always ends with a checkpoint (the student restores it), even
+    when the student's checkpointing is off."""
     d = cfg.distill
     return dataclasses.replace(
         cfg,
         workdir=d.teacher_workdir,
         model=d.teacher,
         distill=DistillConfig(),
+        prune=PruneConfig(),
         train=dataclasses.replace(cfg.train, steps=d.teacher_train_steps),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=cfg.checkpoint.every or d.teacher_train_steps),
     )
 
 

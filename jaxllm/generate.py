@@ -263,16 +263,17 @@ class Generator:
         return results
 
 
-def load_params(workdir: str, mesh_cfg: config_lib.MeshConfig | None = None, return_step: bool = False):
+def load_params(workdir: str, mesh_cfg: config_lib.MeshConfig | None = None, return_step: bool = False,
+                tensor: int = 1):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
-    devices (fsdp over all of them unless `mesh_cfg` says otherwise). Returns (config, params)
+    devices (`mesh_cfg`, or else `sharding.params_mesh_config` with `tensor`). Returns (config, params)
     (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
     `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
     from jaxllm import quantize, train
 
     cfg = config_lib.from_dict(Config, ckpt.read_config_json(workdir))
-    mesh = sharding.make_mesh(mesh_cfg or config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1))
+    mesh = sharding.make_mesh(mesh_cfg or sharding.params_mesh_config(cfg.model, tensor))
     s = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size)), mesh)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
     try:
@@ -310,15 +311,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tensor", type=int, default=1,
                         help="shard heads and MLP over this many devices (batch over the rest)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        parser.error(f"--max_new_tokens {args.max_new_tokens} must be 0 or more")
+    if args.temperature < 0:
+        parser.error(f"--temperature {args.temperature} must be 0 (greedy) or positive")
+    if args.top_k < 0:
+        parser.error(f"--top_k {args.top_k} must be 0 (off) or positive")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p {args.top_p} must be in (0, 1]")
     prompts = args.prompt or [""]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     try:
-        cfg, params = load_params(
-            args.workdir, config_lib.MeshConfig(data=1, fsdp=-1, tensor=args.tensor, expert=1)
-        )
+        cfg, params = load_params(args.workdir, tensor=args.tensor)
     except (FileNotFoundError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.top_k > cfg.model.vocab_size:
+        parser.error(f"--top_k {args.top_k} is larger than the vocabulary ({cfg.model.vocab_size})")
     ids = [[data.BOS_ID, *data.encode(p).tolist()] for p in prompts]
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     outputs = Generator(cfg.model, mesh).generate(

@@ -217,23 +217,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval_batches", type=int, default=0,
                         help="also report validation loss, float vs int8, over this many batches")
     args = parser.parse_args(argv)
+    from jaxllm import generate
+    from jaxllm.config import ConfigError
+
     try:
         quantize_workdir(args.workdir, args.out)
-    except (FileNotFoundError, QuantizationError) as e:
+        _, float_params = generate.load_params(args.workdir)
+        _, int8_params = generate.load_params(args.out)
+        report = {"out": os.path.abspath(args.out),
+                  "weight_bytes_float": weight_bytes(float_params),
+                  "weight_bytes_int8": weight_bytes(int8_params),
+                  "kernel_bytes_float": kernel_bytes(float_params),
+                  "kernel_bytes_int8": kernel_bytes(int8_params)}
+        if args.eval_batches:
+            report["eval_loss_float"] = evaluate_workdir(args.workdir, args.eval_batches)["eval_loss"]
+            report["eval_loss_int8"] = evaluate_workdir(args.out, args.eval_batches)["eval_loss"]
+    except (FileNotFoundError, QuantizationError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from jaxllm import generate
-
-    _, float_params = generate.load_params(args.workdir)
-    _, int8_params = generate.load_params(args.out)
-    report = {"out": os.path.abspath(args.out),
-              "weight_bytes_float": weight_bytes(float_params),
-              "weight_bytes_int8": weight_bytes(int8_params),
-              "kernel_bytes_float": kernel_bytes(float_params),
-              "kernel_bytes_int8": kernel_bytes(int8_params)}
-    if args.eval_batches:
-        report["eval_loss_float"] = evaluate_workdir(args.workdir, args.eval_batches)["eval_loss"]
-        report["eval_loss_int8"] = evaluate_workdir(args.out, args.eval_batches)["eval_loss"]
     print(json.dumps(report))
 
 

@@ -78,6 +78,17 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     )
 
 
+def params_mesh_config(model_cfg, tensor: int = 1, num_devices: int | None = None) -> MeshConfig:
+    """A mesh for loading a trained model's params onto the local devices (sampling, evaluation,
+    pruning, quantization): fsdp over the largest number of devices that divides d_model, the
+    rest as data, so any run that trained can be loaded whatever the device count."""
+    n = num_devices or jax.local_device_count()
+    if n % tensor:
+        return MeshConfig(data=1, fsdp=-1, tensor=tensor, expert=1)  # make_mesh names the problem
+    fsdp = max(f for f in range(1, n // tensor + 1) if (n // tensor) % f == 0 and model_cfg.d_model % f == 0)
+    return MeshConfig(data=n // tensor // fsdp, fsdp=fsdp, tensor=tensor, expert=1)
+
+
 def axis_size(mesh: Mesh, axes) -> int:
     if axes is None:
         return 1
@@ -99,7 +110,12 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
     ]
     moe = getattr(m, "moe", None)
     if moe is not None and getattr(moe, "num_experts", 0):
+        expert_dim = moe.expert_dim or m.mlp_dim
         checks.append(("model.moe.num_experts", moe.num_experts, "expert", expert))
+        checks.append(("model.moe.expert_dim (or mlp_dim)", expert_dim, "tensor", tensor))
+        if moe.num_shared:
+            checks.append(("model.moe.num_shared * shared_dim", moe.num_shared * (moe.shared_dim or expert_dim),
+                           "tensor", tensor))
     batch_shards = axis_size(mesh, BATCH_AXES)
     micro_batch = t.batch_size // t.grad_accum
     checks.append(("train.batch_size / train.grad_accum", micro_batch, "data*fsdp*expert", batch_shards))

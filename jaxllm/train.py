@@ -326,11 +326,19 @@ def train(
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
                 step_time = elapsed / window_steps
+                # The loss was computed with the parameters before this step's update; the
+                # norms check the update itself, so a non-finite state is never saved.
                 if not np.isfinite(metrics["loss"]):
-                    good = checkpointer.latest_step()
+                    problem = f"loss is {metrics['loss']} at step {done}"
+                elif not (np.isfinite(metrics["grad_norm"]) and np.isfinite(metrics["param_norm"])):
+                    problem = (f"the update at step {done} made the parameters non-finite "
+                               f"(grad_norm {metrics['grad_norm']}, param_norm {metrics['param_norm']})")
+                else:
+                    problem = None
+                if problem:
                     raise TrainingError(
-                        f"loss is {metrics['loss']} at step {done}; stopping. The last good "
-                        f"checkpoint is step {good} in {checkpointer.directory}. Lower "
+                        f"{problem}; stopping. The last good checkpoint is step "
+                        f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
                         "opt.learning_rate or raise opt.warmup_steps, then rerun to resume."
                     )
                 record = {

@@ -45,3 +45,24 @@ def test_validate_rejects_inconsistent_model():
         C.validate(C.override(C.Config(), ["model.num_heads=4", "model.num_kv_heads=3"]))
     with pytest.raises(C.ConfigError, match="grad_accum"):
         C.validate(C.override(C.Config(), ["train.batch_size=10", "train.grad_accum=3"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_accum=0", "train.grad_accum must be positive, got 0"),
+    ("train.grad_accum=-2", "train.grad_accum must be positive, got -2"),
+    ("model.dtype=bf16", "model.dtype='bf16'; choose float32, bfloat16 or float16"),
+    ("checkpoint.keep=0", "checkpoint.keep=0 must be at least 1"),
+    ("distill.hidden_layers=(1)", "entry '\\(1\\)' is not 'student_layer:teacher_layer'"),
+])
+def test_values_that_would_fail_later_are_rejected_up_front(override, message):
+    with pytest.raises(C.ConfigError, match=message):
+        cfg = C.override(C.Config(), [override, "distill.teacher_workdir=runs/teacher"])
+        C.validate(cfg)
+
+
+def test_tuple_values_are_literals_or_comma_separated_text():
+    # A regex that starts with a parenthesis (as the defaults do) is text, not a Python literal.
+    cfg = C.override(C.Config(), ["prune.include=(^|/)attn/(q|k|v|o)$,(^|/)mlp/up$"])
+    assert cfg.prune.include == ("(^|/)attn/(q|k|v|o)$", "(^|/)mlp/up$")
+    assert C.override(C.Config(), ["opt.no_decay=('norm', 'embed')"]).opt.no_decay == ("norm", "embed")
+    assert C.override(C.Config(), ["distill.hidden_layers=1:3,3:7"]).distill.layer_pairs() == ((1, 3), (3, 7))

@@ -390,3 +390,13 @@ def test_moe_teacher_written_expert_parallel_distils_into_a_dense_student(tmp_pa
         assert all(np.isfinite(m[k]) for k in ("loss", "distill_loss", "hidden_loss", "agreement"))
         assert not any(k.startswith("moe/") for k in m), "a dense student has no router metrics"
         assert m["hidden_loss"] > 0 and 0.0 <= m["agreement"] <= 1.0
+
+
+def test_a_teacher_trained_by_the_run_is_unpruned_and_always_checkpointed(tmp_path):
+    cfg = _distill_config(tmp_path, teacher_train_steps=7)
+    cfg = dataclasses.replace(cfg, prune=C.PruneConfig(kind="nm", n=2, m=4),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, every=0))
+    teacher_cfg = distill.teacher_training_config(cfg)
+    assert teacher_cfg.prune == C.PruneConfig()  # the student's pruning stays the student's
+    assert teacher_cfg.checkpoint.every == 7  # the student restores the teacher's last step
+    assert teacher_cfg.model == cfg.distill.teacher and teacher_cfg.train.steps == 7

@@ -327,8 +327,17 @@ def test_prune_command_prunes_a_checkpoint_and_reports_the_losses(gradual_run, t
     assert abs(zeros - 0.9 * total) <= 1
 
     with pytest.raises(SystemExit):
-        prune.main(["--workdir", cfg.workdir, "--out", out, "kind=magnitud"])
+        prune.main(["--workdir", cfg.workdir, "--out", str(tmp_path / "new"), "kind=magnitud"])
     assert "error: kind='magnitud'; choose one of none, magnitude" in capsys.readouterr().err
+
+    # An --out that is already a run is refused before anything is written into it.
+    config_before = open(os.path.join(out, "config.json")).read()
+    steps_before = sorted(os.listdir(ckpt.checkpoint_dir(out)))
+    with pytest.raises(SystemExit):
+        prune.main(["--workdir", cfg.workdir, "--out", out, "kind=magnitude", "sparsity=0.5"])
+    assert "already holds checkpoints; choose a new --out" in capsys.readouterr().err
+    assert open(os.path.join(out, "config.json")).read() == config_before
+    assert sorted(os.listdir(ckpt.checkpoint_dir(out))) == steps_before
 
 
 def test_pruning_an_expert_parallel_moe_model_prunes_each_expert_and_keeps_zeros():

@@ -168,3 +168,12 @@ def test_cli_writes_a_quantized_checkpoint_that_generation_and_evaluation_accept
     with pytest.raises(SystemExit) as missing:
         quantize.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert missing.value.code == 2 and "not a jaxllm run directory" in capsys.readouterr().err
+
+    # Sampling flags that cannot work are one-line errors, not tracebacks or silent garbage.
+    for flags, message in ((["--top_k", "1000"], "--top_k 1000 is larger than the vocabulary (384)"),
+                           (["--temperature", "-1"], "--temperature -1.0 must be 0 (greedy) or positive"),
+                           (["--max_new_tokens", "-1"], "--max_new_tokens -1 must be 0 or more"),
+                           (["--top_p", "0"], "--top_p 0.0 must be in (0, 1]")):
+        with pytest.raises(SystemExit) as bad:
+            generate.main(["--workdir", out, *flags])
+        assert bad.value.code == 2 and message in capsys.readouterr().err

@@ -95,3 +95,27 @@ def test_batch_not_divisible_by_data_axes_is_a_clear_error():
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=12))
     with pytest.raises(C.ConfigError, match="batch_size"):
         train.setup(cfg)
+
+
+def test_expert_width_not_divisible_by_tensor_is_a_clear_error():
+    cfg = tiny_config()
+    moe = C.MoeConfig(num_experts=4, top_k=2, expert_dim=65)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe),
+                              mesh=C.MeshConfig(data=1, fsdp=4, tensor=2))
+    with pytest.raises(C.ConfigError, match=r"model.moe.expert_dim \(or mlp_dim\)=65 is not divisible by the tensor"):
+        train.setup(cfg)
+    shared = dataclasses.replace(moe, expert_dim=64, num_shared=1, shared_dim=33)
+    with pytest.raises(C.ConfigError, match=r"num_shared \* shared_dim=33 is not divisible by the tensor"):
+        train.setup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=shared)))
+
+
+@pytest.mark.parametrize("devices, d_model, tensor, expected", [
+    (8, 256, 1, (1, 8, 1)),
+    (6, 256, 1, (3, 2, 1)),   # fsdp=6 would not divide d_model: the rest of the devices split data
+    (8, 96, 2, (1, 4, 2)),
+    (7, 256, 1, (7, 1, 1)),
+])
+def test_params_mesh_fits_any_device_count(devices, d_model, tensor, expected):
+    model = dataclasses.replace(tiny_config().model, d_model=d_model)
+    m = sharding.params_mesh_config(model, tensor, num_devices=devices)
+    assert (m.data, m.fsdp, m.tensor) == expected and m.expert == 1

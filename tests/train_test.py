@@ -64,8 +64,16 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     # Resume with a learning rate that blows the weights up.
     bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=12),
                               opt=dataclasses.replace(cfg.opt, learning_rate=float("inf")))
-    with pytest.raises(train.TrainingError, match=r"loss is nan at step \d+.*last good checkpoint is step 5"):
+    # Step 6 (the first logged step after the resume) is where the weights become non-finite.
+    with pytest.raises(train.TrainingError,
+                       match=r"update at step 6 made the parameters non-finite.*last good checkpoint is step 5"):
         train.train(bad)
+    # Saving every step: step 6's loss is still finite (computed before its update), but the
+    # update is not, and that state must not be written as a checkpoint.
+    every_step = dataclasses.replace(bad, checkpoint=dataclasses.replace(cfg.checkpoint, every=1))
+    with pytest.raises(train.TrainingError,
+                       match=r"update at step 6 made the parameters non-finite.*last good checkpoint is step 5"):
+        train.train(every_step)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir))
     assert checkpointer.all_steps() == [5]
     state, _ = train.restore_or_init(train.setup(cfg), checkpointer)
