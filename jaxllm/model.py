@@ -75,7 +75,9 @@ class Block(nn.Module):
             h, segment_ids_BL, positions_BL, context
         )
         h = layers.RMSNorm(cfg, name="mlp_norm")(x_BLD)
-        x_BLD = x_BLD + mlp(cfg, name="mlp")(h)
+        mlp_layer = mlp(cfg, name="mlp")
+        # An MoE layer also takes the padding mask: padding must not take expert capacity.
+        x_BLD = x_BLD + (mlp_layer(h, segment_ids_BL != 0) if self.moe else mlp_layer(h))
         x_BLD = layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
         # Kept only when "intermediates" is mutable (hidden-state distillation); a no-op otherwise.
         self.sow("intermediates", "hidden", x_BLD)

@@ -49,33 +49,36 @@ def route(logits_TE, moe: MoeConfig):
     return experts_TK, weights_TK, probs_TE
 
 
-def router_sums(logits_TE, probs_TE, experts_TK, num_experts: int):
-    """Per-shard sums from which the losses and metrics are formed once all shards are added up."""
-    counts_E = jnp.sum(jax.nn.one_hot(experts_TK, num_experts, dtype=jnp.float32), axis=(0, 1))
+def router_sums(logits_TE, probs_TE, experts_TK, num_experts: int, valid_T):
+    """Per-shard sums over the valid (non-padding) tokens, from which the losses and metrics are
+    formed once all shards are added up."""
+    w_T = valid_T.astype(jnp.float32)
+    counts_E = jnp.einsum("tke,t->e", jax.nn.one_hot(experts_TK, num_experts, dtype=jnp.float32), w_T)
     entropy_T = -jnp.sum(probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), axis=-1)
     return {
         "counts_E": counts_E,
-        "prob_sum_E": jnp.sum(probs_TE, axis=0),
-        "z_sum": jnp.sum(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1))),
-        "entropy_sum": jnp.sum(entropy_T),
-        "tokens": jnp.asarray(logits_TE.shape[0], jnp.float32),
+        "prob_sum_E": jnp.einsum("te,t->e", probs_TE, w_T),
+        "z_sum": jnp.sum(jnp.square(jax.nn.logsumexp(logits_TE, axis=-1)) * w_T),
+        "entropy_sum": jnp.sum(entropy_T * w_T),
+        "tokens": jnp.sum(w_T),
     }
 
 
 def losses_and_metrics(sums, dropped, num_experts: int, top_k: int):
     """Switch load-balancing loss E·Σ f_i·P_i (1.0 under uniform routing), z-loss and metrics."""
-    copies = sums["tokens"] * top_k
+    tokens = jnp.maximum(sums["tokens"], 1.0)  # a batch of padding only has no routing to score
+    copies = tokens * top_k
     fraction_E = sums["counts_E"] / copies
-    mean_prob_E = sums["prob_sum_E"] / sums["tokens"]
+    mean_prob_E = sums["prob_sum_E"] / tokens
     aux = num_experts * jnp.sum(fraction_E * mean_prob_E)
-    z = sums["z_sum"] / sums["tokens"]
+    z = sums["z_sum"] / tokens
     metrics = {
         "aux_loss": aux,
         "z_loss": z,
         "expert_fraction_max": jnp.max(fraction_E),
         "expert_fraction_min": jnp.min(fraction_E),
         "dropped_fraction": dropped / copies,
-        "router_entropy": sums["entropy_sum"] / sums["tokens"],
+        "router_entropy": sums["entropy_sum"] / tokens,
     }
     return aux, z, metrics
 
@@ -193,28 +196,38 @@ def capacity(tokens: int, moe: MoeConfig) -> int:
     return max(1, math.ceil(moe.top_k * tokens / moe.num_experts * moe.capacity_factor))
 
 
+def row_capacity(valid_tokens_b, moe: MoeConfig):
+    """`capacity` of each row counted over its valid tokens only (traced), so that padding, and
+    with it the padded length and the batchmates, never changes what a row's tokens get."""
+    slots = jnp.ceil(moe.top_k * valid_tokens_b.astype(jnp.float32) / moe.num_experts * moe.capacity_factor)
+    return jnp.maximum(slots, 1.0).astype(jnp.int32)
+
+
 # ---------------------------------------------------------------------------------------------
 # One shard's tokens: route, dispatch, experts (possibly on other devices), combine
 
 
 def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig,
-               expert_axis: str | None = None, num_shards: int = 1):
+               expert_axis: str | None = None, num_shards: int = 1, valid_bL=None):
     """Returns (out [b, L, D], router sums, dropped count) for a shard of b sequences. With
     `expert_axis` (inside shard_map) the expert weights are this device's E/X experts and token
-    copies are exchanged over that axis.
+    copies are exchanged over that axis. `valid_bL` (default: all) marks the tokens that are not
+    padding: only they count in the router losses and metrics and take expert capacity.
 
-    Capacity is per sequence (each row of L tokens is a GShard "group"): which tokens are dropped
-    then depends on the row alone, not on how the batch is split over devices, so every mesh gives
-    the same result."""
+    Capacity is per sequence (each row of L tokens is a GShard "group") and counted over the row's
+    valid tokens: which tokens are dropped then depends on the row's own tokens alone, not on how
+    the batch is split over devices, on the padding or on the other rows."""
     b, L, D = x_bLD.shape
     T = b * L
     E, K = moe.num_experts, moe.top_k
     X = num_shards
     E_local = E // X
     x_TD = x_bLD.reshape(T, D)
+    if valid_bL is None:
+        valid_bL = jnp.ones((b, L), bool)
     logits_TE = jnp.dot(x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
     experts_TK, weights_TK, probs_TE = route(logits_TE, moe)
-    sums = router_sums(logits_TE, probs_TE, experts_TK, E)
+    sums = router_sums(logits_TE, probs_TE, experts_TK, E, valid_bL.reshape(T))
     dtype = x_bLD.dtype
 
     def exchange(buf):
@@ -224,14 +237,17 @@ def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfi
         return jax.lax.all_to_all(buf, expert_axis, 0, 0, tiled=True)
 
     if moe.dispatch == "capacity":
-        C = capacity(L, moe)
+        C = capacity(L, moe)  # the buffer's slots: enough for a row without padding
         # Copies in row-major, then k-major order: within a row, every token's first choice claims
         # a slot before any second choice.
         expert_R = experts_TK.reshape(b, L, K).transpose(0, 2, 1).reshape(-1)
         row_R = jnp.repeat(jnp.arange(b), K * L)
         token_R = row_R * L + jnp.tile(jnp.arange(L), b * K)
-        rank_R, _ = rank_within_group(row_R * E + expert_R, b * E)
-        kept_R = rank_R < C
+        valid_R = valid_bL.reshape(T)[token_R]
+        # Padding copies go to no group: they neither take a slot nor push a real copy back.
+        rank_R, _ = rank_within_group(jnp.where(valid_R, row_R * E + expert_R, b * E), b * E)
+        limit_b = row_capacity(jnp.sum(valid_bL, axis=1), moe)
+        kept_R = valid_R & (rank_R < limit_b[row_R])
         # Expert-major buffer [E, b·C, D] = [X, E_local, b·C, D]: the first axis is the device
         # holding the expert.
         slot_R = jnp.where(kept_R, (expert_R * b + row_R) * C + rank_R, E * b * C)
@@ -242,7 +258,7 @@ def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfi
         back = exchange(local_out.reshape(E_local, X, b * C, D).transpose(1, 0, 2, 3))
         out_RD = back.reshape(E * b * C, D).at[slot_R].get(mode="fill", fill_value=0)
         out_TKD = out_RD.reshape(b, K, L, D).transpose(0, 2, 1, 3).reshape(T, K, D)
-        dropped = jnp.sum(1.0 - kept_R.astype(jnp.float32))
+        dropped = jnp.sum((valid_R & ~kept_R).astype(jnp.float32))
     elif moe.dispatch == "dropless":
         grouped = grouped_swiglu(moe.grouped_matmul)
         expert_R = experts_TK.reshape(-1)
@@ -275,7 +291,7 @@ def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfi
     return out_TD.astype(dtype).reshape(b, L, D), sums, dropped
 
 
-def moe_sharded(x_BLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig, mesh):
+def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig, mesh):
     """The layer under shard_map: sequences split over the batch axes, experts over `expert`.
 
     Expert weights enter with spec P("expert"): fsdp/tensor shards of them are gathered before the
@@ -283,19 +299,20 @@ def moe_sharded(x_BLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConf
     X = mesh.shape["expert"]
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
 
-    def body(x_bLD, router_DE, w_gate, w_up, w_down):
+    def body(x_bLD, valid_bL, router_DE, w_gate, w_up, w_down):
         out_bLD, sums, dropped = moe_tokens(
             x_bLD, router_DE, w_gate, w_up, w_down, moe,
-            expert_axis="expert" if X > 1 else None, num_shards=X)
+            expert_axis="expert" if X > 1 else None, num_shards=X, valid_bL=valid_bL)
         sums, dropped = jax.lax.psum((sums, dropped), batch_axes)
         return out_bLD, sums, dropped
 
     expert_spec = P("expert", None, None)  # a prefix: also covers an int8 kernel's values and scales
     return jax.shard_map(
         body, mesh=mesh,
-        in_specs=(P(batch_axes, None, None), P(None, None), expert_spec, expert_spec, expert_spec),
+        in_specs=(P(batch_axes, None, None), P(batch_axes, None), P(None, None),
+                  expert_spec, expert_spec, expert_spec),
         out_specs=(P(batch_axes, None, None), P(), P()),
-    )(x_BLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD)
+    )(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def batch_shards(mesh) -> int:
@@ -303,13 +320,14 @@ def batch_shards(mesh) -> int:
 
 
 class MoeMlp(nn.Module):
-    """Drop-in replacement for layers.Mlp (same call signature). Sows its weighted losses into the
-    "losses" collection and its metrics into "metrics" (read by `collect`)."""
+    """Drop-in replacement for layers.Mlp (same call signature, plus the optional mask of the
+    tokens that are not padding). Sows its weighted losses into the "losses" collection and its
+    metrics into "metrics" (read by `collect`)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD):
+    def __call__(self, x_BLD, valid_BL=None):
         cfg, moe = self.cfg, self.cfg.moe
         E, D = moe.num_experts, cfg.d_model
         F = moe.expert_dim or cfg.mlp_dim
@@ -330,10 +348,14 @@ class MoeMlp(nn.Module):
         mesh = jax.sharding.get_abstract_mesh()
         B = x_BLD.shape[0]
         shards = batch_shards(mesh)
+        if valid_BL is None:
+            valid_BL = jnp.ones(x_BLD.shape[:2], bool)
         if shards > 1 and B % shards == 0 and not self.is_initializing():
-            out_BLD, sums, dropped = moe_sharded(x_in, router_DE, w_gate, w_up, w_down, moe=moe, mesh=mesh)
+            out_BLD, sums, dropped = moe_sharded(x_in, valid_BL, router_DE, w_gate, w_up, w_down,
+                                                 moe=moe, mesh=mesh)
         else:
-            out_BLD, sums, dropped = moe_tokens(x_in, router_DE, w_gate, w_up, w_down, moe)
+            out_BLD, sums, dropped = moe_tokens(x_in, router_DE, w_gate, w_up, w_down, moe,
+                                                valid_bL=valid_BL)
         aux, z, metrics = losses_and_metrics(sums, dropped, E, moe.top_k)
         self.sow("losses", "moe", moe.aux_loss_weight * aux + moe.z_loss_weight * z)
         for name, value in metrics.items():

@@ -39,17 +39,20 @@ def layer_inputs(batch=8, length=16, seed=1):
     return jax.random.normal(jax.random.key(seed), (batch, length, D), jnp.float32)
 
 
-def run_layer(cfg, params, x, mesh):
+def run_layer(cfg, params, x, mesh, valid=None):
     """Output, summed sown loss, metrics and the gradients of a scalar function of the output with
-    respect to the params and the input, on `mesh` with the params in their rule shardings."""
+    respect to the params and the input, on `mesh` with the params in their rule shardings.
+    `valid` [B, L] marks the tokens that are not padding (default: all)."""
     model = moe.MoeMlp(cfg)
     shardings = sharding.state_shardings(layer_params(cfg)[0], mesh)
     placed = jax.device_put(params, shardings)
-    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES)))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+    x = jax.device_put(x, rows)
+    valid = jax.device_put(jnp.ones(x.shape[:2], bool) if valid is None else valid, rows)
     probe = jax.random.normal(jax.random.key(7), x.shape)
 
     def loss(params, x):
-        out, variables = model.apply({"params": params}, x, mutable=["losses", "metrics"])
+        out, variables = model.apply({"params": params}, x, valid, mutable=["losses", "metrics"])
         router_loss, metrics = moe.collect(variables)
         return jnp.sum(out * probe) + router_loss, (out, router_loss, metrics)
 
@@ -72,15 +75,16 @@ EXPERT_MESHES = {
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
 def test_expert_parallel_layer_equals_single_device(dispatch):
     # capacity_factor 1.0 with the sharpened router drops tokens, so the capacity case also checks
-    # that the dropping does not depend on the mesh.
+    # that the dropping does not depend on the mesh. Some rows end in padding.
     cfg = layer_config(dispatch=dispatch, capacity_factor=1.0)
     _, params = layer_params(cfg)
     x = layer_inputs()
-    want = run_layer(cfg, params, x, sharding.make_mesh(SINGLE, jax.devices()[:1]))
+    valid = jnp.arange(x.shape[1])[None, :] < jnp.asarray([16, 16, 12, 16, 5, 16, 16, 9])[:, None]
+    want = run_layer(cfg, params, x, sharding.make_mesh(SINGLE, jax.devices()[:1]), valid)
     if dispatch == "capacity":
         assert want[0][2]["moe/dropped_fraction"][0] > 0.02, "the test should drop tokens"
     for name, mesh_cfg in EXPERT_MESHES.items():
-        got = run_layer(cfg, params, x, sharding.make_mesh(mesh_cfg))
+        got = run_layer(cfg, params, x, sharding.make_mesh(mesh_cfg), valid)
         try:
             assert_trees_close(got, want)
         except AssertionError as e:
@@ -145,6 +149,32 @@ def test_capacity_drops_exactly_the_copies_a_hand_built_routing_drops():
     assert both.any(), "the routing should drop some token entirely"
     np.testing.assert_array_equal(np.asarray(out)[both], 0.0)
     assert np.all(np.abs(np.asarray(out)[kept.all(-1)]).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_padding_takes_no_capacity_and_changes_nothing_for_the_real_tokens(dispatch):
+    """A row's real tokens get the same output, losses and metrics alone, left- or right-padded,
+    and next to another row: padding neither claims expert slots nor counts in the router sums
+    (before, identical padding vectors all chose the same experts and filled them)."""
+    cfg = layer_config(dispatch=dispatch, capacity_factor=1.0)
+    _, params = layer_params(cfg)
+    model = moe.MoeMlp(cfg)
+    apply = jax.jit(lambda x, valid: model.apply({"params": params}, x, valid, mutable=["metrics"]))
+    real = layer_inputs(batch=1, length=8, seed=3)
+    pad = jnp.broadcast_to(layer_inputs(batch=1, length=1, seed=4), (1, 8, D))
+    alone, alone_vars = apply(real, jnp.ones((1, 8), bool))
+    if dispatch == "capacity":
+        assert float(alone_vars["metrics"]["dropped_fraction"][0]) > 0, "the test should drop tokens"
+    real_first = jnp.arange(16)[None] < 8
+    for x, valid, where in ((jnp.concatenate([pad, real], 1), ~real_first, slice(8, 16)),
+                            (jnp.concatenate([real, pad], 1), real_first, slice(0, 8))):
+        out, variables = apply(x, valid)
+        np.testing.assert_allclose(out[:, where], alone, rtol=1e-6, atol=1e-6)
+        assert_trees_close(variables["metrics"], alone_vars["metrics"])
+    other = layer_inputs(batch=1, length=16, seed=5)
+    out, _ = apply(jnp.concatenate([jnp.concatenate([pad, real], 1), other]),
+                   jnp.concatenate([~real_first, jnp.ones((1, 16), bool)]))
+    np.testing.assert_allclose(out[:1, 8:], alone, rtol=1e-6, atol=1e-6)
 
 
 def test_aux_loss_is_one_under_uniform_routing_and_counts_imbalance():
