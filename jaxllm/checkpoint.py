@@ -94,6 +94,13 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def holds_checkpoints(workdir: str) -> bool:
+    """Whether `workdir` already has anything under checkpoints/ (a tool writing a new run there
+    would replace its config and let keep-last-K clean-up delete its checkpoints)."""
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and bool(os.listdir(directory))
+
+
 def read_config_json(workdir: str) -> dict:
     """The config a run was started with (written to <workdir>/config.json at start)."""
     path = os.path.join(workdir, "config.json")

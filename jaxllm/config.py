@@ -290,7 +290,7 @@ def _parse_value(raw: str, typ: Any, key: str) -> Any:
                 return ()
             (item_type, *_) = typing.get_args(typ) or (str,)
             return tuple(_parse_value(str(v), item_type, key) for v in _tuple_items(raw))
-    except (ValueError, SyntaxError, TypeError) as e:
+    except (ValueError, SyntaxError) as e:
         raise ConfigError(f"cannot parse {key}={raw!r} as {getattr(typ, '__name__', typ)}") from e
     raise ConfigError(f"{key} has unsupported type {typ}")
 

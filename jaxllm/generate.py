@@ -263,17 +263,16 @@ class Generator:
         return results
 
 
-def load_params(workdir: str, mesh_cfg: config_lib.MeshConfig | None = None, return_step: bool = False,
-                tensor: int = 1):
+def load_params(workdir: str, return_step: bool = False, tensor: int = 1):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
-    devices (`mesh_cfg`, or else `sharding.params_mesh_config` with `tensor`). Returns (config, params)
+    devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config, params)
     (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
     `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
     from jaxllm import quantize, train
 
     cfg = config_lib.from_dict(Config, ckpt.read_config_json(workdir))
-    mesh = sharding.make_mesh(mesh_cfg or sharding.params_mesh_config(cfg.model, tensor))
+    mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model, tensor))
     s = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size)), mesh)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
     try:

@@ -207,12 +207,11 @@ def row_capacity(valid_tokens_b, moe: MoeConfig):
 # One shard's tokens: route, dispatch, experts (possibly on other devices), combine
 
 
-def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig,
-               expert_axis: str | None = None, num_shards: int = 1, valid_bL=None):
+def moe_tokens(x_bLD, valid_bL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig,
+               expert_axis: str | None = None, num_shards: int = 1):
     """Returns (out [b, L, D], router sums, dropped count) for a shard of b sequences. With
     `expert_axis` (inside shard_map) the expert weights are this device's E/X experts and token
-    copies are exchanged over that axis. `valid_bL` (default: all) marks the tokens that are not
-    padding: only they count in the router losses and metrics and take expert capacity.
+    copies are exchanged over that axis. `valid_bL` marks the tokens that are not padding: only they count in the router losses and metrics and take expert capacity.
 
     Capacity is per sequence (each row of L tokens is a GShard "group") and counted over the row's
     valid tokens: which tokens are dropped then depends on the row's own tokens alone, not on how
@@ -223,8 +222,6 @@ def moe_tokens(x_bLD, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfi
     X = num_shards
     E_local = E // X
     x_TD = x_bLD.reshape(T, D)
-    if valid_bL is None:
-        valid_bL = jnp.ones((b, L), bool)
     logits_TE = jnp.dot(x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
     experts_TK, weights_TK, probs_TE = route(logits_TE, moe)
     sums = router_sums(logits_TE, probs_TE, experts_TK, E, valid_bL.reshape(T))
@@ -301,8 +298,8 @@ def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, mo
 
     def body(x_bLD, valid_bL, router_DE, w_gate, w_up, w_down):
         out_bLD, sums, dropped = moe_tokens(
-            x_bLD, router_DE, w_gate, w_up, w_down, moe,
-            expert_axis="expert" if X > 1 else None, num_shards=X, valid_bL=valid_bL)
+            x_bLD, valid_bL, router_DE, w_gate, w_up, w_down, moe,
+            expert_axis="expert" if X > 1 else None, num_shards=X)
         sums, dropped = jax.lax.psum((sums, dropped), batch_axes)
         return out_bLD, sums, dropped
 
@@ -354,8 +351,7 @@ class MoeMlp(nn.Module):
             out_BLD, sums, dropped = moe_sharded(x_in, valid_BL, router_DE, w_gate, w_up, w_down,
                                                  moe=moe, mesh=mesh)
         else:
-            out_BLD, sums, dropped = moe_tokens(x_in, router_DE, w_gate, w_up, w_down, moe,
-                                                valid_bL=valid_BL)
+            out_BLD, sums, dropped = moe_tokens(x_in, valid_BL, router_DE, w_gate, w_up, w_down, moe)
         aux, z, metrics = losses_and_metrics(sums, dropped, E, moe.top_k)
         self.sow("losses", "moe", moe.aux_loss_weight * aux + moe.z_loss_weight * z)
         for name, value in metrics.items():

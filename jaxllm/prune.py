@@ -66,10 +66,7 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
     cfg = prune_config(config_lib.from_dict(Config, ckpt.read_config_json(workdir)), args)
     if os.path.abspath(out) == os.path.abspath(workdir):
         raise ConfigError("--out must differ from --workdir (the original checkpoint is kept)")
-    # Writing into another run would replace its config.json and let the checkpoint manager's
-    # keep-last-K clean-up delete that run's own checkpoints.
-    out_checkpoints = ckpt.checkpoint_dir(out)
-    if os.path.isdir(out_checkpoints) and os.listdir(out_checkpoints):
+    if ckpt.holds_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; choose a new --out directory")
     mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model))
     if cfg.train.batch_size % mesh.size:

@@ -177,7 +177,7 @@ def quantize_workdir(workdir: str, out: str) -> dict:
 
     if os.path.abspath(out) == os.path.abspath(workdir):
         raise QuantizationError("--out must differ from --workdir (the float checkpoint is kept)")
-    if os.path.exists(ckpt.checkpoint_dir(out)) and os.listdir(ckpt.checkpoint_dir(out)):
+    if ckpt.holds_checkpoints(out):
         raise QuantizationError(f"{out} already holds checkpoints; choose an empty --out")
     ckpt.read_config_json(workdir)  # a clear error if workdir is not a run directory
     if checkpoint_quantization(workdir) is not None:
