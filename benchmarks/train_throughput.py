@@ -37,7 +37,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 
-import tiny_lm  # noqa: E402  (found through the sys.path entry above)
+import small_lm  # noqa: E402  (found through the sys.path entry above)
+import tiny_lm  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
 from jaxllm import flops, sharding, train  # noqa: E402
@@ -56,7 +57,14 @@ def d512_config() -> config_lib.Config:
     )
 
 
-CONFIGS = {"tiny": tiny_lm.get_config, "d512": d512_config}
+def small_per_device_config() -> config_lib.Config:
+    """small_lm (~100M parameters, bfloat16, remat save_dots, seq_len 1024) with one device's
+    share of its 256-row batch on an 8-device mesh: for a single accelerator."""
+    base = small_lm.get_config()
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=32))
+
+
+CONFIGS = {"tiny": tiny_lm.get_config, "d512": d512_config, "small": small_per_device_config}
 
 
 def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int, vocab: int = 259):

@@ -56,6 +56,10 @@ class ModelConfig:
     mlp_dim: int = 704
     mlp_kind: str = "swiglu"  # key of model.MLP_KINDS
     attention_kind: str = "dot_product"  # key of layers.ATTENTION_KINDS
+    # How training's causal self-attention is computed: "xla" (portable einsums and a masked
+    # softmax, on every backend) or "cudnn" (cuDNN's fused flash attention; NVIDIA GPUs with
+    # bfloat16/float16 compute only). Cached decoding always uses the XLA path.
+    attention_impl: str = "xla"
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
@@ -396,6 +400,13 @@ def validate(cfg: Config) -> None:
         )
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
+    if m.attention_impl not in ("xla", "cudnn"):
+        raise ConfigError(f"model.attention_impl={m.attention_impl!r}; choose xla or cudnn")
+    if m.attention_impl == "cudnn" and m.dtype == "float32":
+        raise ConfigError(
+            "model.attention_impl=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused "
+            "attention has no float32 kernel); set model.dtype=bfloat16 or model.attention_impl=xla"
+        )
     if cfg.checkpoint.keep < 1:
         # orbax would delete every checkpoint as soon as it is written.
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1 "

@@ -341,6 +341,25 @@ def dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, c
     return jnp.concatenate(outs, axis=1)
 
 
+def fused_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, implementation="cudnn"):
+    """Causal self-attention through cuDNN's fused (flash) kernel: the same function as
+    `dot_product_attention(..., causal_self=True)`, without the [L, S] scores in memory.
+
+    The kernel applies the causal mask itself and skips the blocks above the diagonal; the
+    document and padding structure comes in as a boolean mask (cuDNN turns it into a large
+    negative bias). A query with no visible key (padding) gets the kernel's uniform average, so it
+    is zeroed afterwards, as the XLA path's masked softmax does. `implementation="xla"` runs the
+    same wrapper through jax's reference attention (how it is tested without a GPU)."""
+    B, L, N, G, K = q_BLNGK.shape
+    mask_B1LS = bias_B11LS[:, 0] == 0
+    out_BLHK = jax.nn.dot_product_attention(
+        q_BLNGK.reshape(B, L, N * G, K), k_BSNK, v_BSNK, mask=mask_B1LS, is_causal=True,
+        implementation=implementation,
+    )
+    has_keys_BL11 = has_keys_B11L1[:, 0, 0, :, :, None].astype(out_BLHK.dtype)
+    return (out_BLHK * has_keys_BL11).reshape(B, L, N, G, K)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads, RoPE and an optional KV cache.
 
@@ -388,6 +407,9 @@ class Attention(nn.Module):
 
         if self.decode:
             out_BLNGK = self._attend_cached(q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL)
+        elif cfg.attention_impl == "cudnn" and context.causal_self_attention:
+            out_BLNGK = fused_attention(q_BLNGK, k_BLNK, v_BLNK, context.attention_bias,
+                                        context.query_has_keys)
         else:
             out_BLNGK = dot_product_attention(
                 q_BLNGK, k_BLNK, v_BLNK, context.attention_bias, context.query_has_keys,

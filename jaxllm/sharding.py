@@ -125,6 +125,17 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
                 f"{name}={value} is not divisible by the {axis} mesh axis ({size}); change "
                 f"{name} or the mesh"
             )
+    check_attention_backend(m, mesh)
+
+
+def check_attention_backend(model_cfg, mesh: Mesh) -> None:
+    """cuDNN attention runs only on NVIDIA GPUs; say so before anything compiles."""
+    platform = mesh.devices.flat[0].platform
+    if model_cfg.attention_impl == "cudnn" and platform != "gpu":
+        raise ConfigError(
+            f"model.attention_impl=cudnn needs NVIDIA GPUs, but the mesh's devices are {platform}; "
+            "set model.attention_impl=xla"
+        )
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh):

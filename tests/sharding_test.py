@@ -97,6 +97,12 @@ def test_batch_not_divisible_by_data_axes_is_a_clear_error():
         train.setup(cfg)
 
 
+def test_cudnn_attention_off_gpu_is_a_clear_error():
+    cfg = C.override(tiny_config(), ["model.dtype=bfloat16", "model.attention_impl=cudnn"])
+    with pytest.raises(C.ConfigError, match="attention_impl=cudnn needs NVIDIA GPUs, but the mesh's devices are cpu"):
+        train.setup(cfg)
+
+
 def test_expert_width_not_divisible_by_tensor_is_a_clear_error():
     cfg = tiny_config()
     moe = C.MoeConfig(num_experts=4, top_k=2, expert_dim=65)
