@@ -2,6 +2,11 @@
 fsdp and tensor sharding and bfloat16 compute.
 
     python experiments/small_lm.py mesh.fsdp=4 mesh.tensor=2      # 8 devices
+    python experiments/small_lm.py model.attention_impl=cudnn     # on NVIDIA GPUs
+
+On one H100 (32 rows of 1024 tokens a step, benchmarks/train_throughput.py --configs small): MFU
+0.198 with the XLA attention, 0.307 with cuDNN's fused attention, 0.391 with cuDNN and
+model.remat=none (13 GB at that batch).
 
 Parameters: see README (counted by tests/experiments_test.py).
 """

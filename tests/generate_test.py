@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import jax
+from jax.experimental import io_callback
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,7 +66,11 @@ def test_generation_stops_at_eos_per_sequence(monkeypatch):
     import flax.linen as nn
     params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     scripted = iter([[7, 7], [data.EOS_ID, 8], [9, 9], [10, data.EOS_ID], [11, 11]])
-    monkeypatch.setattr(generate, "choose_tokens", lambda *_: jnp.array(next(scripted), jnp.int32))
+    # The sampler runs inside the jitted decode program: script it with a host callback, which
+    # runs once per generated token.
+    scripted_tokens = lambda *_: io_callback(
+        lambda: np.asarray(next(scripted), np.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+    monkeypatch.setattr(generate, "choose_tokens", scripted_tokens)
     gen = generate.Generator(cfg)
     out = gen.generate(params, [[data.BOS_ID, 1], [data.BOS_ID, 2, 3]],
                        generate.SamplingConfig(max_new_tokens=10), jax.random.key(0))
