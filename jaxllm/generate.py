@@ -285,15 +285,25 @@ class Generator:
         return results
 
 
+def portable_config(cfg: Config) -> Config:
+    """`cfg` with the computation choices this machine cannot run replaced by portable ones: a
+    run trained with cuDNN attention on GPUs is evaluated and sampled elsewhere with the XLA
+    attention, which computes the same function (the params do not depend on the choice)."""
+    if cfg.model.attention_impl == "cudnn" and jax.devices()[0].platform != "gpu":
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
+    return cfg
+
+
 def load_params(workdir: str, return_step: bool = False, tensor: int = 1):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
     devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config, params)
+    (the config through `portable_config`)
     (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
     `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
     from jaxllm import quantize, train
 
-    cfg = config_lib.from_dict(Config, ckpt.read_config_json(workdir))
+    cfg = portable_config(config_lib.from_dict(Config, ckpt.read_config_json(workdir)))
     mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model, tensor))
     s = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size)), mesh)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)

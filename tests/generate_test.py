@@ -172,3 +172,32 @@ def test_sharded_decoding_equals_single_device(quantized):
         key = cache[f"block_{i}"]["attn"]["key"]
         rows, S, K = key.shape
         assert key.sharding.shard_shape(key.shape) == (rows // 8, S, K)
+
+
+def test_a_run_trained_with_cudnn_attention_loads_and_samples_off_gpu(tmp_path):
+    """cuDNN attention is a computation choice, not part of the model: on CPU the loaded config
+    switches to the XLA attention, so both the cached path and the full forward (which would
+    otherwise call cuDNN) run."""
+    import json
+
+    from jaxllm import config as C
+
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config(workdir=workdir)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1, eval_every=100),
+                              checkpoint=C.CheckpointConfig(every=1, async_save=False))
+    train.train(cfg, log=lambda record: None)
+    with open(f"{workdir}/config.json") as f:
+        saved = json.load(f)
+    saved["model"].update(attention_impl="cudnn", dtype="bfloat16")  # as a GPU run writes it
+    with open(f"{workdir}/config.json", "w") as f:
+        json.dump(saved, f)
+
+    loaded_cfg, params = generate.load_params(workdir)
+    assert loaded_cfg.model.attention_impl == "xla" and loaded_cfg.model.dtype == "bfloat16"
+    gen = generate.Generator(loaded_cfg.model)
+    sampling = generate.SamplingConfig(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    prompt = [[data.BOS_ID, *data.encode("def ").tolist()]]
+    cached = gen.generate(params, prompt, sampling, jax.random.key(0))
+    recomputed = gen.generate(params, prompt, sampling, jax.random.key(0), use_cache=False)
+    assert len(cached[0]) == len(recomputed[0]) == 4
