@@ -1,7 +1,7 @@
 """Sampling with a KV cache: one prefill over the (left- or right-padded) prompts, then one jitted
-program per new token (decode step and sampling together). Greedy, temperature, top-k and top-p; batched prompts of different
-lengths; each sequence stops at EOS; optionally sharded over a mesh's batch and tensor axes; float
-or int8-quantized params (jaxllm.quantize).
+program per new token (decode step and sampling together). Greedy, temperature, top-k and top-p;
+batched prompts of different lengths; each sequence stops at EOS; optionally sharded over a mesh's
+batch and tensor axes; float or int8-quantized params (jaxllm.quantize).
 
     python -m jaxllm.generate --workdir runs/tiny_lm --prompt "def "
 
@@ -296,9 +296,8 @@ def portable_config(cfg: Config) -> Config:
 
 def load_params(workdir: str, return_step: bool = False, tensor: int = 1):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
-    devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config, params)
-    (the config through `portable_config`)
-    (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
+    devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config, params), the
+    config passed through `portable_config` (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
     `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
     from jaxllm import quantize, train
