@@ -21,12 +21,13 @@ def _reference_attention(q_BLNGK, k_BSNK, v_BSNK, mask_BLS):
     return jnp.einsum("bngls,bsnk->blngk", probs, v_BSNK)
 
 
-def test_blocked_causal_attention_equals_full_masked_softmax_with_gradients():
-    B, L, N, G, K = 2, 128, 2, 2, 16
-    assert L // layers.CAUSAL_QUERY_BLOCKS >= layers.MIN_QUERY_BLOCK  # the block path is taken
-    batch = packed_batch(batch_size=B, seq_len=L, seed=4)  # two documents and padding per row
-    segment_ids = jnp.asarray(batch["segment_ids"])
-    rng = np.random.default_rng(0)
+def _check_attention_against_reference(attend, shape_BLNGK, seed):
+    """`attend(q, k, v, bias, has_keys)` on packed rows (two documents and padding each) matches
+    the reference attention, values and gradients."""
+    B, L, N, G, K = shape_BLNGK
+    segment_ids = jnp.asarray(packed_batch(batch_size=B, seq_len=L, seed=seed)["segment_ids"])
+    assert (segment_ids == 0).any()  # rows without visible keys are exercised
+    rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                for s in [(B, L, N, G, K), (B, L, N, K), (B, L, N, K)])
     index = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -34,7 +35,7 @@ def test_blocked_causal_attention_equals_full_masked_softmax_with_gradients():
     bias, has_keys = layers.attention_bias(mask)
 
     def fast(q, k, v):
-        return layers.dot_product_attention(q, k, v, bias, has_keys, causal_self=True)
+        return attend(q, k, v, bias, has_keys)
 
     def reference(q, k, v):
         return _reference_attention(q, k, v, mask)
@@ -47,33 +48,20 @@ def test_blocked_causal_attention_equals_full_masked_softmax_with_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_blocked_causal_attention_equals_full_masked_softmax_with_gradients():
+    shape = (2, 128, 2, 2, 16)
+    assert shape[1] // layers.CAUSAL_QUERY_BLOCKS >= layers.MIN_QUERY_BLOCK  # the block path is taken
+    _check_attention_against_reference(
+        lambda q, k, v, bias, has_keys: layers.dot_product_attention(q, k, v, bias, has_keys, causal_self=True),
+        shape, seed=4)
+
+
 def test_fused_attention_wrapper_equals_masked_softmax_with_gradients():
     """The cuDNN path's wrapper (boolean mask, GQA head layout, empty rows zeroed), run through
     jax's reference implementation since there is no GPU here; on a GPU benchmarks/attention.py
     compares the cuDNN kernel itself with the XLA path."""
-    B, L, N, G, K = 2, 64, 2, 3, 16
-    batch = packed_batch(batch_size=B, seq_len=L, seed=5)  # two documents and padding per row
-    segment_ids = jnp.asarray(batch["segment_ids"])
-    assert (segment_ids == 0).any()  # rows without visible keys are exercised
-    rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-               for s in [(B, L, N, G, K), (B, L, N, K), (B, L, N, K)])
-    index = jnp.broadcast_to(jnp.arange(L), (B, L))
-    mask = layers.attention_mask(segment_ids, segment_ids, index, index)
-    bias, has_keys = layers.attention_bias(mask)
-
-    def fused(q, k, v):
-        return layers.fused_attention(q, k, v, bias, has_keys, implementation="xla")
-
-    def reference(q, k, v):
-        return _reference_attention(q, k, v, mask)
-
-    np.testing.assert_allclose(fused(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-5)
-    weights = jnp.asarray(rng.standard_normal((B, L, N, G, K)), jnp.float32)
-    g_fused = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(lambda *a: jnp.sum(reference(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(g_fused, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    _check_attention_against_reference(
+        lambda *args: layers.fused_attention(*args, implementation="xla"), (2, 64, 2, 3, 16), seed=5)
 
 
 def test_projection_matches_tensordot_and_its_gradients():
