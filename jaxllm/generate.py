@@ -183,8 +183,8 @@ class Generator:
         logits, cache = self.forward(params, cache, tokens_B[:, None], ones, positions_B[:, None])
         return logits[:, 0], cache
 
-    @functools.partial(jax.jit, static_argnums=(0, 3))
-    def choose(self, logits_BV, rng, sampling: SamplingConfig, done_B):
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def choose(self, sampling: SamplingConfig, logits_BV, done_B, rng):
         """The next token of every row from its logits (padding for rows already done), the rows
         done after it, and the advanced rng."""
         rng, step_rng = jax.random.split(rng)
@@ -201,7 +201,7 @@ class Generator:
         (on a GPU, where the step of a small model takes well under a millisecond, running the
         sampling as separate eager ops doubled the time per token)."""
         logits_BV, cache = self.decode_step(params, cache, tokens_B, positions_B)
-        tokens_B, done_B, rng = self.choose(logits_BV, rng, sampling, done_B)
+        tokens_B, done_B, rng = self.choose(sampling, logits_BV, done_B, rng)
         return tokens_B, positions_B + 1, done_B, rng, cache
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -246,7 +246,7 @@ class Generator:
         out = np.full((B, sampling.max_new_tokens), data.PAD_ID, np.int32)
         done = np.zeros(B, bool)
         done[n_prompts:] = True  # the filler rows
-        tokens_B, done_B, rng = self._run(self.choose, last_logits, rng, sampling, self._place(done))
+        tokens_B, done_B, rng = self._run(self.choose, sampling, last_logits, self._place(done), rng)
         positions_B = self._place(next_position)
         for t in range(sampling.max_new_tokens):
             new_tokens = np.asarray(tokens_B)  # already padding where the row was done
@@ -273,7 +273,7 @@ class Generator:
                 last_slot = np.full(B, slot, np.int32)
                 last_logits = self._run(self.recompute_step, params, *map(
                     self._place, (buf_tokens, buf_segments, buf_positions, last_slot)))
-                tokens_B, done_B, rng = self._run(self.choose, last_logits, rng, sampling, done_B)
+                tokens_B, done_B, rng = self._run(self.choose, sampling, last_logits, done_B, rng)
             next_position = next_position + 1
         self.last_timings = timings
         results = []
@@ -297,8 +297,9 @@ def portable_config(cfg: Config) -> Config:
 def load_params(workdir: str, return_step: bool = False, tensor: int = 1):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
     devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config, params), the
-    config passed through `portable_config` (and the checkpoint's step with `return_step`). An int8-quantized checkpoint (written by
-    `python -m jaxllm.quantize`) comes back quantized, sharded like the float params would be."""
+    config passed through `portable_config` (and the checkpoint's step with `return_step`). An
+    int8-quantized checkpoint (written by `python -m jaxllm.quantize`) comes back quantized,
+    sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
     from jaxllm import quantize, train
 

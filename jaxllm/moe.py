@@ -211,7 +211,8 @@ def moe_tokens(x_bLD, valid_bL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe
                expert_axis: str | None = None, num_shards: int = 1):
     """Returns (out [b, L, D], router sums, dropped count) for a shard of b sequences. With
     `expert_axis` (inside shard_map) the expert weights are this device's E/X experts and token
-    copies are exchanged over that axis. `valid_bL` marks the tokens that are not padding: only they count in the router losses and metrics and take expert capacity.
+    copies are exchanged over that axis. `valid_bL` marks the tokens that are not padding: only
+    they count in the router losses and metrics and take expert capacity.
 
     Capacity is per sequence (each row of L tokens is a GShard "group") and counted over the row's
     valid tokens: which tokens are dropped then depends on the row's own tokens alone, not on how
