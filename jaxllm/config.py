@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import os
 import re
 import typing
 from typing import Any, Sequence
@@ -125,7 +126,7 @@ class DataConfig:
     data_dir: str = ""  # "" means $JAXLLM_DATA_DIR or ~/.cache/jaxllm/tensorflow_datasets
     text_feature: str = "text"
     train_split: str = "train"
-    eval_split: str = "validation"
+    eval_split: str = "validation"  # empty: train without evaluation
     eval_fraction: float = 0.05  # share of local files held out for validation
     seed: int = 0
 
@@ -294,7 +295,7 @@ def _parse_value(raw: str, typ: Any, key: str) -> Any:
                 return ()
             (item_type, *_) = typing.get_args(typ) or (str,)
             return tuple(_parse_value(str(v), item_type, key) for v in _tuple_items(raw))
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, OverflowError) as e:
         raise ConfigError(f"cannot parse {key}={raw!r} as {getattr(typ, '__name__', typ)}") from e
     raise ConfigError(f"{key} has unsupported type {typ}")
 
@@ -356,6 +357,15 @@ def to_json(cfg: Config) -> str:
 def validate(cfg: Config) -> None:
     """Checks that do not need devices; mesh-dependent checks live in sharding.py."""
     m, t = cfg.model, cfg.train
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    for name in ("num_kv_heads", "head_dim"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0 (0: the default), got {getattr(m, name)}")
+    for name in ("num_experts", "expert_dim", "num_shared", "shared_dim"):
+        if getattr(m.moe, name) < 0:
+            raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(m.moe, name)}")
     if m.d_model % m.num_heads and not m.head_dim:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
@@ -391,7 +401,7 @@ def validate(cfg: Config) -> None:
             )
         if moe.capacity_factor <= 0:
             raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
-    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum"):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:
@@ -441,6 +451,14 @@ def validate_distill(cfg: Config) -> None:
         )
     if not d.enabled:
         return
+    # Sharing a directory, the student would resume from the teacher's checkpoints (or fail on
+    # its config) and its keep-last-K clean-up would delete them.
+    teacher_dir = os.path.realpath(d.teacher_workdir)
+    if teacher_dir in (os.path.realpath(cfg.workdir), os.path.realpath(os.path.join(cfg.workdir, "checkpoints"))):
+        raise ConfigError(
+            f"distill.teacher_workdir={d.teacher_workdir} is the student's own workdir "
+            f"({cfg.workdir}); give the student (workdir=...) or the teacher a directory of its own"
+        )
     try:  # the teacher's architecture must be valid on its own
         validate(dataclasses.replace(cfg, model=d.teacher, distill=DistillConfig()))
     except ConfigError as e:

@@ -212,7 +212,7 @@ def prepare_text_files(
     if len(files) < 2 and eval_fraction > 0:
         raise ConfigError(
             f"{name}: only {len(files)} file(s) under {root}; a validation split needs at least "
-            "two files: add files or set data.eval_fraction=0"
+            "two files: add files, or train without evaluation: data.eval_fraction=0 data.eval_split="
         )
     safe_name = re.sub(r"[^\w.+-]", "_", name)
     config_name = f"{safe_name}-{_fingerprint(root, files, eval_fraction)}"
@@ -342,7 +342,7 @@ def _open(cfg: DataConfig, split: str) -> tuple[Documents, str | None]:
             raise ConfigError(
                 f"no split {split!r} in {cfg.dataset} dataset {builder.data_path} (splits: "
                 f"{sorted(builder.info.splits.keys())}; validation exists when "
-                "data.eval_fraction > 0)"
+                "data.eval_fraction > 0; an empty data.eval_split= trains without evaluation)"
             ) from e
         text_feature, cache = "text", str(builder.data_path)
     else:
@@ -501,5 +501,7 @@ def train_batches(cfg: Config) -> Batches:
 
 
 def eval_batches(cfg: Config) -> Batches:
+    if not cfg.data.eval_split:
+        raise ConfigError("data.eval_split is empty (evaluation off); set it to a split to evaluate on")
     t = cfg.train
     return Batches(cfg.data, cfg.data.eval_split, t.seq_len, t.batch_size, shuffle=False)

@@ -198,8 +198,10 @@ def restore_teacher(cfg: Config, mesh: jax.sharding.Mesh):
         saved_model = checkpointer.restore_meta(step).get("config", {}).get("model")
         if saved_model is not None:
             saved = config_lib.from_dict(config_lib.ModelConfig, saved_model)
-            # Layout options (scan, remat, dtype) change no parameter; the rest must agree.
-            layout = dict(scan_layers=d.teacher.scan_layers, remat=d.teacher.remat, dtype=d.teacher.dtype)
+            # Layout and kernel options (scan, remat, dtype, attention kernel) change no
+            # parameter; the rest must agree.
+            layout = dict(scan_layers=d.teacher.scan_layers, remat=d.teacher.remat, dtype=d.teacher.dtype,
+                          attention_impl=d.teacher.attention_impl)
             if dataclasses.replace(saved, **layout) != d.teacher:
                 diff = {
                     k: (v, getattr(d.teacher, k))

@@ -297,7 +297,8 @@ def portable_config(cfg: Config) -> Config:
 def load_params(workdir: str, return_step: bool = False, tensor: int = 1):
     """Restores only the params of the latest checkpoint in `workdir` onto a mesh of the local
     devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config, params), the
-    config passed through `portable_config` (and the checkpoint's step with `return_step`). An
+    config passed through `portable_config` and `train.inference_config`, ready to evaluate
+    on that mesh (and the checkpoint's step with `return_step`). An
     int8-quantized checkpoint (written by `python -m jaxllm.quantize`) comes back quantized,
     sharded like the float params would be."""
     from jaxllm import checkpoint as ckpt
@@ -305,7 +306,8 @@ def load_params(workdir: str, return_step: bool = False, tensor: int = 1):
 
     cfg = portable_config(config_lib.from_dict(Config, ckpt.read_config_json(workdir)))
     mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model, tensor))
-    s = train.setup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size)), mesh)
+    cfg = train.inference_config(cfg, mesh)
+    s = train.setup(cfg, mesh)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
     try:
         step = checkpointer.latest_step()

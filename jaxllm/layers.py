@@ -246,11 +246,6 @@ def apply_rotary(x_BLNK, sin, cos):
     return rotated.astype(x_BLNK.dtype)
 
 
-def rotary_embedding(x_BLNK, positions_BL, theta: float):
-    sin, cos = rotary_sin_cos(positions_BL, x_BLNK.shape[-1], theta)
-    return apply_rotary(x_BLNK, sin, cos)
-
-
 def attention_mask(q_segment_BL, k_segment_BS, q_index_BL, k_index_BS):
     """True where query may attend key: same document, key not in the future, key not padding."""
     same_doc = q_segment_BL[:, :, None] == k_segment_BS[:, None, :]

@@ -26,11 +26,6 @@ def cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
     )
 
 
-def mean_cross_entropy(logits_BLV, targets_BL, weights_BL):
-    loss_sum, _, weight_sum = cross_entropy(logits_BLV, targets_BL, weights_BL)
-    return loss_sum / jnp.maximum(weight_sum, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Distillation. Conventions: P is the teacher distribution, Q the student's, both softened by the
 # same temperature T. Every loss returns a sum over weighted tokens, like `cross_entropy`.

@@ -4,7 +4,9 @@
     python -m jaxllm.prune --workdir runs/tiny_lm --out runs/tiny_lm_2of4 kind=nm n=2 m=4
 
 The arguments after the flags are PruneConfig fields (`kind=`, `sparsity=`, `n=`, `m=`, `include=`;
-a `prune.` prefix is accepted too); the kind defaults to per-tensor `magnitude`. Restores the latest
+a `prune.` prefix is accepted too). Fields not given come from the run's own PruneConfig when it
+was trained with pruning (its kind, sparsity, N:M and include patterns), else per-tensor
+`magnitude`; a gradual schedule's settings do not apply to a one-shot prune. Restores the latest
 params of --workdir, prunes them, prints a per-tensor sparsity table and the validation loss before
 and after, and writes --out: a config.json (with the prune settings) and a checkpoint holding the
 step and the pruned params, which `python -m jaxllm.generate --workdir OUT` samples from. It holds no
@@ -30,7 +32,8 @@ from jaxllm.config import Config, ConfigError
 def prune_config(saved: Config, args: Sequence[str]) -> Config:
     """The saved run's config with the command line's PruneConfig fields applied (one-shot)."""
     base = saved.prune if saved.prune.kind != "none" else dataclasses.replace(saved.prune, kind="magnitude")
-    cfg = dataclasses.replace(saved, prune=dataclasses.replace(base, schedule="one_shot", start_step=0))
+    one_shot = dataclasses.replace(base, schedule="one_shot", start_step=0, initial_sparsity=0.0)
+    cfg = dataclasses.replace(saved, prune=one_shot)
     cfg = config_lib.override(cfg, [a if a.startswith("prune.") else "prune." + a.lstrip("-") for a in args])
     if cfg.prune.kind == "none":
         raise ConfigError("kind=none prunes nothing; choose kind=magnitude, global or nm")
@@ -69,10 +72,9 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
     if ckpt.holds_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; choose a new --out directory")
     mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model))
-    if cfg.train.batch_size % mesh.size:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=mesh.size))
     # The saved run's optimizer is irrelevant here: only its params are restored.
-    s = train.setup(dataclasses.replace(cfg, prune=config_lib.PruneConfig()), mesh)
+    run_cfg = train.inference_config(dataclasses.replace(cfg, prune=config_lib.PruneConfig()), mesh)
+    s = train.setup(run_cfg, mesh)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
     try:
         step = checkpointer.latest_step()
@@ -95,7 +97,7 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
         pruned = prune(params)
 
     eval_step = train.make_eval_step(s)
-    batches = data.eval_batches(cfg)
+    batches = data.eval_batches(run_cfg)
     num_batches = eval_batches or cfg.train.eval_batches
     before = train.evaluate(s, eval_step, params, batches, num_batches)["eval_loss"]
     after = train.evaluate(s, eval_step, pruned, batches, num_batches)["eval_loss"]

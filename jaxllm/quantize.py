@@ -35,8 +35,9 @@ from jaxllm import layers
 QUANTIZED_KERNELS: tuple[tuple[str, tuple[int, ...]], ...] = (
     (r"(^|/)attn/(q|k|v)$", (-3,)),  # [.., D, H|N, K]
     (r"(^|/)attn/o$", (-3, -2)),  # [.., H, K, D]
-    (r"(^|/)mlp/(gate|up)$", (-2,)),  # [.., D, F] and experts [.., E, D, F]
-    (r"(^|/)mlp/down$", (-2,)),  # [.., F, D] and experts [.., E, F, D]
+    # Dense MLPs, experts [.., E, D, F] and shared experts (mlp/shared/...).
+    (r"(^|/)mlp/(.+/)?(gate|up)$", (-2,)),  # [.., D, F] and experts [.., E, D, F]
+    (r"(^|/)mlp/(.+/)?down$", (-2,)),  # [.., F, D] and experts [.., E, F, D]
 )
 
 INT8_MAX = 127

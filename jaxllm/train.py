@@ -81,6 +81,16 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     return Setup(cfg, mesh, model, tx, shardings, abstract)
 
 
+def inference_config(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
+    """`cfg` for loading its params onto `mesh` and evaluating them (sampling, quantizing,
+    pruning): one micro-batch (no gradient accumulation), and a batch that the mesh's batch axes
+    split evenly, rounded up from the run's own (so a run evaluates on the same batches whenever
+    its batch size already divides)."""
+    shards = sharding.axis_size(mesh, sharding.BATCH_AXES)
+    batch_size = -(-cfg.train.batch_size // shards) * shards
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size, grad_accum=1))
+
+
 def state_initializer(s: Setup) -> Callable[[jax.Array], TrainState]:
     """The jitted init: params and optimizer state come out already sharded (call it, or
     eval_shape it, under `sharding.activate(s.mesh)`)."""
@@ -295,14 +305,14 @@ def train(
         + (f"resuming at step {start}" if start else "starting from scratch")
     )
     train_batches = data.train_batches(cfg)
-    eval_batches = data.eval_batches(cfg)
+    evaluates = bool(cfg.data.eval_split)  # an empty split name turns evaluation off
+    eval_batches = data.eval_batches(cfg) if evaluates else None
     train_step = (make_step or make_train_step)(s)
     eval_step = make_eval_step(s)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     model_flops_per_step = flops.flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
     peak = peak_flops_total()
     schedule = optim.learning_rate_schedule(cfg.opt, cfg.train.steps)
-    last_saved = checkpointer.latest_step()
 
     def place(step):
         local = train_batches.local_batch(step, jax.process_index(), jax.process_count())
@@ -321,7 +331,7 @@ def train(
             is_save = cfg.checkpoint.every > 0 and (
                 done % cfg.checkpoint.every == 0 or done == cfg.train.steps
             )
-            is_eval = done % cfg.train.eval_every == 0 or done == cfg.train.steps
+            is_eval = evaluates and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
             if is_log or is_save or is_eval:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
@@ -360,11 +370,8 @@ def train(
                 logger.write(record)
                 if is_save:
                     checkpointer.save(done, state, {"data_step": done, "config": config_lib.to_dict(cfg)})
-                    last_saved = done
                 window_start, window_steps = time.perf_counter(), 0
             logger.progress(done)
-        if cfg.checkpoint.every > 0 and last_saved != cfg.train.steps and start < cfg.train.steps:
-            checkpointer.save(cfg.train.steps, state, {"data_step": cfg.train.steps, "config": config_lib.to_dict(cfg)})
     finally:
         checkpointer.close()
         logger.close()

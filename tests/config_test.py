@@ -10,7 +10,6 @@ def test_override_nested_and_typed_values():
     assert cfg.model.num_layers == 2 and cfg.train.steps == 50 and cfg.mesh.fsdp == 4
     assert cfg.model.scan_layers is False and cfg.opt.learning_rate == 1e-4
     assert cfg.workdir == "/tmp/x" and cfg.opt.no_decay == ("norm", "embed")
-    assert C.Config().model.num_layers != 2  # the default is untouched (frozen dataclasses)
 
 
 @pytest.mark.parametrize("key", ["workdir", "train.steps", "train.batch_size", "train.seq_len",
@@ -55,6 +54,14 @@ def test_validate_rejects_inconsistent_model():
     ("model.attention_impl=cudnn", "model.attention_impl=cudnn needs model.dtype=bfloat16"),
     ("checkpoint.keep=0", "checkpoint.keep=0 must be at least 1"),
     ("distill.hidden_layers=(1)", "entry '\\(1\\)' is not 'student_layer:teacher_layer'"),
+    ("model.num_heads=0", "model.num_heads must be positive, got 0"),
+    ("model.num_layers=0", "model.num_layers must be positive, got 0"),
+    ("model.d_model=-8", "model.d_model must be positive, got -8"),
+    ("model.num_kv_heads=-2", "model.num_kv_heads must be >= 0"),
+    ("model.moe.expert_dim=-1", "model.moe.expert_dim must be >= 0"),
+    ("train.eval_batches=0", "train.eval_batches must be positive, got 0"),
+    ("train.steps=1e400", "cannot parse train.steps='1e400' as int"),
+    ("workdir=runs/teacher", "is the student's own workdir"),
 ])
 def test_values_that_would_fail_later_are_rejected_up_front(override, message):
     with pytest.raises(C.ConfigError, match=message):

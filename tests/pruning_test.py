@@ -230,6 +230,17 @@ def test_bad_prune_config_is_a_clear_error():
         train.setup(dataclasses.replace(base, prune=C.PruneConfig(kind="global", include=("nothing",))))
 
 
+def test_one_shot_prune_of_a_gradually_pruned_run_keeps_its_kind_but_not_its_schedule():
+    from jaxllm import prune
+
+    gradual = C.PruneConfig(kind="global", schedule="gradual", sparsity=0.8, initial_sparsity=0.1,
+                            start_step=30)
+    cfg = prune.prune_config(dataclasses.replace(tiny_config(), prune=gradual), ["sparsity=0.05"])
+    assert (cfg.prune.kind, cfg.prune.sparsity, cfg.prune.schedule) == ("global", 0.05, "one_shot")
+    assert cfg.prune.initial_sparsity == 0.0 and cfg.prune.start_step == 0
+    assert prune.prune_config(tiny_config(), ["sparsity=0.3"]).prune.kind == "magnitude"
+
+
 # ---------------------------------------------------------------------------------------------
 # In the train step and loop
 

@@ -58,7 +58,8 @@ def test_only_attention_mlp_and_expert_kernels_are_quantized():
             "attn": {"q": jnp.ones((L, D, 2, 4)), "o": jnp.ones((L, 2, 4, D))},
             # MoE layout: router stays float, expert kernels [layers, E, D, F] / [layers, E, F, D].
             "mlp": {"router": {"kernel": jnp.ones((L, D, E))},
-                    "gate": jnp.ones((L, E, D, F)), "down": jnp.ones((L, E, F, D))},
+                    "gate": jnp.ones((L, E, D, F)), "down": jnp.ones((L, E, F, D)),
+                    "shared": {"gate": jnp.ones((L, D, F)), "down": jnp.ones((L, F, D))}},
         },
         "unembed": jnp.ones((D, V)),
     }
@@ -73,6 +74,8 @@ def test_only_attention_mlp_and_expert_kernels_are_quantized():
     assert q["blocks"]["attn"]["o"][SCALE].shape == (L, 1, 1, D)
     assert q["blocks"]["mlp"]["gate"][SCALE].shape == (L, E, 1, F)
     assert q["blocks"]["mlp"]["down"][SCALE].shape == (L, E, 1, D)
+    assert q["blocks"]["mlp"]["shared"]["gate"][SCALE].shape == (L, 1, F)
+    assert q["blocks"]["mlp"]["shared"]["down"][SCALE].shape == (L, 1, D)
     with pytest.raises(quantize.QuantizationError, match="already"):
         quantize.quantize_params(q)
 
@@ -92,7 +95,8 @@ def test_quantized_logits_are_close_to_float_logits(scan_layers, moe):
     gives errors of the order of the contribution itself."""
     cfg = dataclasses.replace(tiny_config().model, scan_layers=scan_layers)
     if moe:  # expert kernels [layers, E, D, F] quantize per expert and output channel
-        cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, dispatch="dropless"))
+        cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, dispatch="dropless",
+                                                       num_shared=1))
     params = _float_params(cfg)
     if moe:
         # The router stays float, but its input moves with the quantized layers below it; a random

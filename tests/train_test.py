@@ -90,6 +90,29 @@ def test_resuming_with_a_different_model_is_a_clear_error_and_keeps_the_checkpoi
     assert ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir)).all_steps() == [5]
 
 
+def test_an_empty_eval_split_trains_without_evaluation(tmp_path, data_dir):
+    cfg = _loop_config(tmp_path / "run", data_dir, steps=5, log_every=1, eval_every=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split=""))
+    train.train(cfg)
+    records = _records(cfg.workdir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert not any("eval_loss" in r for r in records)
+    assert ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir)).all_steps() == [5]
+
+
+def test_a_run_with_gradient_accumulation_loads_for_sampling_and_evaluation(tmp_path, data_dir):
+    """Loading runs one micro-batch of a batch the loading mesh splits: 4 micro-batches of 8
+    rows fit training's 8 batch shards, but a batch of 8 (one row per device) in 4 would not."""
+    from jaxllm import generate, quantize
+
+    cfg = _loop_config(tmp_path / "run", data_dir, steps=1, batch_size=32, grad_accum=4)
+    train.train(cfg)
+    loaded, params = generate.load_params(cfg.workdir)
+    assert loaded.train.grad_accum == 1 and loaded.train.batch_size == 32
+    assert np.isfinite(quantize.evaluate_workdir(cfg.workdir, 1)["eval_loss"])
+    assert C.from_dict(C.Config, ckpt.read_config_json(cfg.workdir)).train.grad_accum == 4
+
+
 def test_gradient_accumulation_equals_one_large_batch():
     results = []
     for accum in (1, 4):
