@@ -5,8 +5,9 @@ MLP parameters in all. Trains on a 2-core CPU in minutes.
 
     python experiments/moe_tiny.py [key=value ...]    # e.g. model.moe.dispatch=capacity
 
-Result: see the README results table (MoE vs dense at equal active parameters and tokens,
-`benchmarks/moe_vs_dense.py`).
+Result (2-core CPU, 300 steps, `python benchmarks/moe_vs_dense.py`, which trains this and tiny_lm on
+the same batches): validation 1.755 / 2.533 bits per byte against dense tiny_lm's 1.732 / 2.498; see
+the README results table.
 """
 
 import dataclasses

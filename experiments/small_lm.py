@@ -2,7 +2,7 @@
 fsdp and tensor sharding and bfloat16 compute.
 
     python experiments/small_lm.py mesh.fsdp=4 mesh.tensor=2      # 8 devices
-    python experiments/small_lm.py model.attention_impl=cudnn     # on NVIDIA GPUs
+    python experiments/small_lm.py mesh.tensor=1 model.attention_impl=cudnn   # one NVIDIA GPU
 
 On one H100 (32 rows of 1024 tokens a step, benchmarks/train_throughput.py --configs small): MFU
 0.198 with the XLA attention, 0.307 with cuDNN's fused attention, 0.391 with cuDNN and

@@ -54,8 +54,9 @@ _READ_CHUNK = 1024  # documents fetched from a data source at a time
 
 
 def encode(text: str | bytes) -> np.ndarray:
-    """UTF-8 bytes of `text` as int32 ids 0..255 (no BOS/EOS)."""
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    """UTF-8 bytes of `text` as int32 ids 0..255 (no BOS/EOS). Bytes that were not UTF-8 and came
+    in surrogate-escaped (as Python passes them from a command line) are those bytes again."""
+    data = text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, np.uint8).astype(np.int32)
 
 
@@ -476,8 +477,13 @@ class Batches:
             raise ValueError(
                 f"need step >= 0 and 0 <= process_index < {P}, got {step}, {process_index}"
             )
-        lo = step * B + process_index * (B // P)
-        i = np.arange(lo, lo + B // P, dtype=np.int64)
+        return self.rows_between(step, process_index * (B // P), (process_index + 1) * (B // P))
+
+    def rows_between(self, step: int, lo: int, hi: int) -> np.ndarray:
+        """Indices of rows lo..hi-1 of batch `step`."""
+        if not 0 <= lo < hi <= self.batch_size or step < 0:
+            raise ValueError(f"need step >= 0 and 0 <= lo < hi <= {self.batch_size}, got {step}, {lo}, {hi}")
+        i = np.arange(step * self.batch_size + lo, step * self.batch_size + hi, dtype=np.int64)
         epoch, offset = np.divmod(i, self.num_rows)
         if not self.shuffle:
             return offset
@@ -490,6 +496,10 @@ class Batches:
         """This process's share of batch `step`: arrays [batch_size / process_count, seq_len]."""
         rows = self.rows(step, process_index, process_count)
         return pack_rows(self.tokens, self.starts, rows, self.seq_len)
+
+    def batch_rows(self, step: int, lo: int, hi: int) -> dict:
+        """Rows lo..hi-1 of batch `step` (the rows one process's devices hold)."""
+        return pack_rows(self.tokens, self.starts, self.rows_between(step, lo, hi), self.seq_len)
 
     def global_batch(self, step: int) -> dict:
         return self.local_batch(step, 0, 1)

@@ -352,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--top_k {args.top_k} must be 0 (off) or positive")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top_p {args.top_p} must be in (0, 1]")
+    if args.tensor < 1:
+        parser.error(f"--tensor {args.tensor} must be 1 or more")
     prompts = args.prompt or [""]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     try:

@@ -59,8 +59,12 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
             # The sample is drawn from the saved checkpoint, exactly as `python -m jaxllm.generate`
             # would; with saving off there is none.
             print("no sample: checkpoint.every=0 wrote no checkpoint to sample from", file=sys.stderr)
+        elif cfg.sample_tokens > 0 and jax.process_count() > 1:
+            # Sampling loads the params onto one process's devices; run it as its own job.
+            if jax.process_index() == 0:
+                print(f"no sample in a multi-process run: sample with `python -m jaxllm.generate "
+                      f"--workdir {cfg.workdir}` on one host", file=sys.stderr)
         elif cfg.sample_tokens > 0:
-            # Every process takes part (the params are sharded over all devices); one writes.
             text = generate.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
             if jax.process_index() == 0:
                 with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:

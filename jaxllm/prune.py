@@ -71,6 +71,11 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
         raise ConfigError("--out must differ from --workdir (the original checkpoint is kept)")
     if ckpt.holds_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; choose a new --out directory")
+    from jaxllm import quantize
+
+    if quantize.checkpoint_quantization(workdir) is not None:
+        raise ConfigError(f"{workdir} holds an int8-quantized checkpoint; prune the float run it "
+                          "came from (then quantize the pruned one: zeros stay zero)")
     mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model))
     # The saved run's optimizer is irrelevant here: only its params are restored.
     run_cfg = train.inference_config(dataclasses.replace(cfg, prune=config_lib.PruneConfig()), mesh)
@@ -96,16 +101,23 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
     with sharding.activate(mesh):
         pruned = prune(params)
 
-    eval_step = train.make_eval_step(s)
-    batches = data.eval_batches(run_cfg)
-    num_batches = eval_batches or cfg.train.eval_batches
-    before = train.evaluate(s, eval_step, params, batches, num_batches)["eval_loss"]
-    after = train.evaluate(s, eval_step, pruned, batches, num_batches)["eval_loss"]
     sparsity = float(pruning.sparsity_metrics(pruned, layouts)["sparsity"])
+    num_batches = cfg.train.eval_batches if eval_batches is None else eval_batches
+    if num_batches < 1:
+        raise ConfigError(f"--eval_batches {num_batches} must be 1 or more")
+    before = after = None
+    if run_cfg.data.eval_split:  # a run trained without evaluation has no split to evaluate on
+        eval_step = train.make_eval_step(s)
+        batches = data.eval_batches(run_cfg)
+        before = train.evaluate(s, eval_step, params, batches, num_batches)["eval_loss"]
+        after = train.evaluate(s, eval_step, pruned, batches, num_batches)["eval_loss"]
     if jax.process_index() == 0:
         print(table(params, pruned, layouts))
-        print(f"validation loss ({num_batches} batches): {before:.4f} before, {after:.4f} after "
-              f"({cfg.prune.kind}, sparsity {sparsity:.4f})")
+        if before is None:
+            print(f"no validation loss: the run has no data.eval_split ({cfg.prune.kind}, sparsity {sparsity:.4f})")
+        else:
+            print(f"validation loss ({num_batches} batches): {before:.4f} before, {after:.4f} after "
+                  f"({cfg.prune.kind}, sparsity {sparsity:.4f})")
 
     out_cfg = dataclasses.replace(cfg, workdir=out)
     os.makedirs(out, exist_ok=True)
@@ -130,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     parser.add_argument("--eval_batches", type=int, default=None, help="default: the run's train.eval_batches")
     args, rest = parser.parse_known_args(argv)
+    not_fields = [a for a in rest if "=" not in a]
+    if not_fields:
+        parser.error(f"{' '.join(not_fields)}: PruneConfig fields go as key=value, e.g. sparsity=0.5 kind=global")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         prune_checkpoint(args.workdir, args.out, rest, args.eval_batches)

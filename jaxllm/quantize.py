@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval_batches", type=int, default=0,
                         help="also report validation loss, float vs int8, over this many batches")
     args = parser.parse_args(argv)
+    if args.eval_batches < 0:
+        parser.error(f"--eval_batches {args.eval_batches} must be 0 (no evaluation) or more")
     from jaxllm import generate
     from jaxllm.config import ConfigError
 

@@ -156,11 +156,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles the global batch from each process's rows (each process passes its own part)."""
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """(lo, hi): the rows of a global batch that this process's devices hold under
+    `batch_sharding`. Processes along the batch axes hold different rows; processes along an axis
+    that copies the batch (tensor, when it spans processes) hold the same ones."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1))
+    spans = sorted({rows.indices(batch_size)[:2] for rows, _ in index_map.values()})
+    lo, hi = spans[0]
+    for start, stop in spans[1:]:
+        if start > hi:
+            raise ConfigError(
+                f"this process's devices hold rows {spans} of the batch, not one contiguous block; "
+                "order the mesh so that each process's devices are neighbours along the batch axes"
+            )
+        hi = max(hi, stop)
+    return lo, hi
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_size: int | None = None) -> dict[str, jax.Array]:
+    """Assembles the global batch from each process's rows (each process passes the rows that
+    `process_rows` names). `batch_size`, the global batch, lets JAX check the parts fit."""
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+        k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), None if batch_size is None else (batch_size, *np.shape(v)[1:]))
+        for k, v in batch.items()
     }
 
 

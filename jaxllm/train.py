@@ -81,6 +81,12 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
     return Setup(cfg, mesh, model, tx, shardings, abstract)
 
 
+def place_rows(batches: data.Batches, step: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Batch `step` on `mesh`, each process reading only the rows its devices hold."""
+    lo, hi = sharding.process_rows(mesh, batches.batch_size)
+    return sharding.place_batch(batches.batch_rows(step, lo, hi), mesh, batches.batch_size)
+
+
 def inference_config(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
     """`cfg` for loading its params onto `mesh` and evaluating them (sampling, quantizing,
     pruning): one micro-batch (no gradient accumulation), and a batch that the mesh's batch axes
@@ -246,8 +252,7 @@ def evaluate(s: Setup, eval_step, params, batches: data.Batches, num_batches: in
     """Mean token loss over the first `num_batches` validation batches (same rows every time)."""
     total, count = 0.0, 0.0
     for k in range(num_batches):
-        local = batches.local_batch(k, jax.process_index(), jax.process_count())
-        loss_sum, weight_sum = eval_step(params, sharding.place_batch(local, s.mesh))
+        loss_sum, weight_sum = eval_step(params, place_rows(batches, k, s.mesh))
         total += float(loss_sum)
         count += float(weight_sum)
     loss = total / max(count, 1.0)
@@ -294,7 +299,11 @@ def train(
     s = setup(cfg, mesh)
     os.makedirs(cfg.workdir, exist_ok=True)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir), cfg.checkpoint)
-    state, start = restore_or_init(s, checkpointer)
+    try:
+        state, start = restore_or_init(s, checkpointer)
+    except BaseException:
+        checkpointer.close()  # its threads would otherwise outlive the error and print tracebacks
+        raise
     if jax.process_index() == 0:
         with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(cfg))
@@ -315,8 +324,7 @@ def train(
     schedule = optim.learning_rate_schedule(cfg.opt, cfg.train.steps)
 
     def place(step):
-        local = train_batches.local_batch(step, jax.process_index(), jax.process_count())
-        return sharding.place_batch(local, s.mesh)
+        return place_rows(train_batches, step, s.mesh)
 
     try:
         window_start, window_steps = time.perf_counter(), 0

@@ -65,6 +65,8 @@ def test_encode_decode_round_trip():
     assert len(ids) == len(text.encode("utf-8")) > len(text)  # multi-byte characters
     assert data.decode(ids) == text
     assert data.NUM_TOKEN_IDS == 259 and {B, E, P} == {256, 257, 258}
+    # A command-line argument with bytes that are not UTF-8 arrives surrogate-escaped.
+    assert data.encode("caf\udce9").tolist() == [99, 97, 102, 0xE9]
 
 
 def test_decode_drops_special_ids_and_replaces_bad_utf8():

@@ -151,6 +151,29 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), restored, reference)
 
 
+def test_processes_that_share_the_batch_each_read_all_of_it(tmp_path, data_dir, monkeypatch):
+    """tensor=2 spans the two processes (expert=4, a batch axis outside MoE layers, lies within
+    each): both hold every row of the batch, so each reads all of it, and the pair trains like one
+    process on the same mesh. The end-of-run sample is skipped with a note, not an error."""
+    from jaxllm import train
+
+    mesh = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2", "mesh.expert=4", "train.steps=2"]
+    two, port = str(tmp_path / "two_processes"), _free_port()
+    results = _run_processes(
+        [_overrides(two, data_dir) + mesh + ["sample_tokens=5"] + _distributed(port, 2, i)
+         for i in range(2)], RUN_TIMEOUT_S)
+    _check_all_succeeded(results)
+    assert "no sample in a multi-process run" in results[0][1], results[0][1]
+
+    one = str(tmp_path / "one_process")
+    monkeypatch.setattr(train, "peak_flops_total", lambda: 1.0)
+    train.train(_tiny_lm_config(_overrides(one, data_dir) + mesh))
+    losses_two, losses_one = _losses(two), _losses(one)
+    assert list(losses_two) == list(losses_one) == [1, 2]
+    np.testing.assert_allclose(list(losses_two.values()), list(losses_one.values()), rtol=1e-5)
+    assert _losses(two, "tokens") == _losses(one, "tokens")
+
+
 def test_processes_with_different_configs_stop_with_a_clear_error(tmp_path, data_dir):
     port, workdir = _free_port(), str(tmp_path / "run")
     steps = ["train.steps=5", "train.steps=6"]

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -177,7 +178,17 @@ def test_cli_writes_a_quantized_checkpoint_that_generation_and_evaluation_accept
     for flags, message in ((["--top_k", "1000"], "--top_k 1000 is larger than the vocabulary (384)"),
                            (["--temperature", "-1"], "--temperature -1.0 must be 0 (greedy) or positive"),
                            (["--max_new_tokens", "-1"], "--max_new_tokens -1 must be 0 or more"),
-                           (["--top_p", "0"], "--top_p 0.0 must be in (0, 1]")):
+                           (["--top_p", "0"], "--top_p 0.0 must be in (0, 1]"),
+                           (["--tensor", "0"], "--tensor 0 must be 1 or more")):
         with pytest.raises(SystemExit) as bad:
             generate.main(["--workdir", out, *flags])
         assert bad.value.code == 2 and message in capsys.readouterr().err
+
+    from jaxllm import prune
+
+    for args, message in (([], "holds an int8-quantized checkpoint; prune the float run"),
+                          (["--sparsity", "0.5"], "PruneConfig fields go as key=value")):
+        with pytest.raises(SystemExit) as bad:
+            prune.main(["--workdir", out, "--out", str(tmp_path / "pruned"), *args])
+        assert bad.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "pruned")

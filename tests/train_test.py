@@ -98,6 +98,13 @@ def test_an_empty_eval_split_trains_without_evaluation(tmp_path, data_dir):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert not any("eval_loss" in r for r in records)
     assert ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir)).all_steps() == [5]
+    # Such a run prunes too, without the before/after validation loss.
+    from jaxllm import prune
+
+    out = str(tmp_path / "pruned")
+    result = prune.prune_checkpoint(cfg.workdir, out, ["sparsity=0.5"])
+    assert result["eval_loss_before"] is None and abs(result["sparsity"] - 0.5) < 0.01
+    assert ckpt.Checkpointer(ckpt.checkpoint_dir(out)).all_steps() == [5]
 
 
 def test_a_run_with_gradient_accumulation_loads_for_sampling_and_evaluation(tmp_path, data_dir):
