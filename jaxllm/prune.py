@@ -44,8 +44,8 @@ def prune_config(saved: Config, args: Sequence[str]) -> Config:
 def table(params_before, params_after, layouts) -> str:
     from jaxllm import pruning
 
-    after = jax.device_get(pruning.sparsity_metrics(params_after, layouts))
-    before = jax.device_get(pruning.sparsity_metrics(params_before, layouts))
+    metrics = jax.jit(lambda p: pruning.sparsity_metrics(p, layouts))
+    after, before = jax.device_get((metrics(params_after), metrics(params_before)))
     lines = [f"{'parameter':<28} {'shape':<18} {'tensors':>7} {'sparsity':>9} {'min':>7} {'max':>7}"]
     for leaf, layout in zip(jax.tree.leaves(params_after), layouts):
         if layout is None:
@@ -101,7 +101,9 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
     with sharding.activate(mesh):
         pruned = prune(params)
 
-    sparsity = float(pruning.sparsity_metrics(pruned, layouts)["sparsity"])
+    # One program, not dozens of eager reductions over the sharded params (each its own
+    # cross-device collective).
+    sparsity = float(jax.jit(lambda p: pruning.sparsity_metrics(p, layouts)["sparsity"])(pruned))
     num_batches = cfg.train.eval_batches if eval_batches is None else eval_batches
     if num_batches < 1:
         raise ConfigError(f"--eval_batches {num_batches} must be 1 or more")
