@@ -41,11 +41,8 @@ def prune_config(saved: Config, args: Sequence[str]) -> Config:
     return cfg
 
 
-def table(params_before, params_after, layouts) -> str:
-    from jaxllm import pruning
-
-    metrics = jax.jit(lambda p: pruning.sparsity_metrics(p, layouts))
-    after, before = jax.device_get((metrics(params_after), metrics(params_before)))
+def table(before: dict, after: dict, params_after, layouts) -> str:
+    """The per-tensor sparsity table from `pruning.sparsity_metrics` before and after pruning."""
     lines = [f"{'parameter':<28} {'shape':<18} {'tensors':>7} {'sparsity':>9} {'min':>7} {'max':>7}"]
     for leaf, layout in zip(jax.tree.leaves(params_after), layouts):
         if layout is None:
@@ -103,7 +100,9 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
 
     # One program, not dozens of eager reductions over the sharded params (each its own
     # cross-device collective).
-    sparsity = float(jax.jit(lambda p: pruning.sparsity_metrics(p, layouts)["sparsity"])(pruned))
+    metrics = jax.jit(lambda p: pruning.sparsity_metrics(p, layouts))
+    metrics_before, metrics_after = jax.device_get((metrics(params), metrics(pruned)))
+    sparsity = float(metrics_after["sparsity"])
     num_batches = cfg.train.eval_batches if eval_batches is None else eval_batches
     if num_batches < 1:
         raise ConfigError(f"--eval_batches {num_batches} must be 1 or more")
@@ -114,7 +113,7 @@ def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: 
         before = train.evaluate(s, eval_step, params, batches, num_batches)["eval_loss"]
         after = train.evaluate(s, eval_step, pruned, batches, num_batches)["eval_loss"]
     if jax.process_index() == 0:
-        print(table(params, pruned, layouts))
+        print(table(metrics_before, metrics_after, pruned, layouts))
         if before is None:
             print(f"no validation loss: the run has no data.eval_split ({cfg.prune.kind}, sparsity {sparsity:.4f})")
         else:

@@ -13,6 +13,7 @@ axis each logical name is split over; adding a parallelism style is a change of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import flax.linen as nn
@@ -156,6 +157,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+@functools.lru_cache(maxsize=None)  # asked once per batch, with the same mesh all run long
 def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
     """(lo, hi): the rows of a global batch that this process's devices hold under
     `batch_sharding`. Processes along the batch axes hold different rows; processes along an axis
