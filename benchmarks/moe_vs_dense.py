@@ -1,6 +1,7 @@
 """MoE vs dense at equal active parameters and equal training tokens on the default corpus: trains
-tiny_lm (dense) and moe_tiny (8 experts of half the width, top-2, dropless) with the same data,
-steps, batch and optimizer, and prints one JSON object per model with its validation loss.
+tiny_lm (dense, at its comparison length of 300 steps) and moe_tiny (8 experts of half the width,
+top-2, dropless) with the same data, steps, batch and optimizer, and prints one JSON object per
+model with its validation loss.
 
     python benchmarks/moe_vs_dense.py [--root runs/moe_vs_dense] [--set train.steps=300 ...]
 
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides applied to both models, e.g. train.steps=300")
     args = parser.parse_args(argv)
-    for name, get_config in (("dense", tiny_lm.get_config), ("moe", moe_tiny.get_config)):
+    for name, get_config in (("dense", tiny_lm.comparison_config), ("moe", moe_tiny.get_config)):
         workdir = os.path.join(args.root, name)
         cfg = config_lib.override(get_config(), [
             f"workdir={workdir}", "train.progress_bar=false", *args.set])

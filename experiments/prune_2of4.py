@@ -14,7 +14,7 @@ import dataclasses
 
 from jaxllm import config, main
 
-from tiny_lm import get_config as tiny_config  # noqa: E402  (experiments build on each other)
+from tiny_lm import comparison_config as tiny_config  # noqa: E402  (experiments build on each other)
 
 
 def get_config() -> config.Config:
