@@ -33,7 +33,7 @@ def get_config() -> config.Config:
 
 
 def comparison_config() -> config.Config:
-    """tiny_lm at the comparison settings: the dense baseline the comparison experiments build on."""
+    """tiny_lm at the comparison settings, the dense baseline the comparison experiments use."""
     base = get_config()
     return dataclasses.replace(
         base,
