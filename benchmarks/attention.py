@@ -1,7 +1,7 @@
-"""The attention core alone: forward and backward of `layers.dot_product_attention` (scores, masked
+"""The attention core alone: forward and backward of `jaxllm.ops.attention.dot_product_attention` (scores, masked
 softmax, weighted sum and their gradients, no projections) for one layer of a training
 configuration, at several causal query-block counts, and on a GPU cuDNN's fused attention
-(`layers.fused_attention`, model.attention_impl=cudnn). One JSON object per line.
+(`jaxllm.ops.attention.fused_attention`, model.attention_impl=cudnn). One JSON object per line.
 
     python benchmarks/attention.py [--config d512] [--blocks 1,2,4,8] [--rounds 15]
                                    [--dtype float32] [--cudnn]
@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from train_throughput import CONFIGS, machine_info  # noqa: E402
 
-from jaxllm import layers  # noqa: E402
+from jaxllm.layers import attention as attention_layers  # noqa: E402
+from jaxllm.ops import attention as attention_ops  # noqa: E402
 
 
 def attention_inputs(cfg, seed: int = 0, dtype=jnp.float32):
@@ -46,8 +47,8 @@ def attention_inputs(cfg, seed: int = 0, dtype=jnp.float32):
     segment_ids = np.ones((B, L), np.int32)
     segment_ids[:, L // 2:] = 2
     index = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    mask = layers.attention_mask(jnp.asarray(segment_ids), jnp.asarray(segment_ids), index, index)
-    return (q, k, v), layers.attention_bias(mask)
+    mask = attention_layers.attention_mask(jnp.asarray(segment_ids), jnp.asarray(segment_ids), index, index)
+    return (q, k, v), attention_ops.attention_bias(mask)
 
 
 def attention_step(attend):
@@ -63,7 +64,7 @@ def attention_step(attend):
 
 def blocked_attention_step(blocks: int, bias, has_keys):
     """The XLA path with `blocks` causal query blocks."""
-    return attention_step(lambda q, k, v: layers.dot_product_attention(
+    return attention_step(lambda q, k, v: attention_ops.dot_product_attention(
         q, k, v, bias, has_keys, causal_self=True, blocks=blocks))
 
 
@@ -102,9 +103,9 @@ def main(argv=None) -> None:
         variants[("xla", blocks)] = blocked_attention_step(blocks, bias, has_keys)
     if args.cudnn:
         variants[("cudnn", 1)] = attention_step(
-            lambda q, k, v: layers.fused_attention(q, k, v, bias, has_keys))
+            lambda q, k, v: attention_ops.fused_attention(q, k, v, bias, has_keys))
     results = {name: jax.block_until_ready(step(q, k, v)) for name, step in variants.items()}
-    reference = results.get(("xla", layers.CAUSAL_QUERY_BLOCKS))
+    reference = results.get(("xla", attention_ops.CAUSAL_QUERY_BLOCKS))
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, step in variants.items():
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
             "shape_BLNGK": list(q.shape), "dtype": args.dtype,
             "fwd_bwd_median_s": median, "per_step_all_layers_s": median * cfg.model.num_layers,
             "matmul_flops": flops, "gflops_per_s": flops / median / 1e9,
-            "default_blocks": layers.CAUSAL_QUERY_BLOCKS, "rounds": args.rounds,
+            "default_blocks": attention_ops.CAUSAL_QUERY_BLOCKS, "rounds": args.rounds,
             "command": command.strip(),
         }
         if reference is not None and args.cudnn:

@@ -7,7 +7,7 @@ line.
 
 For each cache length S (prompt + new tokens: 64 + 128 and 512 + 128 by default) and the config's
 layers, KV heads and head size, it times:
-- `float32`: `layers._attend_cache`, what generation runs (the cache laid out [batch·kv_heads, S,
+- `float32`: `attention_ops.cached_attention`, what generation runs (the cache laid out [batch·kv_heads, S,
   head_size]);
 - `bfloat16` / `int8`: the same attention over a cache stored in half or a quarter of the bytes
   (bfloat16 matmuls accumulating in float32; int8 with a float32 scale per slot, converted to
@@ -35,12 +35,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import CONFIGS, machine_info  # noqa: E402
 
-from jaxllm import layers  # noqa: E402
+from jaxllm.layers import attention as attention_layers  # noqa: E402
+from jaxllm.ops import attention as attention_ops  # noqa: E402
 
 
 def low_precision_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1, k_scale_XS=None,
                             v_scale_XS=None):
-    """`layers._attend_cache` with keys and values in a narrower dtype: bfloat16 operands
+    """`attention_ops.cached_attention` with keys and values in a narrower dtype: bfloat16 operands
     accumulate in float32; int8 ones carry a float32 scale per slot and are converted first."""
     B, L, N, G, K = q_BLNGK.shape
     S = k_XSK.shape[1]
@@ -50,7 +51,7 @@ def low_precision_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1, k
     else:
         scores = jnp.einsum("xmk,xsk->xms", q_XMK.astype(k_XSK.dtype), k_XSK,
                             preferred_element_type=jnp.float32)
-    probs = layers._masked_softmax(scores.reshape(B, N, G, L, S), bias_B11LS, has_keys_B11L1)
+    probs = attention_ops._masked_softmax(scores.reshape(B, N, G, L, S), bias_B11LS, has_keys_B11L1)
     probs = probs.reshape(B * N, G * L, S)
     if v_scale_XS is not None:
         out = jnp.einsum("xms,xsk->xmk", probs * v_scale_XS[:, None], v_XSK.astype(jnp.float32))
@@ -76,9 +77,9 @@ def main(argv=None) -> None:
         q = jnp.asarray(rng.standard_normal((B, 1, N, G, K)), jnp.float32)
         # The new token sits at the last slot and sees the whole cache.
         segments = jnp.ones((B, S), jnp.int32)
-        mask = layers.attention_mask(segments[:, -1:], segments, jnp.full((B, 1), S - 1),
+        mask = attention_layers.attention_mask(segments[:, -1:], segments, jnp.full((B, 1), S - 1),
                                      jnp.broadcast_to(jnp.arange(S), (B, S)))
-        bias, has_keys = layers.attention_bias(mask)
+        bias, has_keys = attention_ops.attention_bias(mask)
         caches = [jnp.asarray(rng.standard_normal((B * N, S, K)), jnp.float32)
                   for _ in range(2 * layer_count)]
         int8_caches = [jnp.asarray(rng.integers(-127, 128, (B * N, S, K)), jnp.int8) for _ in caches]
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
             return jax.jit(step)
 
         functions = {
-            "float32": every_layer(lambda q, k, v: layers._attend_cache(q, k, v, bias, has_keys)),
+            "float32": every_layer(lambda q, k, v: attention_ops.cached_attention(q, k, v, bias, has_keys)),
             "bfloat16": every_layer(lambda q, k, v: low_precision_attention(q, k, v, bias, has_keys)),
             "int8": jax.jit(lambda q, c: sum(
                 low_precision_attention(q, c[0][2 * i], c[0][2 * i + 1], bias, has_keys,

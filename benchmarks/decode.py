@@ -5,7 +5,7 @@ loss float vs int8. One JSON object per line.
                                 [--new_tokens 128] [--repeats 5] [--eval_batches 8]
 
 Without --workdir it first trains the default experiment (tiny_lm) for --train_steps steps into a
-temporary directory. The int8 checkpoint is written with `jaxllm.quantize.quantize_workdir`, and both
+temporary directory. The int8 checkpoint is written with `jaxllm.cli.quantize.quantize_workdir`, and both
 checkpoints are loaded the way `python -m jaxllm.generate` loads them.
 
 Per (batch, prompt length, weights), with the prompts cut from the validation text:
@@ -44,7 +44,10 @@ import small_lm  # noqa: E402
 import tiny_lm  # noqa: E402
 from train_throughput import machine_info  # noqa: E402
 
-from jaxllm import data, generate, quantize, train  # noqa: E402
+from jaxllm import data, decoding, restore  # noqa: E402
+from jaxllm.cli import quantize as quantize_cli  # noqa: E402
+from jaxllm.compression import quantize  # noqa: E402
+from jaxllm.training import train  # noqa: E402
 from jaxllm import config as config_lib  # noqa: E402
 
 
@@ -83,7 +86,7 @@ def time_cached(gen, params, prompts, sampling, repeats):
 
 
 def time_recompute(gen, params, prompts, new_tokens, steps):
-    tokens, segment_ids, positions, lengths = generate.pad_prompts(prompts)
+    tokens, segment_ids, positions, lengths = decoding.pad_prompts(prompts)
     B, P = tokens.shape
     T = P + new_tokens
     buf = [np.zeros((B, T), np.int32) for _ in range(3)]
@@ -131,9 +134,9 @@ def main(argv=None) -> None:
             print(f"# trained tiny_lm for {args.train_steps} steps in {time.perf_counter() - start:.0f}s",
                   file=sys.stderr)
         int8_dir = os.path.join(tmp, "int8")
-        quantize.quantize_workdir(workdir, int8_dir)
-        cfg, float_params = generate.load_params(workdir)
-        _, int8_params = generate.load_params(int8_dir)
+        quantize_cli.quantize_workdir(workdir, int8_dir)
+        cfg, float_params = restore.load_params(workdir)
+        _, int8_params = restore.load_params(int8_dir)
         params = {"float32": float_params, "int8": int8_params}
 
         float_bytes, int8_bytes = (quantize.weight_bytes(p) for p in params.values())
@@ -152,15 +155,15 @@ def main(argv=None) -> None:
         emit({"metric": "weight_bytes_from_shapes", "config": "small_lm", "float32": float_b,
               "int8": int8_b, "ratio": int8_b / float_b, "target_ratio": 0.27})
 
-        losses = {name: quantize.evaluate_workdir(w, args.eval_batches)["eval_loss"]
+        losses = {name: quantize_cli.evaluate_workdir(w, args.eval_batches)["eval_loss"]
                   for name, w in (("float32", workdir), ("int8", int8_dir))}
         emit({"metric": "validation_loss", **losses,
               "relative_increase": losses["int8"] / losses["float32"] - 1, "target": 0.01,
               "eval_batches": args.eval_batches,
               "eval_tokens_per_batch": cfg.train.batch_size * cfg.train.seq_len})
 
-        gen = generate.Generator(cfg.model)
-        sampling = generate.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0,
+        gen = decoding.Generator(cfg.model)
+        sampling = decoding.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0,
                                            stop_at_eos=False)
         step_times = {}
         for batch in map(int, args.batches.split(",")):

@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from train_throughput import CONFIGS, machine_info, synthetic_batch  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import flops, sharding, train  # noqa: E402
+from jaxllm import sharding  # noqa: E402
+from jaxllm.training import flops, train  # noqa: E402
 
 VARIANTS = {
     "capacity_1.25": dict(dispatch="capacity", capacity_factor=1.25),

@@ -27,8 +27,8 @@ import tiny_lm  # noqa: E402
 from train_throughput import machine_info  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import flops, train  # noqa: E402
-from jaxllm.model import count_params  # noqa: E402
+from jaxllm.training import flops, train  # noqa: E402
+from jaxllm.models import count_params  # noqa: E402
 
 
 def last_record_with(path: str, key: str) -> dict:

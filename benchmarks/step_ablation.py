@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import CONFIGS, machine_info, measure_peak, peak_flops, synthetic_batch  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import flops, layers, sharding, train  # noqa: E402
+from jaxllm import sharding  # noqa: E402
+from jaxllm.ops import attention as attention_ops  # noqa: E402
+from jaxllm.training import flops, train  # noqa: E402
 
 
 def free_attention_core(q_BLNGK, k_BSNK, v_BSNK, *unused_bias_and_flags, **unused_options):
@@ -41,12 +43,12 @@ def free_attention_core(q_BLNGK, k_BSNK, v_BSNK, *unused_bias_and_flags, **unuse
 @contextlib.contextmanager
 def attention_core(replacement):
     """Traces the model with `replacement` as its attention core (None: the real one)."""
-    original = layers.dot_product_attention
-    layers.dot_product_attention = replacement or original
+    original = attention_ops.dot_product_attention
+    attention_ops.dot_product_attention = replacement or original
     try:
         yield
     finally:
-        layers.dot_product_attention = original
+        attention_ops.dot_product_attention = original
 
 
 def main(argv=None) -> None:

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import CONFIGS, machine_info, synthetic_batch  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import sharding, train  # noqa: E402
+from jaxllm import sharding  # noqa: E402
+from jaxllm.training import train  # noqa: E402
 
 NOT_OPERATIONS = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjRt", "Execute")
 

@@ -41,7 +41,8 @@ import small_lm  # noqa: E402  (found through the sys.path entry above)
 import tiny_lm  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import flops, sharding, train  # noqa: E402
+from jaxllm import sharding  # noqa: E402
+from jaxllm.training import flops, train  # noqa: E402
 
 
 def d512_config() -> config_lib.Config:

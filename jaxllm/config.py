@@ -11,8 +11,6 @@ import ast
 import dataclasses
 import difflib
 import json
-import os
-import re
 import typing
 from typing import Any, Sequence
 
@@ -55,8 +53,9 @@ class ModelConfig:
     num_kv_heads: int = 0  # 0 means num_heads (plain multi-head attention); fewer means GQA
     head_dim: int = 0  # 0 means d_model // num_heads
     mlp_dim: int = 704
-    mlp_kind: str = "swiglu"  # key of model.MLP_KINDS
-    attention_kind: str = "dot_product"  # key of layers.ATTENTION_KINDS
+    mlp_kind: str = "swiglu"  # key of layers.MLP_KINDS (MoE blocks are "moe", see moe.every)
+    attention_kind: str = "causal"  # key of layers.ATTENTION_KINDS: causal, bidirectional, prefix_lm, ...
+    window: int = 0  # keys a query sees at most, for windowed attention kinds (0: unlimited)
     # How training's causal self-attention is computed: "xla" (portable einsums and a masked
     # softmax, on every backend) or "cudnn" (cuDNN's fused flash attention; NVIDIA GPUs with
     # bfloat16/float16 compute only). Cached decoding always uses the XLA path.
@@ -151,10 +150,6 @@ class DistributedConfig:
     heartbeat_timeout_s: int = 100  # a process silent this long is declared dead and the run stops
 
 
-PRUNE_KINDS = ("none", "magnitude", "global", "nm")
-PRUNE_SCHEDULES = ("one_shot", "gradual")
-
-
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     """Magnitude pruning inside the optimizer (see jaxllm/pruning.py).
@@ -226,6 +221,7 @@ class DistillConfig:
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
+    family: str = "causal_lm"  # key of models.MODELS: the module, its loss and its batches
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     opt: OptConfig = OptConfig()
@@ -352,166 +348,3 @@ def from_dict(cls, values: dict) -> Any:
 
 def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
-
-
-def validate(cfg: Config) -> None:
-    """Checks that do not need devices; mesh-dependent checks live in sharding.py."""
-    m, t = cfg.model, cfg.train
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
-    for name in ("num_kv_heads", "head_dim"):
-        if getattr(m, name) < 0:
-            raise ConfigError(f"model.{name} must be >= 0 (0: the default), got {getattr(m, name)}")
-    for name in ("num_experts", "expert_dim", "num_shared", "shared_dim"):
-        if getattr(m.moe, name) < 0:
-            raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(m.moe, name)}")
-    if m.d_model % m.num_heads and not m.head_dim:
-        raise ConfigError(
-            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
-            "change one of them or set model.head_dim"
-        )
-    if m.num_heads % m.kv_heads:
-        raise ConfigError(
-            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.kv_heads}"
-        )
-    if m.head_size % 2:
-        raise ConfigError(f"head dimension {m.head_size} must be even for rotary embeddings")
-    if m.remat not in ("none", "full", "save_dots"):
-        raise ConfigError(f"model.remat={m.remat!r}; choose none, full or save_dots")
-    if m.vocab_size < 259:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is below the 259 byte-level token ids")
-    moe = m.moe
-    if moe.num_experts:
-        if moe.router not in ("softmax_topk", "topk_softmax"):
-            raise ConfigError(f"model.moe.router={moe.router!r}; choose softmax_topk or topk_softmax")
-        if moe.dispatch not in ("capacity", "dropless"):
-            raise ConfigError(f"model.moe.dispatch={moe.dispatch!r}; choose capacity or dropless")
-        if moe.grouped_matmul not in ("auto", "blocked", "ragged_dot", "dense"):
-            raise ConfigError(
-                f"model.moe.grouped_matmul={moe.grouped_matmul!r}; choose auto, blocked, ragged_dot or dense"
-            )
-        if not 1 <= moe.top_k <= moe.num_experts:
-            raise ConfigError(
-                f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
-            )
-        if moe.every < 1 or m.num_layers % moe.every:
-            raise ConfigError(
-                f"model.num_layers={m.num_layers} must be a multiple of model.moe.every={moe.every} (>= 1)"
-            )
-        if moe.capacity_factor <= 0:
-            raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
-    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum", "eval_batches"):
-        if getattr(t, name) <= 0:
-            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-    if t.batch_size % t.grad_accum:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
-        )
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
-    if m.attention_impl not in ("xla", "cudnn"):
-        raise ConfigError(f"model.attention_impl={m.attention_impl!r}; choose xla or cudnn")
-    if m.attention_impl == "cudnn" and m.dtype == "float32":
-        raise ConfigError(
-            "model.attention_impl=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused "
-            "attention has no float32 kernel); set model.dtype=bfloat16 or model.attention_impl=xla"
-        )
-    if cfg.checkpoint.keep < 1:
-        # orbax would delete every checkpoint as soon as it is written.
-        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1 "
-                          "(checkpoint.every=0 turns checkpointing off)")
-    validate_prune(cfg.prune)
-    validate_distill(cfg)
-
-
-def validate_distill(cfg: Config) -> None:
-    d = cfg.distill
-    kinds = ("forward_kl", "reverse_kl", "jsd")
-    if d.loss not in kinds:
-        raise ConfigError(f"distill.loss={d.loss!r}; choose one of {', '.join(kinds)}")
-    if d.hidden_loss not in ("cosine", "mse"):
-        raise ConfigError(f"distill.hidden_loss={d.hidden_loss!r}; choose cosine or mse")
-    if not d.temperature > 0:
-        raise ConfigError(f"distill.temperature must be positive, got {d.temperature}")
-    if not 0.0 <= d.alpha <= 1.0:
-        raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")
-    if not 0.0 <= d.beta <= 1.0:
-        raise ConfigError(f"distill.beta must be in [0, 1], got {d.beta}")
-    if d.top_k < 0:
-        raise ConfigError(f"distill.top_k must be >= 0 (0 keeps all logits), got {d.top_k}")
-    if d.hidden_weight < 0:
-        raise ConfigError(f"distill.hidden_weight must be >= 0, got {d.hidden_weight}")
-    reverse_like = d.loss == "reverse_kl" or (d.loss == "jsd" and d.beta == 1.0)
-    if d.top_k and reverse_like:
-        raise ConfigError(
-            "distill.top_k with a reverse KL is degenerate: the teacher has zero probability "
-            "outside its top k, so any student mass there costs the (floored) infinite log ratio; "
-            "use distill.loss=forward_kl, or jsd with distill.beta < 1, or distill.top_k=0"
-        )
-    if not d.enabled:
-        return
-    # Sharing a directory, the student would resume from the teacher's checkpoints (or fail on
-    # its config) and its keep-last-K clean-up would delete them.
-    teacher_dir = os.path.realpath(d.teacher_workdir)
-    if teacher_dir in (os.path.realpath(cfg.workdir), os.path.realpath(os.path.join(cfg.workdir, "checkpoints"))):
-        raise ConfigError(
-            f"distill.teacher_workdir={d.teacher_workdir} is the student's own workdir "
-            f"({cfg.workdir}); give the student (workdir=...) or the teacher a directory of its own"
-        )
-    try:  # the teacher's architecture must be valid on its own
-        validate(dataclasses.replace(cfg, model=d.teacher, distill=DistillConfig()))
-    except ConfigError as e:
-        raise ConfigError(f"distill.teacher: {e}") from None
-    if d.teacher.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(
-            f"distill.teacher.vocab_size={d.teacher.vocab_size} differs from "
-            f"model.vocab_size={cfg.model.vocab_size}: teacher and student must share a vocabulary"
-        )
-    for student, teacher in d.layer_pairs():
-        if not 0 <= student < cfg.model.num_layers:
-            raise ConfigError(
-                f"distill.hidden_layers: student layer {student} is outside 0..{cfg.model.num_layers - 1}"
-            )
-        if not 0 <= teacher < d.teacher.num_layers:
-            raise ConfigError(
-                f"distill.hidden_layers: teacher layer {teacher} is outside 0..{d.teacher.num_layers - 1}"
-            )
-    if d.top_k > cfg.model.vocab_size:
-        raise ConfigError(f"distill.top_k={d.top_k} exceeds the vocabulary ({cfg.model.vocab_size})")
-
-
-def validate_prune(p: PruneConfig, prefix: str = "prune.") -> None:
-    if p.kind not in PRUNE_KINDS:
-        raise ConfigError(f"{prefix}kind={p.kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
-    if p.schedule not in PRUNE_SCHEDULES:
-        raise ConfigError(f"{prefix}schedule={p.schedule!r}; choose one of {', '.join(PRUNE_SCHEDULES)}")
-    if p.kind == "none":
-        return
-    if p.kind == "nm":
-        if not 0 < p.n < p.m:
-            raise ConfigError(f"{prefix}n={p.n}, {prefix}m={p.m}: need 0 < n < m (for example n=2 m=4)")
-        if p.schedule != "one_shot":
-            raise ConfigError(
-                f"{prefix}kind=nm has a fixed sparsity of 1 - n/m; use {prefix}schedule=one_shot"
-            )
-    if not 0.0 <= p.sparsity < 1.0:
-        raise ConfigError(f"{prefix}sparsity={p.sparsity} must be in [0, 1)")
-    if not 0.0 <= p.initial_sparsity <= p.sparsity:
-        raise ConfigError(
-            f"{prefix}initial_sparsity={p.initial_sparsity} must be in [0, {prefix}sparsity={p.sparsity}]"
-        )
-    if p.start_step < 0:
-        raise ConfigError(f"{prefix}start_step={p.start_step} must be >= 0")
-    if p.schedule == "gradual" and (p.every <= 0 or p.num_updates <= 0):
-        raise ConfigError(
-            f"{prefix}every={p.every} and {prefix}num_updates={p.num_updates} must be positive "
-            "for the gradual schedule"
-        )
-    if not p.include:
-        raise ConfigError(f"{prefix}include is empty: give regexes of the parameter paths to prune")
-    for pattern in p.include:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"{prefix}include has an invalid regex {pattern!r}: {e}") from e

@@ -27,7 +27,9 @@ import sys
 import threading
 from typing import Mapping
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxllm import config as config_lib
 from jaxllm.config import Config, ConfigError, DistributedConfig
@@ -107,19 +109,17 @@ def maybe_initialize(cfg: Config) -> bool:
     reason = reason_to_initialize(d)
     if reason is None:
         return False
-    import jax
-
     # Cross-process collectives of the CPU backend (CI runs and CPU clusters); recent JAX versions
     # default to gloo, older ones to none, under which a multi-process CPU run cannot communicate.
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if not jax.distributed.is_initialized():
-        _initialize(jax, d, reason)
+        _initialize(d, reason)
     check_processes_agree(cfg)
     return True
 
 
-def _initialize(jax, d: DistributedConfig, reason: str) -> None:
+def _initialize(d: DistributedConfig, reason: str) -> None:
     address = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(detected)"
     count = d.num_processes or "(detected)"
     pid = d.process_id if d.process_id >= 0 else "(detected)"
@@ -197,8 +197,6 @@ def check_processes_agree(cfg: Config) -> None:
     """Every process sends the others its config and local device count (two tiny all-gathers);
     a difference raises ConfigError on every process alike, so none is left waiting in a
     collective that the others never reach."""
-    import jax
-    from jax.experimental import multihost_utils
 
     mine = json.dumps(_fingerprint(cfg), sort_keys=True).encode()
     sizes = multihost_utils.process_allgather(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.registry import Registry
+
 
 def cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
     """Next-token cross entropy summed over weighted tokens.
@@ -29,8 +31,6 @@ def cross_entropy(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
 # ---------------------------------------------------------------------------------------------
 # Distillation. Conventions: P is the teacher distribution, Q the student's, both softened by the
 # same temperature T. Every loss returns a sum over weighted tokens, like `cross_entropy`.
-
-DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 # Logits are clipped to +-LOGIT_LIMIT so that -inf (masked vocabulary entries) and +inf become
 # finite before the softmax: log_softmax of a row holding -inf is fine, but gradients through
@@ -101,20 +101,20 @@ def distillation_loss(
     gradient shrinks as 1/T^2), so `alpha` blends it with the hard loss at any temperature.
     top_k > 0 keeps only the teacher's k largest logits (its remaining mass renormalised away).
     Returns (loss_sum, weight_sum)."""
-    if kind not in DISTILL_KINDS:
-        raise ValueError(f"unknown distillation loss {kind!r}; choose one of {DISTILL_KINDS}")
+    divergence = DISTILL_LOSSES.get(kind)
     log_q = softened_log_probs(student_logits_BLV, temperature)
     log_p = softened_log_probs(teacher_logits_BLV, temperature, top_k)
-    if kind == "forward_kl":
-        per_token_BL = _kl_per_token(log_p, log_q)
-    elif kind == "reverse_kl":
-        per_token_BL = _kl_per_token(log_q, log_p)
-    else:
-        per_token_BL = generalized_jsd_per_token(log_p, log_q, beta)
-    per_token_BL = per_token_BL * (temperature**2)
+    per_token_BL = divergence(log_p, log_q, beta) * (temperature**2)
     weights_BL = weights_BL.astype(jnp.float32)
     # `where`, not a product: masked positions contribute exactly nothing, whatever their logits.
     return jnp.sum(jnp.where(weights_BL > 0, per_token_BL * weights_BL, 0.0)), jnp.sum(weights_BL)
+
+
+# distill.loss: (teacher log-probs P, student log-probs Q, beta) -> per-token divergence.
+DISTILL_LOSSES = Registry("distill.loss")
+DISTILL_LOSSES.register("forward_kl", lambda log_p, log_q, beta: _kl_per_token(log_p, log_q))
+DISTILL_LOSSES.register("reverse_kl", lambda log_p, log_q, beta: _kl_per_token(log_q, log_p))
+DISTILL_LOSSES.register("jsd", generalized_jsd_per_token)
 
 
 def top1_agreement(student_logits_BLV, teacher_logits_BLV, weights_BL):
@@ -123,25 +123,25 @@ def top1_agreement(student_logits_BLV, teacher_logits_BLV, weights_BL):
     return jnp.sum(jnp.where(weights_BL > 0, match_BL * weights_BL.astype(jnp.float32), 0.0))
 
 
-HIDDEN_KINDS = ("cosine", "mse")
-
-
 def hidden_state_loss(student_BLD, teacher_BLD, weights_BL, kind: str = "cosine"):
     """Per-token distance between (already projected) student and teacher hidden states, summed
     over weighted tokens: cosine = 1 - cos(s, t); mse = mean over the width of (s - t)^2.
     Returns (loss_sum, weight_sum)."""
-    if kind not in HIDDEN_KINDS:
-        raise ValueError(f"unknown hidden-state loss {kind!r}; choose one of {HIDDEN_KINDS}")
-    s_BLD = student_BLD.astype(jnp.float32)
-    t_BLD = teacher_BLD.astype(jnp.float32)
-    if kind == "cosine":
-        # Normalise with a floored norm (not a division by |s||t|): a zero vector then has
-        # cosine 0 and a finite gradient.
-        def unit(x):
-            return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
-
-        per_token_BL = 1.0 - jnp.sum(unit(s_BLD) * unit(t_BLD), axis=-1)
-    else:
-        per_token_BL = jnp.mean(jnp.square(s_BLD - t_BLD), axis=-1)
+    per_token_BL = HIDDEN_LOSSES.get(kind)(student_BLD.astype(jnp.float32), teacher_BLD.astype(jnp.float32))
     weights_BL = weights_BL.astype(jnp.float32)
     return jnp.sum(jnp.where(weights_BL > 0, per_token_BL * weights_BL, 0.0)), jnp.sum(weights_BL)
+
+
+def _cosine_distance(s_BLD, t_BLD):
+    # Normalise with a floored norm (not a division by |s||t|): a zero vector then has cosine 0
+    # and a finite gradient.
+    def unit(x):
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
+
+    return 1.0 - jnp.sum(unit(s_BLD) * unit(t_BLD), axis=-1)
+
+
+# distill.hidden_loss: (student states, teacher states) [B, L, D] -> per-token distance [B, L].
+HIDDEN_LOSSES = Registry("distill.hidden_loss")
+HIDDEN_LOSSES.register("cosine", _cosine_distance)
+HIDDEN_LOSSES.register("mse", lambda s_BLD, t_BLD: jnp.mean(jnp.square(s_BLD - t_BLD), axis=-1))

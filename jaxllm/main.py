@@ -10,7 +10,15 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from jaxllm.config import Config, ConfigError, override
+# Before jax or tensorflow_datasets start: their C++ logging is noise for an experiment's user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+from jaxllm import decoding, distributed  # noqa: E402
+from jaxllm.compression import distill  # noqa: E402
+from jaxllm.config import Config, ConfigError, override, valid_keys  # noqa: E402
+from jaxllm.training import train  # noqa: E402
 
 
 def parse(get_config: Callable[[], Config], argv: Sequence[str]) -> Config:
@@ -25,8 +33,6 @@ def _fail(message: str) -> None:
 def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        from jaxllm.config import valid_keys
-
         print("usage: python EXPERIMENT.py [key=value ...]\nkeys:\n  " + "\n  ".join(valid_keys(get_config())))
         return
     try:
@@ -34,24 +40,14 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
     except ConfigError as e:
         _fail(str(e))
 
-    # Heavy imports after argument parsing, so a typo fails in a fraction of a second.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from jaxllm import distributed
-
     try:
         # Before anything else touches JAX: the device list is fixed when a backend starts.
         distributed.maybe_initialize(cfg)
     except ConfigError as e:
         _fail(str(e))
 
-    import jax
-
-    from jaxllm import generate, train
-
     try:
         if cfg.distill.enabled:
-            from jaxllm import distill
-
             distill.train(cfg)
         else:
             train.train(cfg)
@@ -65,7 +61,7 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
                 print(f"no sample in a multi-process run: sample with `python -m jaxllm.generate "
                       f"--workdir {cfg.workdir}` on one host", file=sys.stderr)
         elif cfg.sample_tokens > 0:
-            text = generate.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
+            text = decoding.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
             if jax.process_index() == 0:
                 with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:
                     f.write(text)

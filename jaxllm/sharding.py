@@ -24,6 +24,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jaxllm.config import Config, ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical names of activations (parameter names are "vocab", "embed", "heads", "kv_heads",
+# "head_dim", "mlp", "norm", "layers", "expert"). Kept distinct so a rule can shard a weight without
+# sharding the activation dimension of the same size, and vice versa.
+BATCH, LENGTH, ACT_EMBED = "batch", "act_length", "act_embed"
+ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = "act_heads", "act_kv_heads", "act_mlp", "act_vocab"
 BATCH_AXES = ("data", "fsdp", "expert")
 
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

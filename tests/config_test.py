@@ -1,6 +1,7 @@
 import pytest
 
 from jaxllm import config as C
+from jaxllm import validation
 
 
 def test_override_nested_and_typed_values():
@@ -41,9 +42,9 @@ def test_config_round_trips_through_dict():
 
 def test_validate_rejects_inconsistent_model():
     with pytest.raises(C.ConfigError, match="num_kv_heads"):
-        C.validate(C.override(C.Config(), ["model.num_heads=4", "model.num_kv_heads=3"]))
+        validation.validate(C.override(C.Config(), ["model.num_heads=4", "model.num_kv_heads=3"]))
     with pytest.raises(C.ConfigError, match="grad_accum"):
-        C.validate(C.override(C.Config(), ["train.batch_size=10", "train.grad_accum=3"]))
+        validation.validate(C.override(C.Config(), ["train.batch_size=10", "train.grad_accum=3"]))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -66,7 +67,7 @@ def test_validate_rejects_inconsistent_model():
 def test_values_that_would_fail_later_are_rejected_up_front(override, message):
     with pytest.raises(C.ConfigError, match=message):
         cfg = C.override(C.Config(), [override, "distill.teacher_workdir=runs/teacher"])
-        C.validate(cfg)
+        validation.validate(cfg)
 
 
 def test_tuple_values_are_literals_or_comma_separated_text():

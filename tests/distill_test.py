@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint as ckpt
+from jaxllm.training import checkpoint as ckpt
 from jaxllm import config as C
-from jaxllm import distill, generate, losses, sharding, train
+from jaxllm import validation
+from jaxllm import decoding, losses, sharding
+from jaxllm.compression import distill
+from jaxllm.training import train
 from helpers import packed_batch, tiny_config
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1)]
@@ -121,7 +124,7 @@ def test_masked_positions_contribute_nothing(kind, beta):
     assert np.all(np.asarray(grad[:, 3:]) == 0) and np.any(np.asarray(grad[:, :3]) != 0)
     # The same for the hidden-state losses.
     s_h, t_h = _logits(2, (2, 5, 8)), _logits(3, (2, 5, 8))
-    for hidden_kind in losses.HIDDEN_KINDS:
+    for hidden_kind in losses.HIDDEN_LOSSES:
         base = losses.hidden_state_loss(s_h, t_h, weights, hidden_kind)[0]
         moved = losses.hidden_state_loss(s_h.at[:, 3:].set(9.0), t_h, weights, hidden_kind)[0]
         np.testing.assert_allclose(moved, base, rtol=1e-6)
@@ -156,7 +159,7 @@ def test_extreme_logits_give_finite_values_and_gradients(kind, beta):
             assert np.all(np.isfinite(np.asarray(g)))
     assert np.isfinite(losses.top1_agreement(student, teacher, weights))
     zeros = jnp.zeros((1, 4, 6))
-    for hidden_kind in losses.HIDDEN_KINDS:
+    for hidden_kind in losses.HIDDEN_LOSSES:
         g = jax.grad(lambda s: losses.hidden_state_loss(s, zeros, weights, hidden_kind)[0])(zeros)
         assert np.all(np.isfinite(np.asarray(g)))
 
@@ -177,7 +180,7 @@ def test_top_k_keeps_the_teachers_k_largest_logits_renormalised():
 def test_hidden_state_losses():
     s, t = _logits(2, (2, 5, 8)), _logits(3, (2, 5, 8))
     w = jnp.ones((2, 5))
-    for kind in losses.HIDDEN_KINDS:
+    for kind in losses.HIDDEN_LOSSES:
         np.testing.assert_allclose(losses.hidden_state_loss(t, t, w, kind)[0], 0.0, atol=1e-5)
         assert losses.hidden_state_loss(s, t, w, kind)[0] > 1e-2
     # Cosine ignores scale, MSE does not; cosine of opposite vectors is 2 per token.
@@ -223,7 +226,7 @@ def _distill_config(teacher_workdir="t", **distill_overrides):
 def test_bad_distill_values_are_clear_errors(overrides, message):
     cfg = C.override(_distill_config(), overrides)
     with pytest.raises(C.ConfigError, match=message):
-        C.validate(cfg)
+        validation.validate(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +248,7 @@ def teacher_workdir(tmp_path_factory):
 
 
 def _distill_steps(cfg, mesh, steps=2):
-    s = train.setup(cfg, mesh)
+    s = distill.setup(cfg, mesh)
     state = train.init_state(s, jax.random.key(0))
     step = distill.make_distill_step(s)
     history = []
@@ -272,7 +275,7 @@ def test_distillation_step_on_data2_fsdp4_equals_single_device(teacher_workdir, 
                  jax.device_get(state.params), jax.device_get(ref_state.params))
     # The learned projection is part of the student's params and is trained.
     assert state.params[distill.PROJECTION].shape == (2, 64, 96)
-    s0 = train.setup(cfg, sharding.make_mesh(C.MeshConfig(data=2, fsdp=4)))
+    s0 = distill.setup(cfg, sharding.make_mesh(C.MeshConfig(data=2, fsdp=4)))
     initial = jax.device_get(train.init_state(s0, jax.random.key(0)).params[distill.PROJECTION])
     assert not np.allclose(jax.device_get(state.params[distill.PROJECTION]), initial)
 
@@ -290,7 +293,7 @@ def test_metrics_are_the_hard_loss_distillation_loss_and_agreement(single_device
 def test_teacher_is_restored_unchanged_and_gets_no_gradient(teacher_workdir):
     workdir, saved_params = teacher_workdir
     cfg = _distill_config(workdir, hidden_layers=())
-    s = train.setup(cfg, sharding.make_mesh(C.MeshConfig(data=2, fsdp=4)))
+    s = distill.setup(cfg, sharding.make_mesh(C.MeshConfig(data=2, fsdp=4)))
     teacher = distill.restore_teacher(cfg, s.mesh)
     # Restored onto this mesh with the teacher's own logical shardings.
     assert teacher["blocks"]["mlp"]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -344,7 +347,7 @@ def test_distill_run_trains_a_missing_teacher_then_the_student_and_generation_st
     # The distilled student's checkpoint (with its projection) still samples as a plain model.
     saved = json.load(open(os.path.join(cfg.workdir, "config.json")))
     assert saved["distill"]["teacher_workdir"] == str(tmp_path / "teacher")
-    text = generate.sample_from_workdir(cfg.workdir, "def ", max_new_tokens=4)
+    text = decoding.sample_from_workdir(cfg.workdir, "def ", max_new_tokens=4)
     assert text.startswith("def ")
 
 

@@ -11,9 +11,10 @@ import sys
 import jax
 import pytest
 
-from jaxllm import config as C
-from jaxllm import model as model_lib
-from jaxllm import sharding, train
+from jaxllm import validation
+from jaxllm.models import transformer as model_lib
+from jaxllm import sharding
+from jaxllm.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
@@ -40,7 +41,7 @@ def test_experiment_initialises_abstractly(path):
     module = load_experiment(path)
     assert module.__doc__ and "python experiments/" in module.__doc__, "docstring gives the run command"
     cfg = module.get_config()
-    C.validate(cfg)
+    validation.validate(cfg)
     # Fit the experiment's mesh onto the 8 test devices: its shape is for real hardware.
     mesh_cfg = cfg.mesh
     if abs(mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor * mesh_cfg.expert) > 8 or -1 not in dataclasses.astuple(mesh_cfg):

@@ -1,6 +1,4 @@
 import dataclasses
-import subprocess
-import sys
 
 import jax
 from jax.experimental import io_callback
@@ -8,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import data, generate, train
-from jaxllm.model import Transformer
+from jaxllm import data, decoding, restore
+from jaxllm.training import train
+from jaxllm.models import Transformer
 from helpers import tiny_config, with_model
 
 
 def test_left_pad_positions_and_segments():
-    tokens, segs, pos = generate.left_pad([[5, 6, 7], [9]])
+    tokens, segs, pos = decoding.left_pad([[5, 6, 7], [9]])
     np.testing.assert_array_equal(tokens, [[5, 6, 7], [data.PAD_ID, data.PAD_ID, 9]])
     np.testing.assert_array_equal(segs, [[1, 1, 1], [0, 0, 1]])
     np.testing.assert_array_equal(pos, [[0, 1, 2], [0, 0, 0]])
@@ -22,19 +21,19 @@ def test_left_pad_positions_and_segments():
 
 def test_top_k_and_top_p_filtering():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    top2 = generate.filter_logits(logits, 1.0, 2, 1.0)
+    top2 = decoding.filter_logits(logits, 1.0, 2, 1.0)
     assert np.isfinite(top2[0, :2]).all() and np.isinf(top2[0, 2:]).all()
-    nucleus = generate.filter_logits(logits, 1.0, 0, 0.7)  # 0.5 + 0.3 reaches 0.7
+    nucleus = decoding.filter_logits(logits, 1.0, 0, 0.7)  # 0.5 + 0.3 reaches 0.7
     assert np.isfinite(nucleus[0, :2]).all() and np.isinf(nucleus[0, 2:]).all()
-    tiny_p = generate.filter_logits(logits, 1.0, 0, 0.01)  # always keeps the top token
+    tiny_p = decoding.filter_logits(logits, 1.0, 0, 0.01)  # always keeps the top token
     assert np.isfinite(tiny_p[0, 0]) and np.isinf(tiny_p[0, 1:]).all()
 
 
 def test_sampling_draws_only_from_the_kept_tokens():
     logits = jnp.tile(jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]])), (512, 1))
-    tokens = generate.choose_tokens(logits, jax.random.key(0), generate.SamplingConfig(temperature=1.0, top_k=2))
+    tokens = decoding.choose_tokens(logits, jax.random.key(0), decoding.SamplingConfig(temperature=1.0, top_k=2))
     assert set(np.unique(tokens)) == {0, 1}
-    greedy = generate.choose_tokens(logits, jax.random.key(0), generate.SamplingConfig(temperature=0.0))
+    greedy = decoding.choose_tokens(logits, jax.random.key(0), decoding.SamplingConfig(temperature=0.0))
     assert (np.asarray(greedy) == 0).all()
 
 
@@ -42,8 +41,8 @@ def test_batched_greedy_generation_equals_unbatched_and_full_recompute():
     cfg = tiny_config().model
     import flax.linen as nn
     params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    gen = generate.Generator(cfg)
-    greedy = generate.SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    gen = decoding.Generator(cfg)
+    greedy = decoding.SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
     prompts = [[data.BOS_ID, 10, 11, 12, 13], [data.BOS_ID, 40]]
     batched = gen.generate(params, prompts, greedy, jax.random.key(0))
     for prompt, out in zip(prompts, batched):
@@ -70,22 +69,22 @@ def test_generation_stops_at_eos_per_sequence(monkeypatch):
     # runs once per generated token.
     scripted_tokens = lambda *_: io_callback(
         lambda: np.asarray(next(scripted), np.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
-    monkeypatch.setattr(generate, "choose_tokens", scripted_tokens)
-    gen = generate.Generator(cfg)
+    monkeypatch.setattr(decoding, "choose_tokens", scripted_tokens)
+    gen = decoding.Generator(cfg)
     out = gen.generate(params, [[data.BOS_ID, 1], [data.BOS_ID, 2, 3]],
-                       generate.SamplingConfig(max_new_tokens=10), jax.random.key(0))
+                       decoding.SamplingConfig(max_new_tokens=10), jax.random.key(0))
     assert out == [[7, data.EOS_ID], [7, 8, 9, data.EOS_ID]]
     assert next(scripted) == [11, 11]  # nothing sampled after both rows finished
 
 
 def test_right_pad_positions_and_segments():
-    tokens, segs, pos, lengths = generate.pad_prompts([[5, 6, 7], [9]], "right")
+    tokens, segs, pos, lengths = decoding.pad_prompts([[5, 6, 7], [9]], "right")
     np.testing.assert_array_equal(tokens, [[5, 6, 7], [9, data.PAD_ID, data.PAD_ID]])
     np.testing.assert_array_equal(segs, [[1, 1, 1], [1, 0, 0]])
     np.testing.assert_array_equal(pos[1, :1], [0])
     np.testing.assert_array_equal(lengths, [3, 1])
     with pytest.raises(ValueError, match="padding side"):
-        generate.pad_prompts([[1]], "middle")
+        decoding.pad_prompts([[1]], "middle")
 
 
 def _tiny_params(cfg):
@@ -104,14 +103,14 @@ def test_unstack_layers_gives_the_unscanned_model_the_scanned_ones_weights(moe_e
         cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, every=moe_every, num_shared=1))
     unscanned_cfg = dataclasses.replace(cfg, scan_layers=False)
     params = _tiny_params(cfg)
-    converted = generate.unstack_layers(cfg, params)
+    converted = decoding.unstack_layers(cfg, params)
     expected = jax.eval_shape(lambda: _tiny_params(unscanned_cfg))
     assert jax.tree.structure(converted) == jax.tree.structure(expected)
     assert jax.tree.map(jnp.shape, converted) == jax.tree.map(lambda a: a.shape, expected)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 16)), jnp.int32)
     np.testing.assert_allclose(Transformer(unscanned_cfg).apply({"params": converted}, tokens),
                                Transformer(cfg).apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
-    assert generate.unstack_layers(unscanned_cfg, converted) is converted
+    assert decoding.unstack_layers(unscanned_cfg, converted) is converted
 
 
 PADDED_PROMPTS = [[data.BOS_ID, 10, 11, 12, 13, 14, 15], [data.BOS_ID, 40], [data.BOS_ID, 7, 8, 9]]
@@ -123,8 +122,8 @@ def test_cached_decoding_equals_full_recompute_for_padded_batches():
     padding; sampled tokens (same rng), which depend on all the logits, agree too."""
     cfg = tiny_config().model
     params = _tiny_params(cfg)
-    gen = generate.Generator(cfg)
-    greedy = generate.SamplingConfig(max_new_tokens=5, temperature=0.0, stop_at_eos=False)
+    gen = decoding.Generator(cfg)
+    greedy = decoding.SamplingConfig(max_new_tokens=5, temperature=0.0, stop_at_eos=False)
     sampled = dataclasses.replace(greedy, temperature=1.0)
     alone = [gen.generate(params, [p], greedy, jax.random.key(0), use_cache=False)[0] for p in PADDED_PROMPTS]
     assert all(len(out) == 5 for out in alone)
@@ -142,7 +141,8 @@ def test_cached_decoding_equals_full_recompute_for_padded_batches():
 def test_sharded_decoding_equals_single_device(quantized):
     """Batch over data x fsdp, heads over tensor (3 prompts fill a 4-row sharded batch): the
     same tokens and prompt logits as on one device, with the cache split the same way."""
-    from jaxllm import config as C, quantize, sharding
+    from jaxllm import config as C, sharding
+    from jaxllm.compression import quantize
 
     cfg = tiny_config(mesh=C.MeshConfig(data=2, fsdp=2, tensor=2, expert=1))
     params = _tiny_params(cfg.model)
@@ -153,14 +153,14 @@ def test_sharded_decoding_equals_single_device(quantized):
     if quantized:
         shardings = jax.tree.map(lambda a: a.sharding, quantize.quantized_abstract(s.abstract_state.params))
     sharded_params = jax.device_put(params, shardings)
-    single, sharded = generate.Generator(cfg.model), generate.Generator(cfg.model, s.mesh)
-    greedy = generate.SamplingConfig(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    single, sharded = decoding.Generator(cfg.model), decoding.Generator(cfg.model, s.mesh)
+    greedy = decoding.SamplingConfig(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
     for padding in ("left", "right"):
         expected = single.generate(params, PADDED_PROMPTS, greedy, jax.random.key(0), padding=padding)
         assert sharded.generate(sharded_params, PADDED_PROMPTS, greedy, jax.random.key(0),
                                 padding=padding) == expected
 
-    tokens, segs, pos, lengths = generate.pad_prompts(PADDED_PROMPTS + [[data.BOS_ID]])
+    tokens, segs, pos, lengths = decoding.pad_prompts(PADDED_PROMPTS + [[data.BOS_ID]])
     last = np.full(4, tokens.shape[1] - 1, np.int32)
     logits_1, _ = single.prefill(params, single.init_cache(4, 12), tokens, segs, pos, last)
     with sharding.activate(s.mesh):
@@ -193,16 +193,16 @@ def test_a_run_trained_with_cudnn_attention_loads_and_samples_off_gpu(tmp_path):
     with open(f"{workdir}/config.json", "w") as f:
         json.dump(saved, f)
 
-    loaded_cfg, params = generate.load_params(workdir)
+    loaded_cfg, params = restore.load_params(workdir)
     assert loaded_cfg.model.attention_impl == "xla" and loaded_cfg.model.dtype == "bfloat16"
-    gen = generate.Generator(loaded_cfg.model)
-    sampling = generate.SamplingConfig(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    gen = decoding.Generator(loaded_cfg.model)
+    sampling = decoding.SamplingConfig(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
     prompt = [[data.BOS_ID, *data.encode("def ").tolist()]]
     (generated,) = gen.generate(params, prompt, sampling, jax.random.key(0))
     assert len(generated) == 4
     # The cached prefill through the XLA attention computes the full forward's last logits
     # (both bfloat16, hence the tolerance).
-    tokens, segs, pos, _ = generate.pad_prompts(prompt)
+    tokens, segs, pos, _ = decoding.pad_prompts(prompt)
     last = np.array([tokens.shape[1] - 1], np.int32)
     cached_logits, _ = gen.prefill(params, gen.init_cache(1, tokens.shape[1]), tokens, segs, pos, last)
     full_logits = Transformer(loaded_cfg.model).apply({"params": params}, tokens)

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from jaxllm import config as C
-from jaxllm import sharding, train
+from jaxllm import sharding
+from jaxllm.training import train
 
 
 def tiny_config(**overrides) -> C.Config:

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import layers
+from jaxllm.layers import attention as attention_layers
+from jaxllm.ops import attention as attention_ops
+from jaxllm.ops import projection as projection_ops
 from helpers import packed_batch
 
 
@@ -31,8 +33,8 @@ def _check_attention_against_reference(attend, shape_BLNGK, seed):
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                for s in [(B, L, N, G, K), (B, L, N, K), (B, L, N, K)])
     index = jnp.broadcast_to(jnp.arange(L), (B, L))
-    mask = layers.attention_mask(segment_ids, segment_ids, index, index)
-    bias, has_keys = layers.attention_bias(mask)
+    mask = attention_layers.attention_mask(segment_ids, segment_ids, index, index)
+    bias, has_keys = attention_ops.attention_bias(mask)
 
     def fast(q, k, v):
         return attend(q, k, v, bias, has_keys)
@@ -50,9 +52,9 @@ def _check_attention_against_reference(attend, shape_BLNGK, seed):
 
 def test_blocked_causal_attention_equals_full_masked_softmax_with_gradients():
     shape = (2, 128, 2, 2, 16)
-    assert shape[1] // layers.CAUSAL_QUERY_BLOCKS >= layers.MIN_QUERY_BLOCK  # the block path is taken
+    assert shape[1] // attention_ops.CAUSAL_QUERY_BLOCKS >= attention_ops.MIN_QUERY_BLOCK  # the block path is taken
     _check_attention_against_reference(
-        lambda q, k, v, bias, has_keys: layers.dot_product_attention(q, k, v, bias, has_keys, causal_self=True),
+        lambda q, k, v, bias, has_keys: attention_ops.dot_product_attention(q, k, v, bias, has_keys, causal_self=True),
         shape, seed=4)
 
 
@@ -61,7 +63,7 @@ def test_fused_attention_wrapper_equals_masked_softmax_with_gradients():
     jax's reference implementation since there is no GPU here; on a GPU benchmarks/attention.py
     compares the cuDNN kernel itself with the XLA path."""
     _check_attention_against_reference(
-        lambda *args: layers.fused_attention(*args, implementation="xla"), (2, 64, 2, 3, 16), seed=5)
+        lambda *args: attention_ops.fused_attention(*args, implementation="xla"), (2, 64, 2, 3, 16), seed=5)
 
 
 def test_projection_matches_tensordot_and_its_gradients():
@@ -71,10 +73,10 @@ def test_projection_matches_tensordot_and_its_gradients():
                                        ((2, 5, 16), (16, 4), 1)]:  # narrow output: transpose g
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
-        np.testing.assert_allclose(layers.project(x, w, contract), jnp.tensordot(x, w, contract),
+        np.testing.assert_allclose(projection_ops.project(x, w, contract), jnp.tensordot(x, w, contract),
                                    rtol=1e-5, atol=1e-5)
         out_weights = jnp.asarray(rng.standard_normal(jnp.tensordot(x, w, contract).shape))
-        g1 = jax.grad(lambda x, w: jnp.sum(layers.project(x, w, contract) * out_weights), (0, 1))(x, w)
+        g1 = jax.grad(lambda x, w: jnp.sum(projection_ops.project(x, w, contract) * out_weights), (0, 1))(x, w)
         g2 = jax.grad(lambda x, w: jnp.sum(jnp.tensordot(x, w, contract) * out_weights), (0, 1))(x, w)
         for a, b in zip(g1, g2):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxllm import config as C
-from jaxllm import model as model_lib
-from jaxllm.generate import Generator
+from jaxllm.models import transformer as model_lib
+from jaxllm.decoding import Generator
 from helpers import packed_batch, tiny_config, with_model
 
 
@@ -116,7 +116,7 @@ def test_cached_decoding_equals_full_recompute(scan_layers, moe):
     continuation = rng.integers(0, 259, (2, 6)).astype(np.int32)
     _, params = _init(cfg, np.zeros((1, 8), np.int32))
     gen = Generator(cfg)
-    from jaxllm.generate import left_pad
+    from jaxllm.decoding import left_pad
     tokens, segs, pos = left_pad(prompts)
     cache = gen.init_cache(2, tokens.shape[1] + continuation.shape[1])
     logits, cache = gen.forward(params, cache, tokens, segs, pos)
@@ -149,7 +149,7 @@ def test_registering_a_new_mlp_kind_is_one_table_entry():
         cfg: object
 
         @nn.compact
-        def __call__(self, x):
+        def __call__(self, x, valid=None):
             return 0 * x
 
     model_lib.MLP_KINDS["zero_test"] = Identity

@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint as ckpt
+from jaxllm.training import checkpoint as ckpt
 from jaxllm import config as C
-from jaxllm import moe, sharding, train
+from jaxllm import sharding
+from jaxllm.layers import moe
+from jaxllm.ops import GROUPED_FFNS
+from jaxllm.training import train
 from helpers import packed_batch, tiny_config, two_train_steps, with_model
 
 E, K, D, F = 8, 2, 32, 48
@@ -97,7 +100,7 @@ def test_blocked_and_ragged_dot_and_dense_grouped_matmuls_agree():
     x = jnp.asarray(rng.normal(size=(R, D)), jnp.float32)
     group = jnp.asarray(rng.integers(0, E + 1, R), jnp.int32)  # E marks rows to ignore
     ws = [jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32) for s in ((E, D, F), (E, D, F), (E, F, D))]
-    outs = {kind: fn(x, group, *ws) for kind, fn in moe.GROUPED_MATMULS.items()}
+    outs = {kind: fn(x, group, *ws) for kind, fn in GROUPED_FFNS.items()}
     ignored = np.asarray(group) == E
     for kind, out in outs.items():
         np.testing.assert_array_equal(np.asarray(out)[ignored], 0.0, err_msg=kind)

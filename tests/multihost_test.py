@@ -112,8 +112,8 @@ def data_dir(tmp_path_factory):
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path, data_dir, monkeypatch):
     import jax
 
-    from jaxllm import checkpoint as ckpt
-    from jaxllm import train
+    from jaxllm.training import checkpoint as ckpt
+    from jaxllm.training import train
 
     two = str(tmp_path / "two_processes")
     port = _free_port()
@@ -155,7 +155,7 @@ def test_processes_that_share_the_batch_each_read_all_of_it(tmp_path, data_dir, 
     """tensor=2 spans the two processes (expert=4, a batch axis outside MoE layers, lies within
     each): both hold every row of the batch, so each reads all of it, and the pair trains like one
     process on the same mesh. The end-of-run sample is skipped with a note, not an error."""
-    from jaxllm import train
+    from jaxllm.training import train
 
     mesh = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2", "mesh.expert=4", "train.steps=2"]
     two, port = str(tmp_path / "two_processes"), _free_port()
@@ -224,7 +224,8 @@ def _worker(argv):
 
     from jax.experimental import multihost_utils
 
-    from jaxllm import main, train
+    from jaxllm import main
+    from jaxllm.training import train
 
     train.peak_flops_total = lambda: 1.0
     real_train = train.train

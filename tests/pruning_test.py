@@ -8,14 +8,16 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxllm import checkpoint as ckpt
+from jaxllm.training import checkpoint as ckpt
 from jaxllm import config as C
-from jaxllm import data, optim, pruning, sharding, train
+from jaxllm import validation
+from jaxllm import data, sharding
+from jaxllm.compression import pruning
+from jaxllm.training import optim, train
 from helpers import tiny_config, two_train_steps
 
 Box = nn.Partitioned
@@ -223,7 +225,7 @@ def test_bad_prune_config_is_a_clear_error():
         (C.PruneConfig(kind="magnitude", include=("(",)), "invalid regex"),
     ]:
         with pytest.raises(C.ConfigError, match=message):
-            C.validate(dataclasses.replace(base, prune=prune))
+            validation.validate(dataclasses.replace(base, prune=prune))
     cfg = C.override(base, ["prune.kind=global", "prune.sparsity=0.25"])
     assert cfg.prune.kind == "global" and cfg.prune.sparsity == 0.25
     with pytest.raises(C.ConfigError, match="matches no parameter"):
@@ -231,7 +233,7 @@ def test_bad_prune_config_is_a_clear_error():
 
 
 def test_one_shot_prune_of_a_gradually_pruned_run_keeps_its_kind_but_not_its_schedule():
-    from jaxllm import prune
+    from jaxllm.cli import prune
 
     gradual = C.PruneConfig(kind="global", schedule="gradual", sparsity=0.8, initial_sparsity=0.1,
                             start_step=30)
@@ -312,7 +314,8 @@ def test_resumed_run_keeps_masks_and_schedule_position(gradual_run):
 
 
 def test_prune_command_prunes_a_checkpoint_and_reports_the_losses(gradual_run, tmp_path, capsys):
-    from jaxllm import generate, prune
+    from jaxllm import restore
+    from jaxllm.cli import prune
 
     cfg, _, _ = gradual_run
     out = str(tmp_path / "pruned")
@@ -323,8 +326,8 @@ def test_prune_command_prunes_a_checkpoint_and_reports_the_losses(gradual_run, t
     assert "sparsity 0.8000 -> 0.9000" in printed  # the run had reached 80% per tensor
     assert "validation loss (1 batches):" in printed
 
-    _, original = generate.load_params(cfg.workdir)
-    pruned_cfg, pruned = generate.load_params(out)
+    _, original = restore.load_params(cfg.workdir)
+    pruned_cfg, pruned = restore.load_params(out)
     assert pruned_cfg.prune.kind == "global" and pruned_cfg.prune.sparsity == 0.9
     zeros = total = 0
     original = _named_leaves(jax.device_get(original))

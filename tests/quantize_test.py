@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxllm import checkpoint as ckpt
+from jaxllm.training import checkpoint as ckpt
 from jaxllm import config as C
-from jaxllm import data, generate, quantize, train
-from jaxllm.model import Transformer
+from jaxllm import restore
+from jaxllm.cli import generate as generate_cli
+from jaxllm.cli import quantize as quantize_cli
+from jaxllm.compression import quantize
+from jaxllm.training import train
+from jaxllm.models import Transformer
 from helpers import packed_batch, tiny_config
 
 VALUES, SCALE = "int8", "scale"
@@ -155,23 +159,23 @@ def test_cli_writes_a_quantized_checkpoint_that_generation_and_evaluation_accept
                               checkpoint=C.CheckpointConfig(every=2, async_save=False))
     train.train(cfg, log=lambda record: None)
 
-    quantize.main(["--workdir", workdir, "--out", out, "--eval_batches", "1"])
+    quantize_cli.main(["--workdir", workdir, "--out", out, "--eval_batches", "1"])
     report = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["kernel_bytes_int8"] <= 0.27 * report["kernel_bytes_float"]
     assert abs(report["eval_loss_int8"] - report["eval_loss_float"]) <= 0.01 * report["eval_loss_float"]
 
-    _, params = generate.load_params(out)
+    _, params = restore.load_params(out)
     assert params["blocks"]["attn"]["q"][VALUES].dtype == jnp.int8
-    generate.main(["--workdir", out, "--prompt", "def ", "--prompt", "x", "--max_new_tokens", "3",
-                   "--temperature", "0.5"])
+    generate_cli.main(["--workdir", out, "--prompt", "def ", "--prompt", "x", "--max_new_tokens", "3",
+                       "--temperature", "0.5"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("def ") and any(line.startswith("x") for line in lines[1:])
 
     with pytest.raises(SystemExit) as again:  # quantizing a quantized checkpoint
-        quantize.main(["--workdir", out, "--out", str(tmp_path / "twice")])
+        quantize_cli.main(["--workdir", out, "--out", str(tmp_path / "twice")])
     assert again.value.code == 2 and "already" in capsys.readouterr().err
     with pytest.raises(SystemExit) as missing:
-        quantize.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+        quantize_cli.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert missing.value.code == 2 and "not a jaxllm run directory" in capsys.readouterr().err
 
     # Sampling flags that cannot work are one-line errors, not tracebacks or silent garbage.
@@ -181,10 +185,10 @@ def test_cli_writes_a_quantized_checkpoint_that_generation_and_evaluation_accept
                            (["--top_p", "0"], "--top_p 0.0 must be in (0, 1]"),
                            (["--tensor", "0"], "--tensor 0 must be 1 or more")):
         with pytest.raises(SystemExit) as bad:
-            generate.main(["--workdir", out, *flags])
+            generate_cli.main(["--workdir", out, *flags])
         assert bad.value.code == 2 and message in capsys.readouterr().err
 
-    from jaxllm import prune
+    from jaxllm.cli import prune
 
     for args, message in (([], "holds an int8-quantized checkpoint; prune the float run"),
                           (["--sparsity", "0.5"], "PruneConfig fields go as key=value")):

@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxllm import config as C
-from jaxllm import sharding, train
+from jaxllm import sharding
+from jaxllm.training import train
 from helpers import packed_batch, tiny_config, two_train_steps
 
 MESHES = {

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint as ckpt
+from jaxllm.training import checkpoint as ckpt
 from jaxllm import config as C
-from jaxllm import sharding, train
+from jaxllm import sharding
+from jaxllm.training import train
 from helpers import packed_batch, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,7 @@ def test_an_empty_eval_split_trains_without_evaluation(tmp_path, data_dir):
     assert not any("eval_loss" in r for r in records)
     assert ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir)).all_steps() == [5]
     # Such a run prunes too, without the before/after validation loss.
-    from jaxllm import prune
+    from jaxllm.cli import prune
 
     out = str(tmp_path / "pruned")
     result = prune.prune_checkpoint(cfg.workdir, out, ["sparsity=0.5"])
@@ -110,13 +111,14 @@ def test_an_empty_eval_split_trains_without_evaluation(tmp_path, data_dir):
 def test_a_run_with_gradient_accumulation_loads_for_sampling_and_evaluation(tmp_path, data_dir):
     """Loading runs one micro-batch of a batch the loading mesh splits: 4 micro-batches of 8
     rows fit training's 8 batch shards, but a batch of 8 (one row per device) in 4 would not."""
-    from jaxllm import generate, quantize
+    from jaxllm import restore
+    from jaxllm.cli import quantize as quantize_cli
 
     cfg = _loop_config(tmp_path / "run", data_dir, steps=1, batch_size=32, grad_accum=4)
     train.train(cfg)
-    loaded, params = generate.load_params(cfg.workdir)
+    loaded, params = restore.load_params(cfg.workdir)
     assert loaded.train.grad_accum == 1 and loaded.train.batch_size == 32
-    assert np.isfinite(quantize.evaluate_workdir(cfg.workdir, 1)["eval_loss"])
+    assert np.isfinite(quantize_cli.evaluate_workdir(cfg.workdir, 1)["eval_loss"])
     assert C.from_dict(C.Config, ckpt.read_config_json(cfg.workdir)).train.grad_accum == 4
 
 

@@ -13,7 +13,7 @@ Where the hidden-state projection lives: in the student's own param tree, as one
 `distill_projection` [pairs, student width, teacher width] next to `embed`, `blocks`, ...
 (`ProjectedStudent`). So the optimizer, sharding rules and checkpoints treat it like any other
 param with no change to TrainState, and a distilled student's checkpoint still loads as a plain
-`Transformer`: partial restores (generate.load_params) and `Transformer.apply` ignore the extra key.
+`Transformer`: partial restores (restore.load_params) and `Transformer.apply` ignore the extra key.
 
 Shape legend: N layers, P layer pairs, B batch, L length, D width (S student, T teacher), V vocab.
 """
@@ -28,12 +28,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm import checkpoint as ckpt
 from jaxllm import config as config_lib
-from jaxllm import layers, losses, sharding
-from jaxllm import train as train_lib
+from jaxllm import losses, restore, sharding, validation
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
-from jaxllm.model import Transformer
+from jaxllm.layers.base import dense_init
+from jaxllm.models.causal_lm import forward, router_extras
+from jaxllm.models.transformer import Transformer
+from jaxllm.training import checkpoint as ckpt
+from jaxllm.training import train as train_lib
 
 PROJECTION = "distill_projection"
 
@@ -51,7 +53,7 @@ class ProjectedStudent(Transformer):
             # Created (and so trained) here; applied by the distillation loss.
             self.param(
                 PROJECTION,
-                layers.dense_init(self.cfg.d_model**-0.5, (None, "embed", None)),
+                dense_init(self.cfg.d_model**-0.5, (None, "embed", None)),
                 (len(self.distill.layer_pairs()), self.cfg.d_model, self.distill.teacher.d_model),
                 jnp.float32,
             )
@@ -60,6 +62,17 @@ class ProjectedStudent(Transformer):
 
 def needs_projection(student_width: int, d: DistillConfig) -> bool:
     return bool(d.hidden_layers) and student_width != d.teacher.d_model
+
+
+def student_model(cfg: Config) -> Transformer:
+    """The student: with hidden-state pairs it also owns the learned projection(s) to the
+    teacher's width, so they are trained, sharded and checkpointed with its params."""
+    return ProjectedStudent(cfg.model, distill=cfg.distill) if cfg.distill.hidden_layers else Transformer(cfg.model)
+
+
+def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> train_lib.Setup:
+    """`training.train.setup` with the student (and its projection) as the model."""
+    return train_lib.setup(cfg, mesh, model=student_model(cfg))
 
 
 def block_outputs(intermediates, num_layers: int):
@@ -95,7 +108,7 @@ def distill_loss_fn(s: train_lib.Setup) -> Callable:
 
     def loss_fn(params, batch, teacher_params):
         teacher_params = jax.lax.stop_gradient(teacher_params)
-        logits_S, router_loss, router_metrics, variables = train_lib.apply_with_router_losses(
+        logits_S, router_loss, router_metrics, variables = forward(
             s.model, params, batch, mutable=("intermediates",) if pairs else ())
         if pairs:
             hidden_S = block_outputs(variables["intermediates"], s.model.cfg.num_layers)
@@ -111,7 +124,7 @@ def distill_loss_fn(s: train_lib.Setup) -> Callable:
             "distill_loss": soft_sum,
             "hard_loss": hard_sum,
             "agreement": losses.top1_agreement(logits_S, logits_T, weights),
-            **train_lib.router_extras(router_loss, router_metrics, weight_sum),
+            **router_extras(router_loss, router_metrics, weight_sum),
         }
         if pairs:
             chosen_PBLS = hidden_S[student_layers]
@@ -192,35 +205,31 @@ def restore_teacher(cfg: Config, mesh: jax.sharding.Mesh):
         raise ConfigError(f"the teacher does not fit the student's mesh: {e}") from None
     if not has_teacher_checkpoint(d):
         raise _missing_teacher_error(cfg)
-    checkpointer = ckpt.Checkpointer(teacher_checkpoint_dir(d), read_only=True)
+    directory = teacher_checkpoint_dir(d)
+    step = None if d.teacher_step < 0 else d.teacher_step
+    checkpointer = ckpt.Checkpointer(directory, read_only=True)
     try:
-        step = None if d.teacher_step < 0 else d.teacher_step
         saved_model = checkpointer.restore_meta(step).get("config", {}).get("model")
-        if saved_model is not None:
-            saved = config_lib.from_dict(config_lib.ModelConfig, saved_model)
-            # Layout and kernel options (scan, remat, dtype, attention kernel) change no
-            # parameter; the rest must agree.
-            layout = dict(scan_layers=d.teacher.scan_layers, remat=d.teacher.remat, dtype=d.teacher.dtype,
-                          attention_impl=d.teacher.attention_impl)
-            if dataclasses.replace(saved, **layout) != d.teacher:
-                diff = {
-                    k: (v, getattr(d.teacher, k))
-                    for k, v in dataclasses.asdict(saved).items()
-                    if k not in layout and v != getattr(d.teacher, k)
-                }
-                raise ConfigError(
-                    f"distill.teacher differs from the model the checkpoint in "
-                    f"{checkpointer.directory} was trained with (field: (saved, configured)): {diff}"
-                )
-        model = Transformer(d.teacher)
-        tokens = jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32)
-        boxed = jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.key(0))
-        abstract = ckpt.abstract_like(nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh))
-        with sharding.activate(mesh):
-            restored, _ = checkpointer.restore({"params": abstract}, step, partial=True)
     finally:
         checkpointer.close()
-    return restored["params"]
+    if saved_model is not None:
+        saved = config_lib.from_dict(config_lib.ModelConfig, saved_model)
+        # Layout and kernel options (scan, remat, dtype, attention kernel) change no parameter;
+        # the rest must agree.
+        layout = dict(scan_layers=d.teacher.scan_layers, remat=d.teacher.remat, dtype=d.teacher.dtype,
+                      attention_impl=d.teacher.attention_impl)
+        if dataclasses.replace(saved, **layout) != d.teacher:
+            diff = {
+                k: (v, getattr(d.teacher, k))
+                for k, v in dataclasses.asdict(saved).items()
+                if k not in layout and v != getattr(d.teacher, k)
+            }
+            raise ConfigError(
+                f"distill.teacher differs from the model the checkpoint in {directory} was trained "
+                f"with (field: (saved, configured)): {diff}"
+            )
+    params, _, _ = restore.restore_params(directory, teacher_cfg, mesh, step)
+    return params
 
 
 def make_distill_step(s: train_lib.Setup) -> Callable:
@@ -233,11 +242,11 @@ def make_distill_step(s: train_lib.Setup) -> Callable:
 def train(cfg: Config, log: Callable[[dict], None] | None = None, mesh=None):
     """Distils into the student described by `cfg`; trains the teacher first when it has no
     checkpoint and `distill.teacher_train_steps` > 0. Returns the student's final TrainState."""
-    config_lib.validate(cfg)
+    validation.validate(cfg)
     if not cfg.distill.enabled:
         raise ConfigError("distill.teacher_workdir is empty: set it to the teacher's run directory")
     if not has_teacher_checkpoint(cfg.distill):
         if cfg.distill.teacher_train_steps <= 0:
             raise _missing_teacher_error(cfg)
         train_lib.train(teacher_training_config(cfg), log, mesh)
-    return train_lib.train(cfg, log, mesh, make_step=make_distill_step)
+    return train_lib.train(cfg, log, mesh, make_step=make_distill_step, model=student_model(cfg))

@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 from jaxllm.config import ConfigError, PruneConfig
-from jaxllm.optim import param_path
+from jaxllm.registry import Registry
+from jaxllm.training.optim import param_path
 
 BATCH_AXIS_NAMES = ("layers", "expert")
 
@@ -184,6 +185,18 @@ def global_masks(ws, layouts, sparsity, previous=None):
     return out
 
 
+PRUNE_SCHEDULES = ("one_shot", "gradual")
+
+# prune.kind: (prunable leaves, their layouts, config, target sparsity, previous masks or Nones)
+# -> one boolean mask per leaf. ("none" prunes nothing and has no masks.)
+PRUNE_KINDS = Registry("prune.kind")
+PRUNE_KINDS.register("magnitude", lambda ws, layouts, cfg, sparsity, prev: [
+    tensor_mask(w, layout, sparsity, p) for w, layout, p in zip(ws, layouts, prev)])
+PRUNE_KINDS.register("global", lambda ws, layouts, cfg, sparsity, prev: global_masks(ws, layouts, sparsity, prev))
+PRUNE_KINDS.register("nm", lambda ws, layouts, cfg, sparsity, prev: [
+    nm_mask(w, layout, cfg.n, cfg.m) for w, layout in zip(ws, layouts)])
+
+
 def compute_masks(params, layouts, cfg: PruneConfig, sparsity, previous=None):
     """Masks for `params` (unboxed) at the given target sparsity: a pytree like params with a
     boolean array for each prunable leaf and a scalar True for the others."""
@@ -192,18 +205,12 @@ def compute_masks(params, layouts, cfg: PruneConfig, sparsity, previous=None):
     prev = [p if layout is not None else None for p, layout in zip(prev, layouts)]
     masks = [jnp.ones((), bool)] * len(leaves)
     chosen = [i for i, layout in enumerate(layouts) if layout is not None]
-    if cfg.kind == "global":
-        for i, mask in zip(chosen, global_masks([leaves[i] for i in chosen], [layouts[i] for i in chosen],
-                                                sparsity, [prev[i] for i in chosen])):
-            masks[i] = mask
-    elif cfg.kind == "magnitude":
-        for i in chosen:
-            masks[i] = tensor_mask(leaves[i], layouts[i], sparsity, prev[i])
-    elif cfg.kind == "nm":
-        for i in chosen:
-            masks[i] = nm_mask(leaves[i], layouts[i], cfg.n, cfg.m)
-    else:
+    if cfg.kind == "none":
         raise ConfigError(f"prune.kind={cfg.kind!r} has no masks")
+    chosen_masks = PRUNE_KINDS.get(cfg.kind)(
+        [leaves[i] for i in chosen], [layouts[i] for i in chosen], cfg, sparsity, [prev[i] for i in chosen])
+    for i, mask in zip(chosen, chosen_masks):
+        masks[i] = mask
     return jax.tree.unflatten(treedef, masks)
 
 

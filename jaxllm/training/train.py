@@ -1,14 +1,15 @@
-"""Sharded training: state creation, the jitted train/eval steps, and the training loop.
+"""Sharded training for any registered model family: state creation, the jitted train/eval
+steps, and the training loop.
 
 Data flow: Config -> mesh -> init_state (params born sharded) -> loop: batch(step) placed with the
-batch sharding -> train_step (state donated) -> metrics -> logs; checkpoint every N steps.
+batch sharding -> train_step (state donated) -> metrics -> logs; checkpoint every N steps. What is
+specific to a kind of model (module, loss, metrics, batches) comes from `models.MODELS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any, Callable
@@ -20,11 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm import checkpoint as ckpt
 from jaxllm import config as config_lib
-from jaxllm import data, flops, losses, moe, optim, pruning, sharding
+from jaxllm import data, sharding, validation
+from jaxllm.compression import pruning
 from jaxllm.config import Config
-from jaxllm.model import AUX_COLLECTIONS, Transformer, count_params
+from jaxllm.models import MODELS, ModelFamily, count_params
+from jaxllm.training import checkpoint as ckpt
+from jaxllm.training import flops, optim
+from jaxllm.training.logger import MetricsLogger
 
 
 class TrainingError(RuntimeError):
@@ -44,41 +48,34 @@ class Setup:
 
     cfg: Config
     mesh: jax.sharding.Mesh
+    family: ModelFamily
     model: nn.Module
     tx: optax.GradientTransformation
     state_shardings: Any  # pytree of NamedSharding matching TrainState
     abstract_state: Any  # pytree of ShapeDtypeStruct with shardings (for restore)
 
 
-def build_model(cfg: Config) -> nn.Module:
-    if cfg.distill.hidden_layers:
-        # The student also owns the learned projection(s) to the teacher's width, so they are
-        # trained, sharded and checkpointed with its params (see jaxllm/distill.py).
-        from jaxllm.distill import ProjectedStudent
-
-        return ProjectedStudent(cfg.model, distill=cfg.distill)
-    return Transformer(cfg.model)
-
-
-def _boxed_init(cfg: Config, model: nn.Module, tx: optax.GradientTransformation):
+def _boxed_init(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation):
     def init(rng):
-        tokens = jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32)
-        params = model.init(rng, tokens)["params"]
+        params = model.init(rng, *family.init_inputs(cfg))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return init
 
 
-def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None) -> Setup:
-    config_lib.validate(cfg)
+def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None, model: nn.Module | None = None) -> Setup:
+    """`model` replaces the family's own module (a trainer that adds params, e.g. distillation's
+    hidden-state projection)."""
+    validation.validate(cfg)
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(cfg, mesh)
-    model = build_model(cfg)
+    family = MODELS.get(cfg.family)
+    model = model if model is not None else family.build(cfg)
     tx = pruning.maybe_wrap(optim.make_optimizer(cfg.opt, cfg.train.steps), cfg.prune)
-    boxed = jax.eval_shape(_boxed_init(cfg, model, tx), jax.random.key(0))
+    boxed = jax.eval_shape(_boxed_init(cfg, family, model, tx), jax.random.key(0))
     shardings = sharding.state_shardings(boxed, mesh)
     abstract = ckpt.abstract_like(nn.meta.unbox(boxed), shardings)
-    return Setup(cfg, mesh, model, tx, shardings, abstract)
+    return Setup(cfg, mesh, family, model, tx, shardings, abstract)
 
 
 def place_rows(batches: data.Batches, step: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -100,7 +97,7 @@ def inference_config(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
 def state_initializer(s: Setup) -> Callable[[jax.Array], TrainState]:
     """The jitted init: params and optimizer state come out already sharded (call it, or
     eval_shape it, under `sharding.activate(s.mesh)`)."""
-    boxed_init = _boxed_init(s.cfg, s.model, s.tx)
+    boxed_init = _boxed_init(s.cfg, s.family, s.model, s.tx)
     return jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=s.state_shardings)
 
 
@@ -110,53 +107,6 @@ def init_state(s: Setup, rng: jax.Array) -> TrainState:
         return state_initializer(s)(rng)
 
 
-def _apply(model, params, batch):
-    return model.apply(
-        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"]
-    )
-
-
-def apply_with_router_losses(model, params, batch, mutable: tuple[str, ...] = ()):
-    """Logits, the MoE layers' weighted router loss (0 for a dense model), their per-layer metrics
-    and the mutated collections (`mutable` plus the MoE ones). A batch carrying an "rng" key
-    (training) gives it to the layers that want randomness (MoE router jitter)."""
-    rngs = {"dropout": batch["rng"]} if "rng" in batch else None
-    logits, variables = model.apply(
-        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-        rngs=rngs, mutable=[*mutable, *AUX_COLLECTIONS],
-    )
-    router_loss, router_metrics = moe.collect(variables)
-    return logits, router_loss, router_metrics, variables
-
-
-def lm_loss_fn(s: Setup) -> Callable:
-    """The default objective: next-token cross entropy (+ z-loss) as token sums.
-
-    A loss function maps (params, batch) to (objective, (loss_sum, weight_sum, extras)): the
-    objective and loss are sums over the batch's weighted tokens, and `extras` is a dict of further
-    per-token sums that are logged as metrics after division by the global token count. Other
-    trainers (distillation, for example) supply their own through `make_train_step(s, loss_fn)`."""
-    cfg = s.cfg
-
-    def loss_fn(params, batch):
-        logits, router_loss, router_metrics, _ = apply_with_router_losses(s.model, params, batch)
-        loss_sum, z_sum, weight_sum = losses.cross_entropy(
-            logits, batch["targets"], batch["weights"], cfg.train.z_loss
-        )
-        return loss_sum + z_sum + router_loss * weight_sum, (
-            loss_sum, weight_sum, router_extras(router_loss, router_metrics, weight_sum))
-
-    return loss_fn
-
-
-def router_extras(router_loss, router_metrics, weight_sum) -> dict:
-    """MoE router loss and metrics as the token sums a loss function's extras hold (the train step
-    divides extras by the global token count); empty for a dense model."""
-    if not router_metrics:
-        return {}
-    return {name: value * weight_sum for name, value in {"moe/loss": router_loss, **router_metrics}.items()}
-
-
 def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = None) -> Callable:
     """The jitted train step `run(state, batch)`. `frozen` is an optional pytree of sharded arrays
     (a distillation teacher's params, say) that `loss_fn` receives as a third argument: they enter
@@ -164,7 +114,7 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
     program), are not donated, and get no gradient."""
     cfg = s.cfg
     accum = cfg.train.grad_accum
-    loss_fn = loss_fn or lm_loss_fn(s)
+    loss_fn = loss_fn or s.family.loss_fn(s.model, cfg)
     objective = loss_fn if frozen is not None else (lambda params, batch, _: loss_fn(params, batch))
     grad_fn = jax.grad(objective, has_aux=True)  # with respect to the params only
 
@@ -196,7 +146,7 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
         loss = loss_sum / denom
         metrics = {
             "loss": loss,
-            "bits_per_byte": loss / math.log(2),
+            **s.family.loss_metrics(loss),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "tokens": weight_sum,
@@ -225,15 +175,10 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
 
 
 def make_eval_step(s: Setup, param_shardings=None) -> Callable:
-    """`param_shardings` defaults to the float params'; an int8-quantized tree (jaxllm.quantize)
-    has its own."""
-    def eval_fn(params, batch):
-        logits = _apply(s.model, params, batch)
-        loss_sum, _, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
-        return loss_sum, weight_sum
-
+    """The family's evaluation sums of one batch. `param_shardings` defaults to the float params';
+    an int8-quantized tree (compression.quantize) has its own."""
     jitted = jax.jit(
-        eval_fn,
+        s.family.eval_fn(s.model, s.cfg),
         in_shardings=(
             s.state_shardings.params if param_shardings is None else param_shardings,
             sharding.batch_sharding(s.mesh),
@@ -249,14 +194,14 @@ def make_eval_step(s: Setup, param_shardings=None) -> Callable:
 
 
 def evaluate(s: Setup, eval_step, params, batches: data.Batches, num_batches: int) -> dict:
-    """Mean token loss over the first `num_batches` validation batches (same rows every time)."""
-    total, count = 0.0, 0.0
+    """The family's metrics over the first `num_batches` validation batches (same rows every
+    time), from the per-batch sums added up."""
+    totals: dict[str, Any] = {}
     for k in range(num_batches):
-        loss_sum, weight_sum = eval_step(params, place_rows(batches, k, s.mesh))
-        total += float(loss_sum)
-        count += float(weight_sum)
-    loss = total / max(count, 1.0)
-    return {"eval_loss": loss, "eval_bits_per_byte": loss / math.log(2)}
+        sums = jax.device_get(eval_step(params, place_rows(batches, k, s.mesh)))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
+    return {name: float(value) for name, value in s.family.eval_metrics(totals).items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,6 +221,8 @@ def restore_or_init(s: Setup, checkpointer: ckpt.Checkpointer | None) -> tuple[T
         try:
             with sharding.activate(s.mesh):
                 state, meta = checkpointer.restore(s.abstract_state)
+        except ckpt.CheckpointReadError:
+            raise  # a truncated or corrupted checkpoint: its message says how to resume
         except ValueError as e:  # orbax: tree structure or shapes differ from the saved state
             raise config_lib.ConfigError(
                 f"the checkpoint in {checkpointer.directory} does not match this config's model or "
@@ -291,12 +238,12 @@ def train(
     log: Callable[[dict], None] | None = None,
     mesh=None,
     make_step: Callable[[Setup], Callable] | None = None,
+    model: nn.Module | None = None,
 ) -> TrainState:
     """The training loop. `log` receives every metrics dict (used by tests and main); `make_step`
-    builds the train step from the Setup (default `make_train_step`; distillation passes its own)."""
-    from jaxllm.logger import MetricsLogger  # imported here: tensorboard/tqdm only for real runs
-
-    s = setup(cfg, mesh)
+    builds the train step from the Setup (default `make_train_step`; distillation passes its own,
+    and with `model` its own module)."""
+    s = setup(cfg, mesh, model)
     os.makedirs(cfg.workdir, exist_ok=True)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir), cfg.checkpoint)
     try:
@@ -313,9 +260,9 @@ def train(
         f"{count_params(state.params) / 1e6:.2f}M params on mesh {dict(s.mesh.shape)}; "
         + (f"resuming at step {start}" if start else "starting from scratch")
     )
-    train_batches = data.train_batches(cfg)
+    train_batches = s.family.batches(cfg, "train")
     evaluates = bool(cfg.data.eval_split)  # an empty split name turns evaluation off
-    eval_batches = data.eval_batches(cfg) if evaluates else None
+    eval_batches = s.family.batches(cfg, "eval") if evaluates else None
     train_step = (make_step or make_train_step)(s)
     eval_step = make_eval_step(s)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -362,7 +309,6 @@ def train(
                 record = {
                     "step": done,
                     "loss": float(metrics["loss"]),
-                    "bits_per_byte": float(metrics["bits_per_byte"]),
                     "learning_rate": float(schedule(step)),
                     "grad_norm": float(metrics["grad_norm"]),
                     "param_norm": float(metrics["param_norm"]),

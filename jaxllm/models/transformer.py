@@ -1,11 +1,12 @@
 """Decoder-only transformer: embed -> N pre-norm blocks (optionally scanned and rematerialised)
 -> final RMSNorm -> logits.
 
+    x = embed(tokens);  for each block: x += attn(norm(x)); x += mlp(norm(x));  logits = norm(x) Eᵀ
+
 Shape legend: B batch, L length, D model width, V vocab.
 
-A research fork adds a layer by writing a module with the signature of `layers.Mlp` (or
-`layers.Attention`) and registering it in `MLP_KINDS` (or `layers.ATTENTION_KINDS`); the config
-then selects it by name.
+The blocks take their attention and MLP from the registries (`layers.ATTENTION_KINDS`,
+`layers.MLP_KINDS`, MoE being one MLP kind); the config selects them by name.
 """
 
 from __future__ import annotations
@@ -14,26 +15,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm import layers
 from jaxllm.config import ModelConfig
-from jaxllm.moe import MoeMlp
-
-MLP_KINDS: dict[str, type[nn.Module]] = {"swiglu": layers.Mlp}
+from jaxllm.layers import MLP_KINDS
+from jaxllm.layers.attention import Attention, layer_context
+from jaxllm.layers.base import Embed, RMSNorm, constrain, dense_init
+from jaxllm.ops.projection import PROJECTION
+from jaxllm.registry import Registry
+from jaxllm.sharding import ACT_EMBED, ACT_VOCAB, BATCH, LENGTH
 
 # Collections the MoE layers sow into: weighted router losses and per-layer routing metrics (read
 # by moe.collect). Scanned stacks carry them along the layers axis like the params.
 AUX_COLLECTIONS = ("losses", "metrics")
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    # Keep the weight matmuls' outputs, recompute the cheap elementwise work and attention. The
-    # projections run inside a custom VJP (layers.project), invisible to the dot-based policy, so
-    # they are also saved by name.
-    "save_dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(layers.PROJECTION),
-    ),
-}
+# model.remat: "none", or a policy of what the backward pass keeps instead of recomputing.
+REMAT_POLICIES = Registry("model.remat")
+REMAT_POLICIES.register("full", "nothing")  # save nothing: recompute the whole block
+# Keep the weight matmuls' outputs, recompute the cheap elementwise work and attention. The
+# projections run inside a custom VJP (ops.dense), invisible to the dot-based policy, so they are
+# also saved by name.
+REMAT_POLICIES.register("save_dots", jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(PROJECTION),
+))
+
+
+def remat_policy(name: str):
+    policy = REMAT_POLICIES.get(name)
+    return None if policy == "nothing" else policy
 
 # A scanned stack this shallow is unrolled (same stacked parameters, same maths) when nothing is
 # rematerialised. The rolled loop has to stack every activation the backward pass needs into
@@ -44,15 +52,14 @@ REMAT_POLICIES = {
 MAX_UNROLLED_SCAN_LAYERS = 16
 
 
-def _lookup(table: dict, kind: str, what: str):
-    if kind not in table:
-        raise ValueError(f"unknown {what} {kind!r}; registered: {sorted(table)}")
-    return table[kind]
-
-
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
     """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1)."""
     return cfg.moe.num_experts > 0 and (index + 1) % cfg.moe.every == 0
+
+
+def block_mlp_kind(cfg: ModelConfig, index: int) -> str:
+    """The MLP kind of block `index`: "moe" on the MoE blocks, model.mlp_kind elsewhere."""
+    return "moe" if is_moe_layer(cfg, index) else cfg.mlp_kind
 
 
 def group_size(cfg: ModelConfig) -> int:
@@ -63,22 +70,17 @@ def group_size(cfg: ModelConfig) -> int:
 class Block(nn.Module):
     cfg: ModelConfig
     decode: bool = False
-    moe: bool = False  # the MLP is a moe.MoeMlp instead of model.mlp_kind
+    mlp_kind: str = "swiglu"  # key of layers.MLP_KINDS (see `block_mlp_kind`)
 
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         cfg = self.cfg
-        attention = _lookup(layers.ATTENTION_KINDS, cfg.attention_kind, "model.attention_kind")
-        mlp = MoeMlp if self.moe else _lookup(MLP_KINDS, cfg.mlp_kind, "model.mlp_kind")
-        h = layers.RMSNorm(cfg, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + attention(cfg, decode=self.decode, name="attn")(
-            h, segment_ids_BL, positions_BL, context
-        )
-        h = layers.RMSNorm(cfg, name="mlp_norm")(x_BLD)
-        mlp_layer = mlp(cfg, name="mlp")
-        # An MoE layer also takes the padding mask: padding must not take expert capacity.
-        x_BLD = x_BLD + (mlp_layer(h, segment_ids_BL != 0) if self.moe else mlp_layer(h))
-        x_BLD = layers.constrain(x_BLD, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
+        mlp = MLP_KINDS.get(self.mlp_kind)
+        h = RMSNorm(cfg, name="attn_norm")(x_BLD)
+        x_BLD = x_BLD + Attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL, context)
+        h = RMSNorm(cfg, name="mlp_norm")(x_BLD)
+        x_BLD = x_BLD + mlp(cfg, name="mlp")(h, segment_ids_BL != 0)
+        x_BLD = constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
         # Kept only when "intermediates" is mutable (hidden-state distillation); a no-op otherwise.
         self.sow("intermediates", "hidden", x_BLD)
         return x_BLD
@@ -103,7 +105,7 @@ class ScannedGroup(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         for j in range(group_size(self.cfg)):
-            x_BLD = Block(self.cfg, self.decode, moe=is_moe_layer(self.cfg, j), name=f"block_{j}")(
+            x_BLD = Block(self.cfg, self.decode, mlp_kind=block_mlp_kind(self.cfg, j), name=f"block_{j}")(
                 x_BLD, segment_ids_BL, positions_BL, context
             )
         return x_BLD, None
@@ -114,11 +116,13 @@ class Transformer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, return_hidden=False):
+    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, return_hidden=False,
+                 prefix_BL=None):
         """Returns float32 logits [B, L, V] (and the final hidden states if `return_hidden`).
 
         segment_ids: document ids for packed rows (0 = padding); None means one document per row.
         positions: per-token positions, restarting per document; None means 0..L-1.
+        prefix: True on the tokens of a bidirectional prefix (attention kind prefix_lm); None: none.
         """
         cfg = self.cfg
         B, L = tokens_BL.shape
@@ -127,10 +131,10 @@ class Transformer(nn.Module):
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
 
-        embed = layers.Embed(cfg, name="embed")
+        embed = Embed(cfg, name="embed")
         x_BLD = embed(tokens_BL)
         # RoPE angles and the attention mask depend only on positions and segments: once per call.
-        context = layers.layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
+        context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode, prefix_BL)
 
         groups = cfg.num_layers // group_size(cfg)
         if not cfg.scan_layers:
@@ -138,11 +142,9 @@ class Transformer(nn.Module):
         elif group_size(cfg) > 1:
             block_cls, scanned_kwargs = ScannedGroup, {}
         else:  # every scanned block alike: all dense, or all MoE
-            block_cls, scanned_kwargs = ScannedBlock, {"moe": is_moe_layer(cfg, 0)}
+            block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, 0)}
         if cfg.remat != "none":
-            block_cls = nn.remat(
-                block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
-            )
+            block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             stack = nn.scan(
                 block_cls,
@@ -159,20 +161,20 @@ class Transformer(nn.Module):
             x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
         else:
             for i in range(cfg.num_layers):
-                x_BLD = block_cls(cfg, decode=self.decode, moe=is_moe_layer(cfg, i), name=f"block_{i}")(
+                x_BLD = block_cls(cfg, decode=self.decode, mlp_kind=block_mlp_kind(cfg, i), name=f"block_{i}")(
                     x_BLD, segment_ids_BL, positions_BL, context
                 )
 
-        x_BLD = layers.RMSNorm(cfg, name="final_norm")(x_BLD)
+        x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)
         else:
             w_out = self.param(
-                "unembed", layers.dense_init(cfg.init_std, ("embed", "vocab")),
+                "unembed", dense_init(cfg.init_std, ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), jnp.float32,
             )
             logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, w_out.astype(x_BLD.dtype))
-        logits_BLV = layers.constrain(logits_BLV, (layers.BATCH, layers.LENGTH, layers.ACT_VOCAB))
+        logits_BLV = constrain(logits_BLV, (BATCH, LENGTH, ACT_VOCAB))
         logits_BLV = logits_BLV.astype(jnp.float32)
         return (logits_BLV, x_BLD) if return_hidden else logits_BLV
 

@@ -9,6 +9,8 @@ import sys
 from typing import Callable
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from jaxllm.config import Config
 
@@ -37,15 +39,8 @@ class MetricsLogger:
         path = os.path.join(cfg.workdir, "metrics.jsonl")
         _truncate_after(path, start_step)
         self.jsonl = open(path, "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tensorboard = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
-        except ImportError:  # TensorBoard output is optional
-            self.tensorboard = None
+        self.tensorboard = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
         if cfg.train.progress_bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def info(self, message: str) -> None:

@@ -1,0 +1,31 @@
+"""moe_expert_choice: moe_tiny with expert-choice routing (Zhou et al. 2022): in every row each
+expert takes the C = top_k · L / E · capacity_factor tokens it scores highest, so every expert does
+the same work and no balance loss is needed.
+
+    python experiments/moe_expert_choice.py [key=value ...]    # e.g. model.moe.capacity_factor=2
+
+Result: see the README results table (same steps and batches as moe_tiny).
+"""
+
+import dataclasses
+
+from jaxllm import config, main
+
+from moe_tiny import get_config as moe_config  # noqa: E402  (experiments build on each other)
+
+
+def get_config() -> config.Config:
+    base = moe_config()
+    return dataclasses.replace(
+        base,
+        workdir="runs/moe_expert_choice",
+        model=dataclasses.replace(
+            base.model,
+            moe=dataclasses.replace(base.model.moe, dispatch="expert_choice", capacity_factor=1.0,
+                                    aux_loss_weight=0.0),
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main.run(get_config)

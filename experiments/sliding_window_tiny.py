@@ -1,0 +1,26 @@
+"""sliding_window_tiny: tiny_lm with Mistral-style sliding-window attention: every query sees the
+64 most recent tokens of its document (4 layers: a receptive field of 256 tokens, the whole row).
+
+    python experiments/sliding_window_tiny.py [key=value ...]    # e.g. model.window=32
+
+Result: see the README results table (same steps and batches as tiny_lm).
+"""
+
+import dataclasses
+
+from jaxllm import config, main
+
+from tiny_lm import get_config as tiny_config  # noqa: E402  (experiments build on each other)
+
+
+def get_config() -> config.Config:
+    base = tiny_config()
+    return dataclasses.replace(
+        base,
+        workdir="runs/sliding_window_tiny",
+        model=dataclasses.replace(base.model, attention_kind="sliding_window", window=64),
+    )
+
+
+if __name__ == "__main__":
+    main.run(get_config)

@@ -1,0 +1,1 @@
+"""Compression: pruning masks (in the optimizer state), int8 quantization, distillation."""

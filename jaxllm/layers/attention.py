@@ -1,0 +1,196 @@
+"""Multi-head attention with grouped-query heads, RoPE and an optional KV cache, and the registry
+of attention kinds: each kind is its mask builder (which keys a query sees) and whether that mask
+is causal.
+
+    out = softmax(q kᵀ / sqrt(K) where mask) v,   q = RoPE(x W_q), k = RoPE(x W_k), v = x W_v
+
+A research fork adds a kind with one registration (layers/sliding_window.py is an example):
+
+    ATTENTION_KINDS.register("my_kind", AttentionKind(lambda q, k, cfg: same_document(q, k) & ...))
+
+Shape legend as in layers/base.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm import ops
+from jaxllm.config import ModelConfig
+from jaxllm.layers.base import apply_rotary, compute_dtype, constrain, dense_init, rotary_sin_cos
+from jaxllm.ops.attention import attention_bias
+from jaxllm.registry import Registry
+from jaxllm.sharding import ACT_EMBED, ACT_HEADS, BATCH, LENGTH
+
+
+class Tokens(NamedTuple):
+    """What a mask builder knows about the queries or the keys of one attention call."""
+
+    segment_ids: jax.Array  # [B, L] document ids; 0 is padding
+    index: jax.Array  # [B, L] slot in the sequence (the cache slot when decoding)
+    prefix: jax.Array | None = None  # [B, L] True inside a bidirectional prefix (prefix-LM)
+
+
+def same_document(q: Tokens, k: Tokens):
+    """[B, L, S]: key in the query's document and not padding."""
+    return (q.segment_ids[:, :, None] == k.segment_ids[:, None, :]) & (k.segment_ids != 0)[:, None, :]
+
+
+def not_after(q: Tokens, k: Tokens):
+    """[B, L, S]: key not later than the query."""
+    return q.index[:, :, None] >= k.index[:, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKind:
+    """mask(q, k, cfg) -> bool [B, L, S]: which keys each query sees; it is called with the
+    queries' and keys' own slots during training and with cache slots when decoding, so the same
+    builder also decides what a cached decoder attends to. `causal`: no query ever sees a later
+    key, which lets the fast paths skip future blocks (and use cuDNN's causal kernel).
+    `decodes`: whether cached generation makes sense for the kind."""
+
+    mask: Callable[[Tokens, Tokens, ModelConfig], jax.Array]
+    causal: bool = True
+    decodes: bool = True
+
+
+ATTENTION_KINDS = Registry("model.attention_kind")
+
+
+def _causal(q, k, cfg):
+    return same_document(q, k) & not_after(q, k)
+
+
+def _bidirectional(q, k, cfg):
+    return same_document(q, k)
+
+
+def _prefix_lm(q, k, cfg):
+    """Causal, except that keys of the prefix are seen by every query of their document (the
+    prefix attends to itself bidirectionally; PaliGemma, T5's prefix-LM)."""
+    k_prefix = jnp.zeros_like(k.segment_ids, bool) if k.prefix is None else k.prefix
+    return same_document(q, k) & (not_after(q, k) | k_prefix[:, None, :])
+
+
+ATTENTION_KINDS.register("causal", AttentionKind(_causal))
+ATTENTION_KINDS.register("dot_product", AttentionKind(_causal))  # the name older configs saved
+ATTENTION_KINDS.register("bidirectional", AttentionKind(_bidirectional, causal=False, decodes=False))
+ATTENTION_KINDS.register("prefix_lm", AttentionKind(_prefix_lm, causal=False))
+
+
+def attention_mask(q_segment_BL, k_segment_BS, q_index_BL, k_index_BS):
+    """The causal mask: same document, key not in the future, key not padding."""
+    return _causal(Tokens(q_segment_BL, q_index_BL), Tokens(k_segment_BS, k_index_BS), None)
+
+
+@flax.struct.dataclass
+class LayerContext:
+    """Tensors that depend only on positions and segment ids, computed once per model call
+    instead of once per layer. In a scanned stack they enter the loop as constants, so XLA
+    materialises them once instead of recomputing sin/cos and the mask inside every layer."""
+
+    rope_sin: jax.Array  # [B, L, 1, K/2]
+    rope_cos: jax.Array  # [B, L, 1, K/2]
+    # Additive attention bias [B, 1, 1, L, S] (0 visible, float32 min hidden) and [B, 1, 1, L, 1]
+    # 1.0 where the query sees at least one key. None in decode mode, where the cache decides.
+    attention_bias: jax.Array | None = None
+    query_has_keys: jax.Array | None = None
+    prefix: jax.Array | None = None  # [B, L] prefix flags (prefix-LM), or None
+    # Keys are the queries' own positions in order and the kind is causal: the fast paths may
+    # skip the all-masked blocks above the diagonal.
+    causal_self_attention: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def layer_context(cfg: ModelConfig, segment_ids_BL, positions_BL, decode: bool, prefix_BL=None) -> LayerContext:
+    sin, cos = (ops.computed_once(t) for t in rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta))
+    if decode:
+        return LayerContext(sin, cos, prefix=prefix_BL)
+    kind = ATTENTION_KINDS.get(cfg.attention_kind)
+    B, L = segment_ids_BL.shape
+    index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    tokens = Tokens(segment_ids_BL, index_BL, prefix_BL)
+    bias, has_keys = attention_bias(kind.mask(tokens, tokens, cfg))
+    return LayerContext(sin, cos, bias, has_keys, prefix_BL, causal_self_attention=kind.causal)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, masked by `cfg.attention_kind`.
+
+    With `decode=True` the layer keeps a 'cache' collection sized at init time (the length of the
+    init input) and appends the keys/values of each call at `cache_index`, so prefill (a whole
+    prompt) and decode (one token) are the same code path.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, context: LayerContext | None = None):
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+        H, N, K, D = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        w_q = self.param("q", dense_init(cfg.init_std, ("embed", "heads", "head_dim")), (D, H, K))
+        w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
+        w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
+        w_o = self.param("o", dense_init(out_std, ("heads", "head_dim", "embed")), (H, K, D))
+        if context is None:
+            context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
+
+        # x W_q, x W_k, x W_v, query heads grouped by their KV head: q [B, L, N, G, K].
+        q_BLNGK, k_BLNK, v_BLNK = ops.qkv(x_BLD, w_q, w_k, w_v, dtype)
+        sin, cos = context.rope_sin, context.rope_cos
+        q_BLNGK = apply_rotary(q_BLNGK, sin[..., None, :], cos[..., None, :])
+        k_BLNK = apply_rotary(k_BLNK, sin, cos)
+
+        if self.decode:
+            out_BLNGK = self._attend_cached(q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL, context.prefix)
+        else:
+            out_BLNGK = ops.attend(q_BLNGK, k_BLNK, v_BLNK, context.attention_bias,
+                                      context.query_has_keys, context.causal_self_attention,
+                                      cfg.attention_impl)
+        B, L = segment_ids_BL.shape
+        out_BLHK = constrain(out_BLNGK.reshape(B, L, H, K), (BATCH, LENGTH, ACT_HEADS, None))
+        out_BLD = ops.dense(out_BLHK, w_o, 2, dtype)  # Σ_hk out[b, l, h, k] W_o[h, k, d]
+        return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
+
+    def _attend_cached(self, q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL, prefix_BL):
+        """Writes this call's keys and values into the cache at `index` (and advances it), then
+        attends over the whole cache with the kind's mask at cache slots."""
+        kind = ATTENTION_KINDS.get(self.cfg.attention_kind)
+        B, L, N, K = k_BLNK.shape
+        is_init = not self.has_variable("cache", "key")
+        # At init the input length is the cache capacity (the longest sequence to be generated).
+        cached_k = self.variable("cache", "key", jnp.zeros, ops.cache_shape(B, L, N, K), k_BLNK.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, ops.cache_shape(B, L, N, K), v_BLNK.dtype)
+        cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (B, L), jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if is_init:  # only the shapes matter
+            tokens = Tokens(segment_ids_BL, q_index_BL, prefix_BL)
+            return ops.attend(q_BLNGK, k_BLNK, v_BLNK, *attention_bias(kind.mask(tokens, tokens, self.cfg)),
+                                 causal_self=False)
+        start = index.value
+        cached_k.value = ops.update_cache(cached_k.value, k_BLNK, start)
+        cached_v.value = ops.update_cache(cached_v.value, v_BLNK, start)
+        cached_seg.value = jax.lax.dynamic_update_slice(
+            cached_seg.value, segment_ids_BL.astype(jnp.int32), (0, start)
+        )
+        index.value = start + L
+        S = cached_seg.value.shape[1]
+        k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        k_prefix_BS = None
+        if prefix_BL is not None:
+            # Keys written by earlier calls precede every query of this one, so only this call's
+            # prefix flags change what is visible.
+            k_prefix_BS = jax.lax.dynamic_update_slice(jnp.zeros((B, S), bool), prefix_BL, (0, start))
+        mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
+                             Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
+        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS))

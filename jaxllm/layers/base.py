@@ -1,0 +1,86 @@
+"""Building blocks shared by every layer: logical-name helpers, embedding, RMSNorm, rotary
+position embedding.
+
+Shape legend (the same letters in every model file): B batch, L query length, S key length,
+D model width, H query heads, N KV heads, G query heads per KV head, K head dim, F MLP width,
+V vocab, E experts.
+
+Parameters are float32 and carry logical axis names; `sharding.LOGICAL_RULES` maps those names
+onto mesh axes. Matmuls run in the configured compute dtype; softmax and norms in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.sharding import ACT_EMBED, BATCH, LENGTH
+
+
+def compute_dtype(cfg: ModelConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+def constrain(x, names):
+    return nn.with_logical_constraint(x, names)
+
+
+def dense_init(std: float, names: tuple[str | None, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+class Embed(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", dense_init(self.cfg.init_std, ("vocab", "embed")),
+            (self.cfg.vocab_size, self.cfg.d_model), jnp.float32,
+        )
+
+    def __call__(self, tokens_BL):
+        # Gather from a replicated table: a lookup into a vocab-sharded table makes XLA replicate
+        # the gathered activations instead, which costs more than all-gathering the table once.
+        table_VD = constrain(self.embedding, (None, None))
+        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(compute_dtype(self.cfg))
+        return constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
+
+    def attend(self, x_BLD):
+        """Tied output projection: logits against the embedding table."""
+        table_VD = self.embedding.astype(x_BLD.dtype)
+        return jnp.einsum("bld,vd->blv", x_BLD, table_VD)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],), jnp.float32,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * scale).astype(x.dtype)
+
+
+def rotary_sin_cos(positions_BL, head_dim: int, theta: float):
+    """sin and cos [B, L, 1, K/2] of the RoPE angles, shared by every head and layer."""
+    half = head_dim // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
+    return jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
+
+
+def apply_rotary(x_BLNK, sin, cos):
+    """Rotates channel pairs (i, i + K/2) by position-dependent angles (RoPE, rotate-half form).
+    Works for any head layout between L and K (e.g. [B, L, N, G, K]) given sin/cos broadcastable
+    to it."""
+    x1, x2 = jnp.split(x_BLNK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BLNK.dtype)

@@ -1,0 +1,8 @@
+"""Model families (`MODELS`) and the modules they build. Importing the package registers the
+built-in families: causal_lm."""
+
+from jaxllm.models import causal_lm, transformer  # noqa: F401  (registers the built-in families)
+from jaxllm.models.family import MODELS, ModelFamily
+from jaxllm.models.transformer import REMAT_POLICIES, Transformer, count_params
+
+__all__ = ["MODELS", "ModelFamily", "REMAT_POLICIES", "Transformer", "count_params"]

@@ -1,0 +1,126 @@
+"""Weight projections: `dense(x, w)` is `jnp.tensordot(x, w, contract)` for a float or an
+int8-quantized kernel, with a backward pass that picks cheap transposes.
+
+Layers call `dense` (and the fused variants in this package) and read as plain einsums; what is
+tuned for a backend lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Callable
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+# Name of every weight-projection output, for remat policies (see models.transformer): the
+# projections run inside a custom VJP, where a policy that looks for dot_general cannot see them.
+PROJECTION = "projection"
+
+
+@jax.custom_vjp
+def _matmul_TD_DF(x_TD, w_DF):
+    return x_TD @ w_DF
+
+
+def _matmul_fwd(x_TD, w_DF):
+    return x_TD @ w_DF, (x_TD, w_DF)
+
+
+def _matmul_bwd(residuals, g_TF):
+    # The weight gradient contracts over tokens, so one of x and g must be transposed. Left to
+    # itself XLA:CPU transposes whichever its layout pass picks, often the wider one, and fuses
+    # the elementwise backward (e.g. SiLU') into that transposing copy; both make it slow. Here we
+    # transpose the narrower operand explicitly, and on CPU behind a barrier so that the copy stays
+    # a plain transpose and the matmul sees row-major operands. Accelerators fold transposes into
+    # their matmuls, so they get no barrier.
+    x_TD, w_DF = residuals
+    transposed = jax.lax.optimization_barrier if jax.default_backend() == "cpu" else (lambda a: a)
+    dx_TD = g_TF @ w_DF.T
+    if x_TD.shape[1] <= g_TF.shape[1]:
+        dw_DF = transposed(x_TD.T) @ g_TF
+    else:
+        # The barrier on the product too: otherwise XLA folds the final transpose into the matmul
+        # (both operands transposed), which XLA:CPU runs on its slow generic dot path instead of a
+        # YNNPACK fusion; transposing the small [F, D] result is cheap.
+        dw_DF = transposed(transposed(g_TF.T) @ x_TD).T
+    return dx_TD, dw_DF
+
+
+_matmul_TD_DF.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def project(x, w, contract: int):
+    """x [..., in...] · w [in..., out...] over the last `contract` dims of x and the first of w.
+
+    The same contraction as `jnp.tensordot(x, w, contract)`, flattened to one 2-D matmul whose
+    backward pass picks cheap transposes (see `_matmul_bwd`)."""
+    lead, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract:]
+    out = w.shape[contract:]
+    y = _matmul_TD_DF(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
+    return checkpoint_name(y.reshape(*lead, *out), PROJECTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8-quantized kernels (see jaxllm.compression.quantize)
+#
+# A quantized kernel is a dict {"int8": values, "scale": float32 scales} stored under the kernel's
+# own parameter name. The scale keeps the kernel's rank with size 1 on the contracting axes (one
+# scale per output channel), so any reshape, concatenation or stacking along output axes that is
+# written without hard-coding the contracting sizes applies to values and scales alike. A plain
+# dict (not a custom pytree class) is what orbax and flax handle without registration; the key
+# "int8" sorts before "scale", so flax's shape check of `self.param` (which compares the first
+# leaf with the initializer's shape) sees the values.
+QUANTIZED_VALUES, QUANTIZED_SCALE = "int8", "scale"
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, Mapping) and QUANTIZED_VALUES in w
+
+
+def map_kernels(fn: Callable, *kernels):
+    """`fn(*kernels)` for float kernels; for quantized ones, fn on the values and on the scales.
+
+    `fn` must only rearrange output axes (and must not assume the contracting axes' sizes), e.g.
+    `lambda a: a.reshape(a.shape[0], N, G, K)` rather than `a.reshape(D, N, G, K)`."""
+    kinds = {is_quantized(k) for k in kernels}
+    if len(kinds) > 1:
+        raise ValueError("cannot combine float and int8-quantized kernels in one projection")
+    if kinds == {True}:
+        return {part: fn(*(k[part] for k in kernels)) for part in (QUANTIZED_VALUES, QUANTIZED_SCALE)}
+    return fn(*kernels)
+
+
+def dense(x, w, contract: int, dtype, names: tuple | None = None):
+    """`jnp.tensordot(x, w, contract)` in `dtype` for a float or int8-quantized kernel `w`;
+    `names` are the logical names of w's axes to constrain it to (None: no constraint).
+
+    A quantized kernel is converted to `dtype` inside the computation (no float copy outlives the
+    call) and its per-output-channel scale multiplies the matmul's output, which is the same as
+    scaling the kernel since the scale is constant along the contracted axes. The int8 values are
+    constrained before the conversion, so resharding moves a quarter of the float bytes."""
+    if not is_quantized(w):
+        kernel = w.astype(dtype)
+        return project(x.astype(dtype), kernel if names is None else nn.with_logical_constraint(kernel, names),
+                       contract)
+    values = w[QUANTIZED_VALUES]
+    if names is not None:
+        values = nn.with_logical_constraint(values, names)
+    # Tied to x, the conversion runs just before its matmul. Otherwise XLA hoists every layer's
+    # conversion (it depends on the params alone) to the start of the step, so all the float
+    # copies are live at once and have left the cache by the time their matmul reads them.
+    x, values = jax.lax.optimization_barrier((x, values))
+    y = project(x.astype(dtype), values.astype(dtype), contract)
+    scale = w[QUANTIZED_SCALE].reshape(values.shape[contract:]).astype(dtype)
+    return y * scale
+
+
+def einsum(spec: str, x, w):
+    """`jnp.einsum(spec, x, w)` for a float or int8-quantized `w` whose scale broadcasts against
+    the output (per-output-channel scales laid out like the output's trailing axes)."""
+    if is_quantized(w):
+        y = jax.numpy.einsum(spec, x, w[QUANTIZED_VALUES].astype(x.dtype))
+        return y * w[QUANTIZED_SCALE].astype(x.dtype)
+    return jax.numpy.einsum(spec, x, w.astype(x.dtype))

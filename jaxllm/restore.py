@@ -1,0 +1,103 @@
+"""One restore path: a run directory's params (float, int8-quantized, pruned, MoE, distilled)
+onto any mesh, for inference and for the tools, without building an optimizer.
+
+    cfg, params = restore.load_params("runs/tiny_lm")            # the local devices' mesh
+    params, step, meta = restore.restore_params(directory, cfg, mesh)   # a given mesh
+
+The target tree comes from `jax.eval_shape` of the family's module, so every array is read
+straight into its shards on the mesh, whatever mesh wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from jaxllm import config as config_lib
+from jaxllm import sharding, validation
+from jaxllm.compression import quantize
+from jaxllm.config import Config
+from jaxllm.models import MODELS
+from jaxllm.training import checkpoint as ckpt
+
+
+def abstract_params(cfg: Config, mesh: jax.sharding.Mesh, model: nn.Module | None = None):
+    """ShapeDtypeStructs of the family's float params, with their shardings on `mesh`."""
+    family = MODELS.get(cfg.family)
+    model = model if model is not None else family.build(cfg)
+    boxed = jax.eval_shape(lambda rng: model.init(rng, *family.init_inputs(cfg))["params"], jax.random.key(0))
+    return ckpt.abstract_like(nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh))
+
+
+def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: int | None = None):
+    """(params, step, meta) of checkpoint `step` (None: the latest) in checkpoint directory
+    `directory`, read onto `mesh`. Only the params are read; an int8-quantized checkpoint comes
+    back quantized, sharded like the float params would be."""
+    checkpointer = ckpt.Checkpointer(directory, read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        meta = checkpointer.restore_meta(step)
+        abstract = abstract_params(cfg, mesh)
+        if meta.get(quantize.META_KEY) is not None:
+            abstract = quantize.quantized_abstract(abstract)
+        with sharding.activate(mesh):
+            restored, _ = checkpointer.restore({"params": abstract}, step=step, partial=True)
+    finally:
+        checkpointer.close()
+    return restored["params"], step, meta
+
+
+def checkpoint_meta(workdir: str, step: int | None = None) -> dict:
+    """The meta record (data position, config, quantization, ...) of a run's checkpoint."""
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
+    try:
+        return checkpointer.restore_meta(step)
+    finally:
+        checkpointer.close()
+
+
+def is_quantized_checkpoint(workdir: str) -> bool:
+    return checkpoint_meta(workdir).get(quantize.META_KEY) is not None
+
+
+def portable_config(cfg: Config) -> Config:
+    """`cfg` with the computation choices this machine cannot run replaced by portable ones: a
+    run trained with cuDNN attention on GPUs is evaluated and sampled elsewhere with the XLA
+    attention, which computes the same function (the params do not depend on the choice)."""
+    if cfg.model.attention_impl == "cudnn" and jax.devices()[0].platform != "gpu":
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
+    return cfg
+
+
+def inference_config(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
+    """`cfg` for evaluating its params on `mesh` (sampling, quantizing, pruning): one micro-batch
+    (no gradient accumulation), and a batch that the mesh's batch axes split evenly, rounded up
+    from the run's own (so a run evaluates on the same batches whenever its batch size already
+    divides)."""
+    shards = sharding.axis_size(mesh, sharding.BATCH_AXES)
+    batch_size = -(-cfg.train.batch_size // shards) * shards
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size, grad_accum=1))
+
+
+def load_config(workdir: str) -> Config:
+    """The config a run was started with (its config.json), made portable to this machine."""
+    return portable_config(config_lib.from_dict(Config, ckpt.read_config_json(workdir)))
+
+
+def load_params(workdir: str, return_step: bool = False, tensor: int = 1, step: int | None = None) -> Any:
+    """Restores the params of checkpoint `step` (default: the latest) in `workdir` onto a mesh of
+    the local devices (`sharding.params_mesh_config`: heads over `tensor`). Returns (config,
+    params), the config passed through `portable_config` and `inference_config`, ready to
+    evaluate on that mesh (and the checkpoint's step with `return_step`)."""
+    cfg = load_config(workdir)
+    mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model, tensor))
+    cfg = inference_config(cfg, mesh)
+    validation.validate(cfg)
+    sharding.check_divisibility(cfg, mesh)
+    params, step, _ = restore_params(ckpt.checkpoint_dir(workdir), cfg, mesh, step)
+    return (cfg, params, step) if return_step else (cfg, params)

@@ -1,0 +1,1 @@
+"""Training: optimizer, train state born sharded, jitted steps and loop, checkpoints, logging."""

@@ -1,0 +1,176 @@
+"""Config validation: every check that needs no devices, and every registered-kind field checked
+against its registry (an unknown kind is a one-line error naming the registered ones). Mesh-
+dependent checks live in sharding.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
+from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
+from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
+from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
+from jaxllm.models import MODELS, REMAT_POLICIES
+from jaxllm.ops import GROUPED_FFNS
+
+
+def validate(cfg: Config) -> None:
+    """Checks that do not need devices; mesh-dependent checks live in sharding.py."""
+    m, t = cfg.model, cfg.train
+    MODELS.check(cfg.family)
+    ATTENTION_KINDS.check(m.attention_kind)
+    MLP_KINDS.check(m.mlp_kind)
+    REMAT_POLICIES.check(m.remat, allowed_extra=("none",))
+    if m.window < 0:
+        raise ConfigError(f"model.window must be >= 0 (0: unlimited), got {m.window}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    for name in ("num_kv_heads", "head_dim"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0 (0: the default), got {getattr(m, name)}")
+    for name in ("num_experts", "expert_dim", "num_shared", "shared_dim"):
+        if getattr(m.moe, name) < 0:
+            raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(m.moe, name)}")
+    if m.d_model % m.num_heads and not m.head_dim:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+            "change one of them or set model.head_dim"
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.kv_heads}"
+        )
+    if m.head_size % 2:
+        raise ConfigError(f"head dimension {m.head_size} must be even for rotary embeddings")
+    if m.vocab_size < 259:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is below the 259 byte-level token ids")
+    moe = m.moe
+    if moe.num_experts:
+        ROUTERS.check(moe.router)
+        DISPATCHES.check(moe.dispatch)
+        GROUPED_FFNS.check(moe.grouped_matmul, allowed_extra=("auto",))
+        if not 1 <= moe.top_k <= moe.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
+            )
+        if moe.every < 1 or m.num_layers % moe.every:
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} must be a multiple of model.moe.every={moe.every} (>= 1)"
+            )
+        if moe.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum", "eval_batches"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
+    if m.attention_impl not in ("xla", "cudnn"):
+        raise ConfigError(f"model.attention_impl={m.attention_impl!r}; choose xla or cudnn")
+    if m.attention_impl == "cudnn" and m.dtype == "float32":
+        raise ConfigError(
+            "model.attention_impl=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused "
+            "attention has no float32 kernel); set model.dtype=bfloat16 or model.attention_impl=xla"
+        )
+    if cfg.checkpoint.keep < 1:
+        # orbax would delete every checkpoint as soon as it is written.
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1 "
+                          "(checkpoint.every=0 turns checkpointing off)")
+    validate_prune(cfg.prune)
+    validate_distill(cfg)
+
+
+def validate_distill(cfg: Config) -> None:
+    d = cfg.distill
+    DISTILL_LOSSES.check(d.loss)
+    HIDDEN_LOSSES.check(d.hidden_loss)
+    if not d.temperature > 0:
+        raise ConfigError(f"distill.temperature must be positive, got {d.temperature}")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")
+    if not 0.0 <= d.beta <= 1.0:
+        raise ConfigError(f"distill.beta must be in [0, 1], got {d.beta}")
+    if d.top_k < 0:
+        raise ConfigError(f"distill.top_k must be >= 0 (0 keeps all logits), got {d.top_k}")
+    if d.hidden_weight < 0:
+        raise ConfigError(f"distill.hidden_weight must be >= 0, got {d.hidden_weight}")
+    reverse_like = d.loss == "reverse_kl" or (d.loss == "jsd" and d.beta == 1.0)
+    if d.top_k and reverse_like:
+        raise ConfigError(
+            "distill.top_k with a reverse KL is degenerate: the teacher has zero probability "
+            "outside its top k, so any student mass there costs the (floored) infinite log ratio; "
+            "use distill.loss=forward_kl, or jsd with distill.beta < 1, or distill.top_k=0"
+        )
+    if not d.enabled:
+        return
+    # Sharing a directory, the student would resume from the teacher's checkpoints (or fail on
+    # its config) and its keep-last-K clean-up would delete them.
+    teacher_dir = os.path.realpath(d.teacher_workdir)
+    if teacher_dir in (os.path.realpath(cfg.workdir), os.path.realpath(os.path.join(cfg.workdir, "checkpoints"))):
+        raise ConfigError(
+            f"distill.teacher_workdir={d.teacher_workdir} is the student's own workdir "
+            f"({cfg.workdir}); give the student (workdir=...) or the teacher a directory of its own"
+        )
+    try:  # the teacher's architecture must be valid on its own
+        validate(dataclasses.replace(cfg, model=d.teacher, distill=DistillConfig()))
+    except ConfigError as e:
+        raise ConfigError(f"distill.teacher: {e}") from None
+    if d.teacher.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"distill.teacher.vocab_size={d.teacher.vocab_size} differs from "
+            f"model.vocab_size={cfg.model.vocab_size}: teacher and student must share a vocabulary"
+        )
+    for student, teacher in d.layer_pairs():
+        if not 0 <= student < cfg.model.num_layers:
+            raise ConfigError(
+                f"distill.hidden_layers: student layer {student} is outside 0..{cfg.model.num_layers - 1}"
+            )
+        if not 0 <= teacher < d.teacher.num_layers:
+            raise ConfigError(
+                f"distill.hidden_layers: teacher layer {teacher} is outside 0..{d.teacher.num_layers - 1}"
+            )
+    if d.top_k > cfg.model.vocab_size:
+        raise ConfigError(f"distill.top_k={d.top_k} exceeds the vocabulary ({cfg.model.vocab_size})")
+
+
+def validate_prune(p: PruneConfig, prefix: str = "prune.") -> None:
+    if p.kind != "none" and p.kind not in PRUNE_KINDS:
+        raise ConfigError(f"{prefix}kind={p.kind!r}; choose one of none, {', '.join(sorted(PRUNE_KINDS))}")
+    if p.schedule not in PRUNE_SCHEDULES:
+        raise ConfigError(f"{prefix}schedule={p.schedule!r}; choose one of {', '.join(PRUNE_SCHEDULES)}")
+    if p.kind == "none":
+        return
+    if p.kind == "nm":
+        if not 0 < p.n < p.m:
+            raise ConfigError(f"{prefix}n={p.n}, {prefix}m={p.m}: need 0 < n < m (for example n=2 m=4)")
+        if p.schedule != "one_shot":
+            raise ConfigError(
+                f"{prefix}kind=nm has a fixed sparsity of 1 - n/m; use {prefix}schedule=one_shot"
+            )
+    if not 0.0 <= p.sparsity < 1.0:
+        raise ConfigError(f"{prefix}sparsity={p.sparsity} must be in [0, 1)")
+    if not 0.0 <= p.initial_sparsity <= p.sparsity:
+        raise ConfigError(
+            f"{prefix}initial_sparsity={p.initial_sparsity} must be in [0, {prefix}sparsity={p.sparsity}]"
+        )
+    if p.start_step < 0:
+        raise ConfigError(f"{prefix}start_step={p.start_step} must be >= 0")
+    if p.schedule == "gradual" and (p.every <= 0 or p.num_updates <= 0):
+        raise ConfigError(
+            f"{prefix}every={p.every} and {prefix}num_updates={p.num_updates} must be positive "
+            "for the gradual schedule"
+        )
+    if not p.include:
+        raise ConfigError(f"{prefix}include is empty: give regexes of the parameter paths to prune")
+    for pattern in p.include:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{prefix}include has an invalid regex {pattern!r}: {e}") from e
