@@ -41,10 +41,10 @@ class Registry(dict):
 
     def get(self, name: str) -> Any:  # type: ignore[override]
         if name not in self:
-            raise ConfigError(f"{self.key}={name!r} is not registered; choose one of {', '.join(sorted(self))}")
+            raise ConfigError(f"{self.key}={name!r} is not registered; choose one of {', '.join(self)}")
         return self[name]
 
     def check(self, name: str, allowed_extra: tuple[str, ...] = ()) -> None:
         if name not in self and name not in allowed_extra:
-            choices = sorted([*self, *allowed_extra])
+            choices = [*allowed_extra, *self]  # registration order: the built-in kinds first
             raise ConfigError(f"{self.key}={name!r} is not registered; choose one of {', '.join(choices)}")

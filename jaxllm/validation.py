@@ -142,7 +142,7 @@ def validate_distill(cfg: Config) -> None:
 
 def validate_prune(p: PruneConfig, prefix: str = "prune.") -> None:
     if p.kind != "none" and p.kind not in PRUNE_KINDS:
-        raise ConfigError(f"{prefix}kind={p.kind!r}; choose one of none, {', '.join(sorted(PRUNE_KINDS))}")
+        raise ConfigError(f"{prefix}kind={p.kind!r}; choose one of none, {', '.join(PRUNE_KINDS)}")
     if p.schedule not in PRUNE_SCHEDULES:
         raise ConfigError(f"{prefix}schedule={p.schedule!r}; choose one of {', '.join(PRUNE_SCHEDULES)}")
     if p.kind == "none":

@@ -219,7 +219,7 @@ def _distill_config(teacher_workdir="t", **distill_overrides):
     (["distill.hidden_layers=0:9"], "teacher layer 9"),
     (["distill.hidden_layers=2:0"], "student layer 2"),
     (["distill.hidden_layers=one"], "student_layer:teacher_layer"),
-    (["distill.hidden_loss=l1"], "cosine or mse"),
+    (["distill.hidden_loss=l1"], "cosine, mse"),
     (["distill.loss=reverse_kl", "distill.top_k=5"], "top_k"),
     (["distill.teacher.num_heads=5"], "distill.teacher"),
 ])
