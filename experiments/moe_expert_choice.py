@@ -4,7 +4,7 @@ the same work and no balance loss is needed.
 
     python experiments/moe_expert_choice.py [key=value ...]    # e.g. model.moe.capacity_factor=2
 
-Result: see the README results table (same steps and batches as moe_tiny).
+Result: not measured yet (the run that adds it to the README results table is still to do).
 """
 
 import dataclasses

@@ -3,7 +3,7 @@
 
     python experiments/sliding_window_tiny.py [key=value ...]    # e.g. model.window=32
 
-Result: see the README results table (same steps and batches as tiny_lm).
+Result: not measured yet (the run that adds it to the README results table is still to do).
 """
 
 import dataclasses
