@@ -19,7 +19,7 @@ import jax
 from jaxllm import config as config_lib
 from jaxllm import sharding, validation
 from jaxllm.compression import quantize
-from jaxllm.config import Config
+from jaxllm.config import Config, ConfigError
 from jaxllm.models import MODELS
 from jaxllm.training import checkpoint as ckpt
 
@@ -49,7 +49,19 @@ def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: i
             restored, _ = checkpointer.restore({"params": abstract}, step=step, partial=True)
     finally:
         checkpointer.close()
+    # A partial restore leaves the target's placeholders where the checkpoint has no array.
+    missing = [_path(p) for p, leaf in jax.tree_util.tree_leaves_with_path(restored["params"])
+               if not isinstance(leaf, jax.Array)]
+    if missing:
+        raise ConfigError(
+            f"checkpoint step {step} in {directory} has no params at {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}: it was written by a different model; restore it "
+            "with the config it was trained with")
     return restored["params"], step, meta
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def checkpoint_meta(workdir: str, step: int | None = None) -> dict:

@@ -1,17 +1,25 @@
-"""The fast paths in layers.py against their plain formulations: the custom-VJP projection, and
+"""The fast paths in jaxllm/ops against their plain formulations: the custom-VJP projection, and
 attention with an additive bias and skipped causal blocks (model_test's sequences are too short to
-reach the block path)."""
+reach the block path); and the attention kinds' masks (layers/attention.py)."""
 
+import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from jaxllm import config as C
+from jaxllm.config import ConfigError
+from jaxllm.decoding import Generator
+from jaxllm.layers import ATTENTION_KINDS
 from jaxllm.layers import attention as attention_layers
+from jaxllm.models import Transformer
 from jaxllm.ops import attention as attention_ops
 from jaxllm.ops import projection as projection_ops
-from helpers import packed_batch
+from helpers import packed_batch, tiny_config
 
 
 def _reference_attention(q_BLNGK, k_BSNK, v_BSNK, mask_BLS):
@@ -80,3 +88,47 @@ def test_projection_matches_tensordot_and_its_gradients():
         g2 = jax.grad(lambda x, w: jnp.sum(jnp.tensordot(x, w, contract) * out_weights), (0, 1))(x, w)
         for a, b in zip(g1, g2):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _mask(kind, segment_ids, prefix=None):
+    segment_ids = jnp.asarray([segment_ids])
+    index = jnp.arange(segment_ids.shape[1])[None]
+    tokens = attention_layers.Tokens(segment_ids, index, None if prefix is None else jnp.asarray([prefix]))
+    return np.asarray(ATTENTION_KINDS.get(kind).mask(tokens, tokens, C.ModelConfig()))[0]
+
+
+def test_attention_kind_masks_truth_tables():
+    segments = [1, 1, 1, 1, 2, 2, 0]
+    same_doc = np.array([[a == b != 0 for b in segments] for a in segments])
+    causal = np.tril(np.ones((7, 7), bool))
+    np.testing.assert_array_equal(_mask("causal", segments), same_doc & causal)
+    np.testing.assert_array_equal(_mask("bidirectional", segments), same_doc)
+    # Prefix-LM: the first two tokens of document 1 and the first of document 2 are the prefix.
+    # A prefix key is seen by every query of its document (the prefix attends bidirectionally);
+    # other keys causally.
+    prefix = [True, True, False, False, True, False, False]
+    expected = same_doc & (causal | np.array(prefix)[None, :])
+    np.testing.assert_array_equal(_mask("prefix_lm", segments, prefix), expected)
+    assert _mask("prefix_lm", segments, prefix)[0, 1] and not _mask("prefix_lm", segments, prefix)[2, 3]
+
+
+def test_prefix_outputs_do_not_depend_on_the_suffix():
+    cfg = dataclasses.replace(tiny_config().model, attention_kind="prefix_lm")
+    tokens = np.random.default_rng(0).integers(0, 259, (2, 12)).astype(np.int32)
+    prefix = np.zeros((2, 12), bool)
+    prefix[:, :5] = True
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    changed = tokens.copy()
+    changed[:, 5:] = (changed[:, 5:] + 3) % 259
+    base, other = (np.asarray(model.apply({"params": params}, t, prefix_BL=prefix)) for t in (tokens, changed))
+    np.testing.assert_allclose(base[:, :5], other[:, :5], rtol=1e-6, atol=1e-6)
+    # ... while the prefix itself is seen in both directions: its first position reads the last.
+    moved = tokens.copy()
+    moved[:, 4] = (moved[:, 4] + 3) % 259
+    assert not np.allclose(base[:, 0], np.asarray(model.apply({"params": params}, moved, prefix_BL=prefix))[:, 0])
+
+
+def test_a_bidirectional_model_refuses_to_generate():
+    with pytest.raises(ConfigError, match="does not generate text"):
+        Generator(dataclasses.replace(tiny_config().model, attention_kind="bidirectional"))
