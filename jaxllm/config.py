@@ -45,8 +45,24 @@ class MoeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """Rescaling of the RoPE frequencies for long contexts (key of layers.base.ROPE_SCALINGS):
+    "none", or "llama3" (Llama 3.1: low frequencies divided by `factor`, a smooth blend between
+    `low_freq_factor` and `high_freq_factor` wavelengths of the original context)."""
+
+    kind: str = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 384  # 259 byte-level ids, padded to a multiple of 128 for fast matmuls
+    # "bytes" (ids 0-255 are bytes, then BOS, EOS, PAD) or the path of a Hugging Face tokenizer.json
+    # (or of a directory holding one); see jaxllm/tokenizer.py.
+    tokenizer: str = "bytes"
     d_model: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -61,9 +77,14 @@ class ModelConfig:
     # bfloat16/float16 compute only). Cached decoding always uses the XLA path.
     attention_impl: str = "xla"
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScalingConfig = RopeScalingConfig()
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype; params are always float32
+    dtype: str = "float32"  # compute dtype
+    # dtype params are restored (and imported) in: float32 for training; bfloat16 halves the memory
+    # of an imported model for inference, evaluation and quantization. Training inits float32.
+    param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # none | full | save_dots
     init_std: float = 0.02

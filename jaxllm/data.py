@@ -36,35 +36,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxllm.config import Config, ConfigError, DataConfig
+from jaxllm.tokenizer import BOS_ID, EOS_ID, NUM_TOKEN_IDS, PAD_ID, decode, encode  # noqa: F401  (re-exported)
 
-PAD_ID = 256
-BOS_ID = 257
-EOS_ID = 258
-NUM_TOKEN_IDS = 259
 
 # Directory names never taken from the standard library: tests, IDLE's tests, installed packages.
 _STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 )
 _READ_CHUNK = 1024  # documents fetched from a data source at a time
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def encode(text: str | bytes) -> np.ndarray:
-    """UTF-8 bytes of `text` as int32 ids 0..255 (no BOS/EOS). Bytes that were not UTF-8 and came
-    in surrogate-escaped (as Python passes them from a command line) are those bytes again."""
-    data = text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else bytes(text)
-    return np.frombuffer(data, np.uint8).astype(np.int32)
-
-
-def decode(ids) -> str:
-    """Inverse of `encode`; drops PAD/BOS/EOS and out-of-range ids, replaces invalid UTF-8."""
-    ids = np.asarray(ids).reshape(-1)
-    ids = ids[(ids >= 0) & (ids < 256)]
-    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------

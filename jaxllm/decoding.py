@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import data, restore, sharding
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.layers import ATTENTION_KINDS
 from jaxllm.models.transformer import Transformer, group_size
@@ -121,6 +122,10 @@ class Generator:
         if not ATTENTION_KINDS.get(model_cfg.attention_kind).decodes:
             raise ConfigError(f"model.attention_kind={model_cfg.attention_kind} does not generate text "
                               "(every token sees the whole sequence); sample from a causal model")
+        tok = tokenizer_lib.load(model_cfg.tokenizer)
+        self.pad_id = tok.pad_or_eos
+        self.eos_id = -1 if tok.eos_id is None else tok.eos_id  # -1: no token ends a sequence
+        self.filler = [tok.bos_id if tok.bos_id is not None else self.pad_id]
         # Decoding needs no remat.
         self.model_cfg = dataclasses.replace(model_cfg, remat="none")
         self.model = Transformer(dataclasses.replace(self.model_cfg, scan_layers=False), decode=True)
@@ -187,9 +192,9 @@ class Generator:
         """The next token of every row from its logits (padding for rows already done), the rows
         done after it, and the advanced rng."""
         rng, step_rng = jax.random.split(rng)
-        tokens_B = jnp.where(done_B, data.PAD_ID, choose_tokens(logits_BV, step_rng, sampling))
+        tokens_B = jnp.where(done_B, self.pad_id, choose_tokens(logits_BV, step_rng, sampling))
         if sampling.stop_at_eos:
-            done_B = done_B | (tokens_B == data.EOS_ID)
+            done_B = done_B | (tokens_B == self.eos_id)
         return tokens_B, done_B, rng
 
     @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
@@ -221,8 +226,8 @@ class Generator:
         n_prompts = len(prompts)
         # A sharded batch must divide over the batch axes: fill up with one-token rows, dropped.
         multiple = self._batch_multiple()
-        prompts = list(prompts) + [[data.BOS_ID]] * (-n_prompts % multiple)
-        tokens, segment_ids, positions, lengths = pad_prompts(prompts, padding)
+        prompts = list(prompts) + [self.filler] * (-n_prompts % multiple)
+        tokens, segment_ids, positions, lengths = pad_prompts(prompts, padding, self.pad_id)
         B, P = tokens.shape
         T = P + sampling.max_new_tokens
         last_slot = np.where(padding == "left", P - 1, lengths - 1).astype(np.int32)
@@ -236,13 +241,13 @@ class Generator:
                 self.prefill, params, cache, *map(self._place, (tokens, segment_ids, positions, last_slot))
             )
         else:
-            buf_tokens = np.full((B, T), data.PAD_ID, np.int32)
+            buf_tokens = np.full((B, T), self.pad_id, np.int32)
             buf_segments = np.zeros((B, T), np.int32)
             buf_positions = np.zeros((B, T), np.int32)
             buf_tokens[:, :P], buf_segments[:, :P], buf_positions[:, :P] = tokens, segment_ids, positions
             last_logits = self._run(self.recompute_step, params, *map(
                 self._place, (buf_tokens, buf_segments, buf_positions, last_slot)))
-        out = np.full((B, sampling.max_new_tokens), data.PAD_ID, np.int32)
+        out = np.full((B, sampling.max_new_tokens), self.pad_id, np.int32)
         done = np.zeros(B, bool)
         done[n_prompts:] = True  # the filler rows
         tokens_B, done_B, rng = self._run(self.choose, sampling, last_logits, self._place(done), rng)
@@ -257,7 +262,7 @@ class Generator:
             start = now
             out[:, t] = new_tokens
             if sampling.stop_at_eos:
-                done |= new_tokens == data.EOS_ID
+                done |= new_tokens == self.eos_id
                 if done.all():
                     break
             if t + 1 == sampling.max_new_tokens:
@@ -278,9 +283,8 @@ class Generator:
         results = []
         for row in out[:n_prompts]:
             row = list(row)
-            if data.EOS_ID in row:
-                row = row[: row.index(data.EOS_ID) + 1]
-            results.append([t for t in row if t != data.PAD_ID])
+            end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            results.append([t for t in row[:end] if t != self.pad_id or t == self.eos_id])
         return results
 
 
@@ -288,6 +292,7 @@ def sample_from_workdir(workdir: str, prompt: str, max_new_tokens: int = 200, se
                         sampling: SamplingConfig | None = None) -> str:
     cfg, params = restore.load_params(workdir)
     sampling = sampling or SamplingConfig(max_new_tokens=max_new_tokens)
-    prompt_ids = [data.BOS_ID, *data.encode(prompt).tolist()]
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    prompt_ids = tokenizer_lib.prompt_ids(tok, prompt)
     (generated,) = Generator(cfg.model).generate(params, [prompt_ids], sampling, jax.random.key(seed))
-    return prompt + data.decode(generated)
+    return prompt + tok.decode(generated)

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxllm import config as config_lib
 from jaxllm import sharding, validation
@@ -29,7 +30,10 @@ def abstract_params(cfg: Config, mesh: jax.sharding.Mesh, model: nn.Module | Non
     family = MODELS.get(cfg.family)
     model = model if model is not None else family.build(cfg)
     boxed = jax.eval_shape(lambda rng: model.init(rng, *family.init_inputs(cfg))["params"], jax.random.key(0))
-    return ckpt.abstract_like(nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh))
+    abstract = ckpt.abstract_like(nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh))
+    dtype = jnp.dtype(cfg.model.param_dtype)  # float params are read in model.param_dtype
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
 
 
 def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: int | None = None):

@@ -9,9 +9,11 @@ import dataclasses
 import os
 import re
 
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
 from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
+from jaxllm.layers.base import ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, REMAT_POLICIES
 from jaxllm.ops import GROUPED_FFNS
@@ -46,8 +48,13 @@ def validate(cfg: Config) -> None:
         )
     if m.head_size % 2:
         raise ConfigError(f"head dimension {m.head_size} must be even for rotary embeddings")
-    if m.vocab_size < 259:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is below the 259 byte-level token ids")
+    tokenizer = tokenizer_lib.load(m.tokenizer)
+    if m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is below the {tokenizer.vocab_size} token ids of "
+                          f"model.tokenizer={m.tokenizer}")
+    if m.param_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.param_dtype={m.param_dtype!r}; choose float32 or bfloat16")
+    ROPE_SCALINGS.check(m.rope_scaling.kind)
     moe = m.moe
     if moe.num_experts:
         ROUTERS.check(moe.router)

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import jax
 
-from jaxllm import data, restore
+from jaxllm import restore
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ConfigError
 from jaxllm.decoding import PADDING_SIDES, Generator, SamplingConfig
 
@@ -48,13 +49,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     if args.top_k > cfg.model.vocab_size:
         parser.error(f"--top_k {args.top_k} is larger than the vocabulary ({cfg.model.vocab_size})")
-    ids = [[data.BOS_ID, *data.encode(p).tolist()] for p in prompts]
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     outputs = Generator(cfg.model, mesh).generate(
         params, ids, sampling, jax.random.key(args.seed), padding=args.padding
     )
     for prompt, generated in zip(prompts, outputs):
-        print(prompt + data.decode(generated))
+        print(prompt + tok.decode(generated))
         if len(prompts) > 1:
             print("-" * 40)
 

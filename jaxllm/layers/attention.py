@@ -109,7 +109,8 @@ class LayerContext:
 
 
 def layer_context(cfg: ModelConfig, segment_ids_BL, positions_BL, decode: bool, prefix_BL=None) -> LayerContext:
-    sin, cos = (ops.computed_once(t) for t in rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta))
+    sin, cos = (ops.computed_once(t)
+                for t in rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
     if decode:
         return LayerContext(sin, cos, prefix=prefix_BL)
     kind = ATTENTION_KINDS.get(cfg.attention_kind)
@@ -146,6 +147,12 @@ class Attention(nn.Module):
 
         # x W_q, x W_k, x W_v, query heads grouped by their KV head: q [B, L, N, G, K].
         q_BLNGK, k_BLNK, v_BLNK = ops.qkv(x_BLD, w_q, w_k, w_v, dtype)
+        if cfg.qkv_bias:
+            b_q = self.param("q_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")), (H, K))
+            b_k, b_v = (self.param(f"{n}_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "head_dim")),
+                                   (N, K)) for n in ("k", "v"))
+            q_BLNGK = q_BLNGK + b_q.reshape(N, H // N, K).astype(dtype)
+            k_BLNK, v_BLNK = k_BLNK + b_k.astype(dtype), v_BLNK + b_v.astype(dtype)
         sin, cos = context.rope_sin, context.rope_cos
         q_BLNGK = apply_rotary(q_BLNGK, sin[..., None, :], cos[..., None, :])
         k_BLNK = apply_rotary(k_BLNK, sin, cos)

@@ -11,13 +11,15 @@ onto mesh axes. Matmuls run in the configured compute dtype; softmax and norms i
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, RopeScalingConfig
+from jaxllm.registry import Registry
 from jaxllm.sharding import ACT_EMBED, BATCH, LENGTH
 
 
@@ -69,10 +71,26 @@ class RMSNorm(nn.Module):
         return (x32 * scale).astype(x.dtype)
 
 
-def rotary_sin_cos(positions_BL, head_dim: int, theta: float):
+# model.rope_scaling.kind: (inverse frequencies [K/2], RopeScalingConfig) -> rescaled frequencies.
+ROPE_SCALINGS = Registry("model.rope_scaling.kind")
+ROPE_SCALINGS.register("none", lambda inv_freq, scaling: inv_freq)
+
+
+@ROPE_SCALINGS.register("llama3")
+def llama3_rope_scaling(inv_freq, scaling: RopeScalingConfig):
+    """Llama 3.1: wavelengths longer than original_max_len / low_freq_factor are stretched by
+    `factor`, those shorter than original_max_len / high_freq_factor kept, and the ones between
+    blended linearly in original_max_len / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = scaling.original_max_len / wavelength
+    blend = jnp.clip((ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor), 0, 1)
+    return (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+
+
+def rotary_sin_cos(positions_BL, head_dim: int, theta: float, scaling: RopeScalingConfig = RopeScalingConfig()):
     """sin and cos [B, L, 1, K/2] of the RoPE angles, shared by every head and layer."""
     half = head_dim // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq = ROPE_SCALINGS.get(scaling.kind)(theta ** (-jnp.arange(half, dtype=jnp.float32) / half), scaling)
     angles_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
     return jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
 

@@ -1,0 +1,97 @@
+"""Tokenizers: the byte tokenizer (ids 0-255 are the UTF-8 bytes, then PAD, BOS, EOS) and any
+Hugging Face `tokenizer.json`, read with the `tokenizers` library. `model.tokenizer` selects one:
+"bytes", or the path of a tokenizer.json or of a directory holding one (an imported model's
+workdir keeps its tokenizer files next to config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import numpy as np
+import tokenizers
+
+from jaxllm.config import ConfigError
+
+PAD_ID = 256
+BOS_ID = 257
+EOS_ID = 258
+NUM_TOKEN_IDS = 259
+
+
+def encode(text: str | bytes) -> np.ndarray:
+    """UTF-8 bytes of `text` as int32 ids 0..255 (no BOS/EOS). Bytes that were not UTF-8 and came
+    in surrogate-escaped (as Python passes them from a command line) are those bytes again."""
+    data = text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, np.uint8).astype(np.int32)
+
+
+def decode(ids) -> str:
+    """Inverse of `encode`; drops PAD/BOS/EOS and out-of-range ids, replaces invalid UTF-8."""
+    ids = np.asarray(ids).reshape(-1)
+    ids = ids[(ids >= 0) & (ids < 256)]
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """encode(text) -> int32 ids without special tokens; decode(ids) -> text without them. Any
+    special id may be None when the tokenizer has none (then padding uses `pad_or_eos`)."""
+
+    name: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    encode: callable
+    decode: callable
+
+    @property
+    def pad_or_eos(self) -> int:
+        return self.pad_id if self.pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
+
+
+BYTES = Tokenizer("bytes", NUM_TOKEN_IDS, BOS_ID, EOS_ID, PAD_ID, encode, decode)
+
+
+def _special_id(hf_tokenizer, config: dict, name: str) -> int | None:
+    token = config.get(name)
+    if isinstance(token, dict):
+        token = token.get("content")
+    return None if token is None else hf_tokenizer.token_to_id(token)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_hf(path: str) -> Tokenizer:
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise ConfigError(f"model.tokenizer={path}: no tokenizer.json there; give the file, a directory "
+                          "holding one, or 'bytes'")
+    hf = tokenizers.Tokenizer.from_file(file)
+    config = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        extra = os.path.join(os.path.dirname(file), name)
+        if os.path.exists(extra):
+            with open(extra) as f:
+                config.update({k: v for k, v in json.load(f).items() if k in ("bos_token", "eos_token", "pad_token")})
+    return Tokenizer(
+        name=file, vocab_size=hf.get_vocab_size(with_added_tokens=True),
+        bos_id=_special_id(hf, config, "bos_token"), eos_id=_special_id(hf, config, "eos_token"),
+        pad_id=_special_id(hf, config, "pad_token"),
+        encode=lambda text: np.asarray(hf.encode(text, add_special_tokens=False).ids, np.int32),
+        decode=lambda ids: hf.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True),
+    )
+
+
+def load(spec: str) -> Tokenizer:
+    """The tokenizer `model.tokenizer` names."""
+    return BYTES if spec == "bytes" else _load_hf(os.path.abspath(spec))
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's ids: BOS (when the tokenizer has one), then the text."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return bos + tokenizer.encode(text).tolist()

@@ -1,0 +1,185 @@
+"""Hugging Face interop (interop/hf.py, interop/hf_config.py) against fixtures written by
+`transformers` (tests/fixtures/make_hf_fixtures.py): tiny random Llama (untied), Llama 3 (tied, rope
+scaling), Mistral (sliding window), Qwen2 (q/k/v biases, tied) and Mixtral (MoE), each in 2-3
+safetensors shards, with the reference logits of an 80-token input and greedy continuations."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from jaxllm import config as C
+from jaxllm import restore, sharding
+from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.cli import generate as generate_cli
+from jaxllm.cli import hf as hf_cli
+from jaxllm.decoding import Generator, SamplingConfig
+from jaxllm.interop import hf
+from jaxllm.models import Transformer
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "mixtral")
+
+
+def golden(name):
+    return dict(np.load(os.path.join(FIXTURES, name, "golden.npz")))
+
+
+def imported(name, tmp_path, *overrides):
+    workdir = str(tmp_path / f"{name}_run")
+    hf.import_checkpoint(os.path.join(FIXTURES, name), workdir, C.override(C.Config(), list(overrides)))
+    return workdir
+
+
+def logits_of(cfg, params, input_ids):
+    return np.asarray(Transformer(cfg.model).apply({"params": params}, input_ids))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_imported_logits_equal_the_reference(name, tmp_path):
+    cfg, params = restore.load_params(imported(name, tmp_path))
+    ref = golden(name)
+    np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_unscanned_import_gives_the_same_logits(name, tmp_path):
+    cfg, params = restore.load_params(imported(name, tmp_path, "model.scan_layers=false"))
+    assert "block_1" in params and "blocks" not in params
+    ref = golden(name)
+    np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "mixtral"])
+def test_cached_greedy_decoding_equals_the_reference_continuation(name, tmp_path):
+    cfg, params = restore.load_params(imported(name, tmp_path))
+    ref = golden(name)
+    prompt = ref["prompt_ids"][0].tolist()
+    (tokens,) = Generator(cfg.model).generate(
+        params, [prompt], SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eos=False), jax.random.key(0))
+    assert tokens == ref["greedy"][0].tolist()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral"])
+def test_import_export_import_is_bit_identical(name, tmp_path):
+    workdir = imported(name, tmp_path)
+    out = str(tmp_path / "exported")
+    report = hf.export_checkpoint(workdir, out, max_shard_bytes=200_000)
+    assert report["shards"] >= 2 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    original, exported = hf.SafetensorsFiles(os.path.join(FIXTURES, name)), hf.SafetensorsFiles(out)
+    tied = json.load(open(os.path.join(FIXTURES, name, "config.json"))).get("tie_word_embeddings")
+    expected_names = {n for n in original.where if not (tied and n == "lm_head.weight")}
+    assert set(exported.where) == expected_names
+    for tensor in expected_names:
+        np.testing.assert_array_equal(exported.read(tensor), original.read(tensor), err_msg=tensor)
+    again = str(tmp_path / "again")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        assert os.path.exists(os.path.join(out, file))
+    hf.import_checkpoint(out, again)
+    _, first = restore.load_params(workdir)
+    _, second = restore.load_params(again)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), jax.device_get(second))
+
+
+def test_import_onto_an_8_device_mesh_equals_one_device():
+    hf_dir = os.path.join(FIXTURES, "mixtral")
+    base = C.Config(mesh=C.MeshConfig(data=1, fsdp=2, tensor=2, expert=2))
+    model = hf.model_config(json.load(open(os.path.join(hf_dir, "config.json"))), base=base.model)
+    cfg = dataclasses.replace(base, model=model)
+    many = hf.read_params(hf_dir, cfg, sharding.make_mesh(cfg.mesh))
+    one = hf.read_params(hf_dir, cfg, sharding.make_mesh(C.MeshConfig(1, 1, 1, 1), jax.devices()[:1]))
+    gate = many["blocks"]["mlp"]["gate"]  # [layers, E, D, F]: experts over expert, D over fsdp, F over tensor
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+    assert gate.addressable_shards[0].data.shape == (2, 2, 32, 64)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(many), jax.device_get(one))
+
+
+def test_bfloat16_params_for_inference(tmp_path):
+    cfg, params = restore.load_params(imported("llama", tmp_path, "model.param_dtype=bfloat16"))
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
+    ref = golden("llama")
+    np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), ref["logits"], atol=0.1, rtol=0)
+
+
+def test_the_tokenizer_and_the_commands(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    hf_cli.main(["import", "--hf_dir", os.path.join(FIXTURES, "qwen2"), "--workdir", workdir])
+    assert json.loads(capsys.readouterr().out)["workdir"] == workdir
+    cfg = restore.load_config(workdir)
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0) and tok.vocab_size == 320
+    text = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok.encode(text)) == text
+    generate_cli.main(["--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "5", "--temperature", "0"])
+    assert capsys.readouterr().out.startswith("def ")
+    hf_cli.main(["export", "--workdir", workdir, "--out", str(tmp_path / "out")])
+    assert json.loads(capsys.readouterr().out)["architecture"] == "Qwen2ForCausalLM"
+
+
+def _broken_copy(name, tmp_path, edit):
+    directory = str(tmp_path / f"broken_{name}")
+    shutil.copytree(os.path.join(FIXTURES, name), directory)
+    edit(directory)
+    return directory
+
+
+def _edit_config(**changes):
+    def edit(directory):
+        path = os.path.join(directory, "config.json")
+        values = json.load(open(path))
+        values.update(changes)
+        json.dump(values, open(path, "w"))
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_config(hidden_act="gelu"), "config.json hidden_act='gelu' cannot be represented"),
+    (_edit_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     "rope_scaling type 'yarn' cannot be represented"),
+    (_edit_config(intermediate_size=96), r"tensor model.layers.0.mlp.(gate|up|down)_proj.weight has shape "
+                                         r"\[\d+, \d+\], but config.json implies \[\d+, \d+\]"),
+    (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),
+     "shard model-00002-of-00003.safetensors listed in .* is missing"),
+    (_edit_config(architectures=["GPT2LMHeadModel"]), "jaxllm imports one of LlamaForCausalLM"),
+])
+def test_what_cannot_be_imported_is_a_one_line_error(edit, message, tmp_path, capsys):
+    hf_dir = _broken_copy("llama", tmp_path, edit)
+    with pytest.raises(SystemExit) as error:
+        hf_cli.main(["import", "--hf_dir", hf_dir, "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_live_parity_with_transformers(tmp_path):
+    """Only where `transformers` is installed (it is not part of the test install): the exported
+    checkpoint loads with from_pretrained and gives jaxllm's logits."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    workdir = imported("mistral", tmp_path)
+    out = str(tmp_path / "exported")
+    hf.export_checkpoint(workdir, out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    ref = golden("mistral")
+    with torch.no_grad():
+        theirs = model(torch.tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
+    cfg, params = restore.load_params(workdir)
+    np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_the_transformers_4_config_layout_imports_the_same(name, tmp_path):
+    """Hub checkpoints carry rope_theta / rope_scaling / torch_dtype at the top of config.json
+    (transformers 4); transformers 5 writes rope_parameters. Both give the reference logits."""
+    hf_dir = _broken_copy(name, tmp_path, lambda d: shutil.copyfile(os.path.join(d, "config.legacy.json"),
+                                                                   os.path.join(d, "config.json")))
+    workdir = str(tmp_path / "run")
+    hf.import_checkpoint(hf_dir, workdir)
+    cfg, params = restore.load_params(workdir)
+    ref = golden(name)
+    np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
