@@ -243,6 +243,9 @@ class Config:
     workdir: str = "runs/default"
     seed: int = 0
     family: str = "causal_lm"  # key of models.MODELS: the module, its loss and its batches
+    # A run directory (trained here, or imported with `python -m jaxllm.hf import`) whose latest
+    # params start this run when its own workdir has no checkpoint yet: fine-tuning. Empty: init.
+    init_from: str = ""
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     opt: OptConfig = OptConfig()

@@ -36,7 +36,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxllm.config import Config, ConfigError, DataConfig
-from jaxllm.tokenizer import BOS_ID, EOS_ID, NUM_TOKEN_IDS, PAD_ID, decode, encode  # noqa: F401  (re-exported)
+from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.tokenizer import BOS_ID, BYTES, EOS_ID, NUM_TOKEN_IDS, PAD_ID, Tokenizer, decode, encode  # noqa: F401
 
 
 # Directory names never taken from the standard library: tests, IDLE's tests, installed packages.
@@ -340,8 +341,22 @@ def load_documents(cfg: DataConfig, split: str) -> Documents:
 # Token stream
 
 
-def _tokenize_chunks(docs: Documents) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (uint16 tokens, int64 document lengths in tokens) for chunks of documents."""
+def _token_dtype(tok: Tokenizer):
+    return np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+
+
+def _tokenize_chunks(docs: Documents, tok: Tokenizer = BYTES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (tokens, int64 document lengths in tokens) for chunks of documents: each document
+    is BOS, its tokens, EOS (the special tokens the tokenizer has)."""
+    if tok is not BYTES:
+        specials = ([tok.bos_id] if tok.bos_id is not None else [], [tok.eos_id] if tok.eos_id is not None else [])
+        for lo in range(0, len(docs), _READ_CHUNK):
+            texts = docs.raw(range(lo, min(lo + _READ_CHUNK, len(docs))))
+            ids = [np.concatenate([specials[0], tok.encode(t.decode("utf-8", errors="replace")), specials[1]])
+                   for t in texts]
+            yield (np.concatenate(ids).astype(_token_dtype(tok)) if ids else np.zeros(0, _token_dtype(tok)),
+                   np.array([len(i) for i in ids], np.int64))
+        return
     for lo in range(0, len(docs), _READ_CHUNK):
         texts = docs.raw(range(lo, min(lo + _READ_CHUNK, len(docs))))
         lengths = np.array([len(t) + 2 for t in texts], np.int64)
@@ -354,37 +369,46 @@ def _tokenize_chunks(docs: Documents) -> Iterator[tuple[np.ndarray, np.ndarray]]
         yield tokens, lengths
 
 
-def token_stream(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens uint16 [N], document start offsets int64 [num_docs]) of a split; cached if it can."""
+def token_stream(cfg: DataConfig, split: str, tok: Tokenizer = BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens uint16 or uint32 [N], document start offsets int64 [num_docs]) of a split, in
+    `tok`'s ids; cached if it can."""
     docs, cache_dir = _open(cfg, split)
     if cache_dir is None:
-        chunks = list(_tokenize_chunks(docs))
-        tokens = np.concatenate([c[0] for c in chunks] or [np.zeros(0, np.uint16)])
+        chunks = list(_tokenize_chunks(docs, tok))
+        tokens = np.concatenate([c[0] for c in chunks] or [np.zeros(0, _token_dtype(tok))])
         lengths = np.concatenate([c[1] for c in chunks] or [np.zeros(0, np.int64)])
         return tokens, np.cumsum(lengths) - lengths
-    digest = hashlib.sha256(f"{split}/{docs.feature}".encode()).hexdigest()[:8]
+    # The byte tokenizer's streams keep their names; another tokenizer's carry its file's digest.
+    tokenizer_key = "" if tok is BYTES else "/" + _file_digest(tok.name)
+    digest = hashlib.sha256(f"{split}/{docs.feature}{tokenizer_key}".encode()).hexdigest()[:8]
     key = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{digest}"
     tokens_path = os.path.join(cache_dir, f"jaxllm_tokens-{key}.npy")
     starts_path = os.path.join(cache_dir, f"jaxllm_starts-{key}.npy")
     if not os.path.exists(tokens_path):
         with _file_lock(os.path.join(cache_dir, "jaxllm_tokens.lock")):
             if not os.path.exists(tokens_path):
-                _write_stream(docs, tokens_path, starts_path)
+                _write_stream(docs, tokens_path, starts_path, tok)
     return np.load(tokens_path, mmap_mode="r"), np.load(starts_path)
 
 
-def _write_stream(docs: Documents, tokens_path: str, starts_path: str) -> None:
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _write_stream(docs: Documents, tokens_path: str, starts_path: str, tok: Tokenizer = BYTES) -> None:
     """Streams tokens through a raw temp file, so a large split never sits in memory twice."""
     tmp = f"{tokens_path}.{uuid.uuid4().hex}.tmp"
     lengths = []
     try:
         with open(tmp + ".raw", "wb") as f:
-            for tokens, chunk_lengths in _tokenize_chunks(docs):
+            for tokens, chunk_lengths in _tokenize_chunks(docs, tok):
                 tokens.tofile(f)
                 lengths.append(chunk_lengths)
         lengths = np.concatenate(lengths or [np.zeros(0, np.int64)])
         np.save(tmp + ".starts.npy", np.cumsum(lengths) - lengths)
-        raw = np.memmap(tmp + ".raw", np.uint16, "r") if lengths.sum() else np.zeros(0, np.uint16)
+        dtype = _token_dtype(tok)
+        raw = np.memmap(tmp + ".raw", dtype, "r") if lengths.sum() else np.zeros(0, dtype)
         np.save(tmp + ".npy", raw)
         del raw
         os.replace(tmp + ".starts.npy", starts_path)
@@ -399,12 +423,12 @@ def _write_stream(docs: Documents, tokens_path: str, starts_path: str) -> None:
 # Packing and batches
 
 
-def pack_rows(tokens: np.ndarray, starts: np.ndarray, rows: np.ndarray, seq_len: int) -> dict:
+def pack_rows(tokens: np.ndarray, starts: np.ndarray, rows: np.ndarray, seq_len: int, pad_id: int = PAD_ID) -> dict:
     """Rows `rows` of the packed stream: inputs/targets/segment_ids/positions int32, weights f32."""
     n, L = len(tokens), seq_len
     idx = np.asarray(rows, np.int64)[:, None] * L + np.arange(L + 1)  # [R, L+1]
     valid = idx < n
-    tok = np.where(valid, np.asarray(tokens)[np.minimum(idx, n - 1)], PAD_ID).astype(np.int32)
+    tok = np.where(valid, np.asarray(tokens)[np.minimum(idx, n - 1)], pad_id).astype(np.int32)
     doc = np.where(valid, np.searchsorted(starts, idx, side="right") - 1, -1)
     doc_in, doc_tg = doc[:, :-1], doc[:, 1:]
     is_real = doc_in >= 0
@@ -425,13 +449,15 @@ class Batches:
     """Deterministic batches of packed rows of one split: batch t depends only on (seed, t)."""
 
     def __init__(
-        self, cfg: DataConfig, split: str, seq_len: int, batch_size: int, shuffle: bool = True
+        self, cfg: DataConfig, split: str, seq_len: int, batch_size: int, shuffle: bool = True,
+        tokenizer: Tokenizer = BYTES,
     ):
         if seq_len <= 0 or batch_size <= 0:
             raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
         self.cfg, self.split, self.seq_len, self.batch_size = cfg, split, seq_len, batch_size
         self.shuffle, self.seed = shuffle, cfg.seed
-        self.tokens, self.starts = token_stream(cfg, split)
+        self.tokens, self.starts = token_stream(cfg, split, tokenizer)
+        self.pad_id = tokenizer.pad_or_eos
         self.num_tokens, self.num_documents = len(self.tokens), len(self.starts)
         # The last row is padded rather than dropped, so small splits still give a row.
         self.num_rows = max(0, -(-(self.num_tokens - 1) // seq_len))
@@ -474,11 +500,11 @@ class Batches:
     def local_batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         """This process's share of batch `step`: arrays [batch_size / process_count, seq_len]."""
         rows = self.rows(step, process_index, process_count)
-        return pack_rows(self.tokens, self.starts, rows, self.seq_len)
+        return pack_rows(self.tokens, self.starts, rows, self.seq_len, self.pad_id)
 
     def batch_rows(self, step: int, lo: int, hi: int) -> dict:
         """Rows lo..hi-1 of batch `step` (the rows one process's devices hold)."""
-        return pack_rows(self.tokens, self.starts, self.rows_between(step, lo, hi), self.seq_len)
+        return pack_rows(self.tokens, self.starts, self.rows_between(step, lo, hi), self.seq_len, self.pad_id)
 
     def global_batch(self, step: int) -> dict:
         return self.local_batch(step, 0, 1)
@@ -486,11 +512,13 @@ class Batches:
 
 def train_batches(cfg: Config) -> Batches:
     t = cfg.train
-    return Batches(cfg.data, cfg.data.train_split, t.seq_len, t.batch_size, shuffle=True)
+    return Batches(cfg.data, cfg.data.train_split, t.seq_len, t.batch_size, shuffle=True,
+                   tokenizer=tokenizer_lib.load(cfg.model.tokenizer))
 
 
 def eval_batches(cfg: Config) -> Batches:
     if not cfg.data.eval_split:
         raise ConfigError("data.eval_split is empty (evaluation off); set it to a split to evaluate on")
     t = cfg.train
-    return Batches(cfg.data, cfg.data.eval_split, t.seq_len, t.batch_size, shuffle=False)
+    return Batches(cfg.data, cfg.data.eval_split, t.seq_len, t.batch_size, shuffle=False,
+                   tokenizer=tokenizer_lib.load(cfg.model.tokenizer))

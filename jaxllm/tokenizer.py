@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 
 import numpy as np
 import tokenizers
@@ -48,13 +49,16 @@ class Tokenizer:
     pad_id: int | None
     encode: callable
     decode: callable
+    token_bytes: callable = None  # () -> float32 [vocab_size]: UTF-8 bytes each id stands for
 
     @property
     def pad_or_eos(self) -> int:
         return self.pad_id if self.pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
 
 
-BYTES = Tokenizer("bytes", NUM_TOKEN_IDS, BOS_ID, EOS_ID, PAD_ID, encode, decode)
+# Every byte-level token counts as one byte (EOS too), so bits per byte is the loss in bits.
+BYTES = Tokenizer("bytes", NUM_TOKEN_IDS, BOS_ID, EOS_ID, PAD_ID, encode, decode,
+                  lambda: np.ones(NUM_TOKEN_IDS, np.float32))
 
 
 def _special_id(hf_tokenizer, config: dict, name: str) -> int | None:
@@ -77,13 +81,33 @@ def _load_hf(path: str) -> Tokenizer:
         if os.path.exists(extra):
             with open(extra) as f:
                 config.update({k: v for k, v in json.load(f).items() if k in ("bos_token", "eos_token", "pad_token")})
+    specials = {i for i in (_special_id(hf, config, n) for n in ("bos_token", "eos_token", "pad_token")) if i is not None}
     return Tokenizer(
         name=file, vocab_size=hf.get_vocab_size(with_added_tokens=True),
         bos_id=_special_id(hf, config, "bos_token"), eos_id=_special_id(hf, config, "eos_token"),
         pad_id=_special_id(hf, config, "pad_token"),
         encode=lambda text: np.asarray(hf.encode(text, add_special_tokens=False).ids, np.int32),
         decode=lambda ids: hf.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True),
+        token_bytes=lambda: _token_bytes(hf, specials),
     )
+
+
+def _token_bytes(hf, specials: set[int]) -> np.ndarray:
+    """UTF-8 bytes of every id's text: a byte-level BPE token is one byte per character of its
+    vocabulary string; a SentencePiece-style one is its text with '▁' as a space, and a byte-fallback
+    token <0xNN> one byte. Special tokens count zero."""
+    byte_level = "ByteLevel" in json.dumps(json.loads(hf.to_str()).get("decoder"))
+    sizes = np.zeros(hf.get_vocab_size(with_added_tokens=True), np.float32)
+    for token, i in hf.get_vocab(with_added_tokens=True).items():
+        if i in specials:
+            continue
+        if byte_level:
+            sizes[i] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            sizes[i] = 1
+        else:
+            sizes[i] = len(token.replace("\u2581", " ").encode("utf-8"))
+    return sizes
 
 
 def load(spec: str) -> Tokenizer:

@@ -39,7 +39,7 @@ def _copy_family() -> ModelFamily:
     return ModelFamily(
         build=build, init_inputs=causal_lm.init_inputs, loss_fn=loss_fn, eval_fn=eval_fn,
         eval_metrics=lambda sums: {"eval_copy_accuracy": sums["hits"] / sums["weight_sum"]},
-        loss_metrics=lambda loss: {"copy_perplexity": jnp.exp(loss)},
+        loss_metrics=lambda loss, cfg: {"copy_perplexity": jnp.exp(loss)},
         batches=causal_lm.batches,
     )
 

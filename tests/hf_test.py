@@ -11,7 +11,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from jaxllm import config as C
 from jaxllm import restore, sharding
@@ -20,7 +19,8 @@ from jaxllm.cli import generate as generate_cli
 from jaxllm.cli import hf as hf_cli
 from jaxllm.decoding import Generator, SamplingConfig
 from jaxllm.interop import hf
-from jaxllm.models import Transformer
+from jaxllm.models import Transformer, causal_lm
+from jaxllm.training import train
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "mixtral")
@@ -183,3 +183,48 @@ def test_the_transformers_4_config_layout_imports_the_same(name, tmp_path):
     cfg, params = restore.load_params(workdir)
     ref = golden(name)
     np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
+
+
+def _text_files(tmp_path) -> str:
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "import", "class", "self", "value", "for", "in", "range", "print", "(", ")", ":"]
+    for k in range(12):
+        (folder / f"doc{k}.py").write_text(" ".join(rng.choice(words, 300)) + "\n")
+    return str(folder / "*.py")
+
+
+def test_finetuning_an_imported_model_on_text_with_its_tokenizer(tmp_path):
+    """init_from starts training from the imported params; the data is tokenized with the model's
+    tokenizer (BOS/EOS its own), and evaluation reports bits per byte through its token lengths."""
+    source = imported("qwen2", tmp_path)
+    cfg = restore.load_config(source)
+    cfg = dataclasses.replace(
+        cfg, workdir=str(tmp_path / "tuned"), init_from=source,
+        data=C.DataConfig(dataset="text_files", text_files=_text_files(tmp_path), data_dir=str(tmp_path / "tfds"),
+                          eval_fraction=0.25),
+        train=C.TrainConfig(steps=2, batch_size=8, seq_len=32, log_every=1, eval_every=2, eval_batches=1,
+                            progress_bar=False),
+        opt=C.OptConfig(warmup_steps=1, learning_rate=1e-3),
+        checkpoint=C.CheckpointConfig(every=0),
+        mesh=C.MeshConfig(data=2, fsdp=4))
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    batches = causal_lm.batches(cfg, "train")
+    first = batches.global_batch(0)
+    assert first["inputs"].max() < tok.vocab_size and (first["inputs"] == tok.bos_id).any()
+    assert (first["targets"] == tok.eos_id).any() or first["weights"].all()
+    records = []
+    train.train(cfg, log=records.append)
+    # Step 1's loss is the imported model's own loss on batch 0.
+    _, params = restore.load_params(source)
+    logits = logits_of(cfg, params, first["inputs"])
+    mask = first["weights"] > 0
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = -np.take_along_axis(log_probs, first["targets"][..., None], -1)[..., 0][mask].mean()
+    np.testing.assert_allclose(records[0]["loss"], expected, rtol=2e-4)
+    assert "bits_per_token" in records[0] and "bits_per_byte" not in records[0]
+    final = records[-1]
+    token_bytes = tok.token_bytes()
+    assert 0 < final["eval_bits_per_byte"] < final["eval_loss"] / np.log(2)  # tokens are > 1 byte on average
+    assert token_bytes[tok.bos_id] == 0 and token_bytes[tok.encode("return")].sum() == len("return")

@@ -12,6 +12,7 @@ import math
 import jax.numpy as jnp
 
 from jaxllm import data, losses
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config
 from jaxllm.layers import moe
 from jaxllm.models.family import MODELS, ModelFamily
@@ -62,22 +63,30 @@ def loss_fn(model, cfg: Config):
 
 
 def eval_fn(model, cfg: Config):
+    """Token loss sums and the UTF-8 bytes the predicted tokens stand for, so that bits per byte
+    compares models with different tokenizers."""
+    table = tokenizer_lib.load(cfg.model.tokenizer).token_bytes()
+    token_bytes_V = jnp.zeros(cfg.model.vocab_size, jnp.float32).at[:len(table)].set(table)
+
     def fn(params, batch):
         logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
         loss_sum, _, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+        byte_sum = jnp.sum(batch["weights"] * token_bytes_V[batch["targets"]])
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "byte_sum": byte_sum}
 
     return fn
 
 
-def bits_per_byte(loss):
-    # Byte-level tokens: one token is one byte.
-    return loss / math.log(2)
-
-
 def eval_metrics(sums: dict) -> dict:
     loss = sums["loss_sum"] / max(sums["weight_sum"], 1.0)
-    return {"eval_loss": loss, "eval_bits_per_byte": bits_per_byte(loss)}
+    return {"eval_loss": loss, "eval_bits_per_byte": sums["loss_sum"] / math.log(2) / max(sums["byte_sum"], 1.0)}
+
+
+def loss_metrics(loss, cfg: Config) -> dict:
+    # Byte-level tokens are one byte each; with another tokenizer bytes per token vary, and the
+    # evaluation reports bits per byte.
+    name = "bits_per_byte" if cfg.model.tokenizer == "bytes" else "bits_per_token"
+    return {name: loss / math.log(2)}
 
 
 def batches(cfg: Config, split: str) -> data.Batches:
@@ -86,5 +95,5 @@ def batches(cfg: Config, split: str) -> data.Batches:
 
 MODELS.register("causal_lm", ModelFamily(
     build=build, init_inputs=init_inputs, loss_fn=loss_fn, eval_fn=eval_fn, eval_metrics=eval_metrics,
-    loss_metrics=lambda loss: {"bits_per_byte": bits_per_byte(loss)}, batches=batches,
+    loss_metrics=loss_metrics, batches=batches,
 ))

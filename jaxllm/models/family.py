@@ -25,8 +25,8 @@ class ModelFamily:
     """build(cfg): the flax module. init_inputs(cfg): example positional inputs for `init` (only
     their shapes matter). loss_fn(model, cfg): the training objective (`LossFn`). eval_fn(model,
     cfg): (params, batch) -> dict of sums over one batch. eval_metrics(sums): the logged
-    evaluation metrics from those sums added over batches. loss_metrics(loss): further metrics of
-    the mean training loss (bits per byte, say). batches(cfg, split): the deterministic batches of
+    evaluation metrics from those sums added over batches. loss_metrics(loss, cfg): further
+    metrics of the mean training loss (bits per byte, say). batches(cfg, split): the deterministic batches of
     "train" or "eval" (the batch format is the family's own)."""
 
     build: Callable[[Config], nn.Module]
@@ -34,7 +34,7 @@ class ModelFamily:
     loss_fn: Callable[[nn.Module, Config], LossFn]
     eval_fn: Callable[[nn.Module, Config], Callable[[Any, dict], dict]]
     eval_metrics: Callable[[dict], dict]
-    loss_metrics: Callable[[Any], dict]
+    loss_metrics: Callable[[Any, Config], dict]
     batches: Callable[[Config, str], Any]
 
 

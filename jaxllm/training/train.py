@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from jaxllm import config as config_lib
-from jaxllm import data, sharding, validation
+from jaxllm import data, restore, sharding, validation
 from jaxllm.compression import pruning
 from jaxllm.config import Config
 from jaxllm.models import MODELS, ModelFamily, count_params
@@ -146,7 +146,7 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
         loss = loss_sum / denom
         metrics = {
             "loss": loss,
-            **s.family.loss_metrics(loss),
+            **s.family.loss_metrics(loss, cfg),
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "tokens": weight_sum,
@@ -230,7 +230,35 @@ def restore_or_init(s: Setup, checkpointer: ckpt.Checkpointer | None) -> tuple[T
                 "checkpoint was written with"
             ) from e
         return state, int(meta["data_step"])
+    if s.cfg.init_from:
+        return state_from_params(s, initial_params(s)), 0
     return init_state(s, jax.random.key(s.cfg.seed)), 0
+
+
+def initial_params(s: Setup):
+    """The latest params of the run `init_from` names, on this run's mesh."""
+    source = s.cfg.init_from
+    try:
+        params, _, _ = restore.restore_params(ckpt.checkpoint_dir(source), s.cfg, s.mesh)
+    except FileNotFoundError as e:
+        raise config_lib.ConfigError(f"init_from={source}: {e}") from None
+    except ValueError as e:
+        if isinstance(e, config_lib.ConfigError):
+            raise config_lib.ConfigError(f"init_from={source}: {e}") from None
+        raise config_lib.ConfigError(
+            f"init_from={source} holds a different model ({str(e).splitlines()[0][:200]}); give model.* "
+            f"the architecture of {source}/config.json") from None
+    if any(x.dtype == jnp.int8 for x in jax.tree.leaves(params)):
+        raise config_lib.ConfigError(f"init_from={source} is int8-quantized; start from the float run")
+    return params
+
+
+def state_from_params(s: Setup, params) -> TrainState:
+    """A step-0 state around given (sharded) params, with a fresh optimizer state."""
+    params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, s.abstract_state.params)
+    with sharding.activate(s.mesh):
+        opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings.opt_state)(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
 def train(
