@@ -129,6 +129,10 @@ def validate_distill(cfg: Config) -> None:
         validate(dataclasses.replace(cfg, model=d.teacher, distill=DistillConfig()))
     except ConfigError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
+    if d.teacher.tokenizer != cfg.model.tokenizer:
+        raise ConfigError(
+            f"distill.teacher.tokenizer={d.teacher.tokenizer} differs from model.tokenizer={cfg.model.tokenizer}: "
+            "teacher and student must share a tokenizer")
     if d.teacher.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"distill.teacher.vocab_size={d.teacher.vocab_size} differs from "
