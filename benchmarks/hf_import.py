@@ -19,6 +19,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -82,6 +83,7 @@ def write_checkpoint(directory: str, layers: int, dtype: str) -> None:
 
 
 def plain_read(directory: str) -> dict:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
     from safetensors import safe_open
 
     start, total = time.perf_counter(), 0
@@ -117,8 +119,19 @@ def main() -> None:
     parser.add_argument("--phase", choices=["plain_read", "import"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
+        peak_anon = [0]  # resident memory not backed by files (the page cache of mapped files excluded)
+
+        def sample():
+            while True:
+                with open("/proc/self/status") as f:
+                    anon = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+                peak_anon[0] = max(peak_anon[0], anon * 1024)
+                time.sleep(0.01)
+
+        threading.Thread(target=sample, daemon=True).start()
         result = plain_read(args.dir) if args.phase == "plain_read" else import_params(args.dir, args.dtype)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["peak_anon_rss_bytes"] = peak_anon[0]
         print(json.dumps(result))
         return
     if not os.path.exists(os.path.join(args.dir, "config.json")):
@@ -135,6 +148,8 @@ def main() -> None:
         "import_over_read": imported["seconds"] / read["seconds"],
         "import_peak_rss_bytes": imported["peak_rss_bytes"],
         "peak_rss_over_params": imported["peak_rss_bytes"] / imported["bytes"],
+        "import_peak_anon_rss_bytes": imported["peak_anon_rss_bytes"],
+        "peak_anon_rss_over_params": imported["peak_anon_rss_bytes"] / imported["bytes"],
         "plain_read_peak_rss_bytes": read["peak_rss_bytes"],
         "runs": runs,
     }))

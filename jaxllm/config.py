@@ -149,6 +149,41 @@ class DataConfig:
     eval_split: str = "validation"  # empty: train without evaluation
     eval_fraction: float = 0.05  # share of local files held out for validation
     seed: int = 0
+    # Labelled text (family "classifier", jaxllm/labelled.py). dataset: "folder" (`path` holds one
+    # subfolder of text files per class), "jsonl" or "csv" (`path` is a file with `text_feature`
+    # and `label_feature` fields/columns), "stdlib_packages" (the embedded task: snippets of the
+    # standard library labelled by top-level package), or a TFDS supervised dataset by name.
+    path: str = ""
+    label_feature: str = "label"
+    classes: tuple[str, ...] = ()  # the class names in label order; empty: sorted names found in the data
+    padding_side: str = "right"  # where examples shorter than seq_len are padded: right | left
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Sequence classification (family "classifier"): a backbone decoder, pooled, and a score head."""
+
+    num_classes: int = 2
+    pooling: str = "last"  # last (the last non-padding token, as Hugging Face's score head) | mean
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on the kernels whose paths match `targets`."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is (alpha / rank) · A B
+    dropout: float = 0.0  # on the adapter's input
+    targets: tuple[str, ...] = (r"(^|/)attn/(q|k|v|o)$",)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """What a run started from `init_from` trains: everything (full), only the new head (probe, a
+    frozen backbone) or low-rank adapters plus the head (lora)."""
+
+    mode: str = "full"  # full | probe | lora
+    lora: LoraConfig = LoraConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +290,8 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
     distill: DistillConfig = DistillConfig()
     prune: PruneConfig = PruneConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     sample_prompt: str = "def "  # a sample is generated from this at the end of a run
     sample_tokens: int = 200
 

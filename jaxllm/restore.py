@@ -23,32 +23,38 @@ from jaxllm.compression import quantize
 from jaxllm.config import Config, ConfigError
 from jaxllm.models import MODELS
 from jaxllm.training import checkpoint as ckpt
+from jaxllm.training import finetune
 
 
-def abstract_params(cfg: Config, mesh: jax.sharding.Mesh, model: nn.Module | None = None):
-    """ShapeDtypeStructs of the family's float params, with their shardings on `mesh`."""
+def abstract_params(cfg: Config, mesh: jax.sharding.Mesh, model: nn.Module | None = None, part: str = "model"):
+    """ShapeDtypeStructs of the family's float params, with their shardings on `mesh`: the whole
+    model's, or (`part`) the "trainable" or "frozen" part of a probe or lora run
+    (training/finetune.py)."""
     family = MODELS.get(cfg.family)
     model = model if model is not None else family.build(cfg)
-    boxed = jax.eval_shape(lambda rng: model.init(rng, *family.init_inputs(cfg))["params"], jax.random.key(0))
+    plan = finetune.plan(cfg, family)
+
+    def init(rng):
+        params = model.init(rng, *family.init_inputs(cfg))["params"]
+        if part == "model":
+            return params
+        return plan.split(params, rng)[0 if part == "trainable" else 1]
+
+    boxed = jax.eval_shape(init, jax.random.key(0))
     abstract = ckpt.abstract_like(nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh))
     dtype = jnp.dtype(cfg.model.param_dtype)  # float params are read in model.param_dtype
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
                         if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
 
 
-def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: int | None = None):
-    """(params, step, meta) of checkpoint `step` (None: the latest) in checkpoint directory
-    `directory`, read onto `mesh`. Only the params are read; an int8-quantized checkpoint comes
-    back quantized, sharded like the float params would be."""
+def restore_tree(directory: str, abstract, mesh: jax.sharding.Mesh, step: int | None = None):
+    """(params, step) read into `abstract` (a subtree of the saved params, or all of them) from
+    checkpoint `step` (None: the latest) in checkpoint directory `directory`."""
     checkpointer = ckpt.Checkpointer(directory, read_only=True)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        meta = checkpointer.restore_meta(step)
-        abstract = abstract_params(cfg, mesh)
-        if meta.get(quantize.META_KEY) is not None:
-            abstract = quantize.quantized_abstract(abstract)
         with sharding.activate(mesh):
             restored, _ = checkpointer.restore({"params": abstract}, step=step, partial=True)
     finally:
@@ -61,7 +67,34 @@ def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: i
             f"checkpoint step {step} in {directory} has no params at {', '.join(missing[:4])}"
             f"{' ...' if len(missing) > 4 else ''}: it was written by a different model; restore it "
             "with the config it was trained with")
-    return restored["params"], step, meta
+    return restored["params"], step
+
+
+def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: int | None = None):
+    """(params, step, meta) of a run's checkpoint `step` (None: the latest) in checkpoint
+    directory `directory`, read onto `mesh`. Only the params are read. An int8-quantized checkpoint
+    comes back quantized, sharded like the float params would be; a probe or lora run's comes back
+    composed with the frozen params of its `init_from` run (adapters merged)."""
+    meta = _meta(directory, step)
+    family = MODELS.get(cfg.family)
+    plan = finetune.plan(cfg, family)
+    if plan.freezes:
+        trainable, step = restore_tree(directory, abstract_params(cfg, mesh, part="trainable"), mesh, step)
+        frozen, _ = restore_tree(ckpt.checkpoint_dir(cfg.init_from), abstract_params(cfg, mesh, part="frozen"), mesh)
+        return jax.jit(plan.compose)(trainable, frozen), step, meta
+    abstract = abstract_params(cfg, mesh)
+    if meta.get(quantize.META_KEY) is not None:
+        abstract = quantize.quantized_abstract(abstract)
+    params, step = restore_tree(directory, abstract, mesh, step)
+    return params, step, meta
+
+
+def _meta(directory: str, step: int | None) -> dict:
+    checkpointer = ckpt.Checkpointer(directory, read_only=True)
+    try:
+        return checkpointer.restore_meta(step)
+    finally:
+        checkpointer.close()
 
 
 def _path(path) -> str:

@@ -27,7 +27,8 @@ class ModelFamily:
     cfg): (params, batch) -> dict of sums over one batch. eval_metrics(sums): the logged
     evaluation metrics from those sums added over batches. loss_metrics(loss, cfg): further
     metrics of the mean training loss (bits per byte, say). batches(cfg, split): the deterministic batches of
-    "train" or "eval" (the batch format is the family's own)."""
+    "train" or "eval" (the batch format is the family's own). backbone: the key of the params
+    that a pre-trained language model's params fill (`init_from`), None when they are all of them."""
 
     build: Callable[[Config], nn.Module]
     init_inputs: Callable[[Config], tuple]
@@ -36,6 +37,7 @@ class ModelFamily:
     eval_metrics: Callable[[dict], dict]
     loss_metrics: Callable[[Any, Config], dict]
     batches: Callable[[Config, str], Any]
+    backbone: str | None = None
 
 
 MODELS = Registry("family")

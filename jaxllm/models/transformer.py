@@ -114,6 +114,7 @@ class ScannedGroup(nn.Module):
 class Transformer(nn.Module):
     cfg: ModelConfig
     decode: bool = False
+    lm_head: bool = True  # False: return the final hidden states [B, L, D] (a backbone for a task head)
 
     @nn.compact
     def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, return_hidden=False,
@@ -166,6 +167,8 @@ class Transformer(nn.Module):
                 )
 
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
+        if not self.lm_head:
+            return x_BLD
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)
         else:

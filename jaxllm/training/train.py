@@ -27,7 +27,7 @@ from jaxllm.compression import pruning
 from jaxllm.config import Config
 from jaxllm.models import MODELS, ModelFamily, count_params
 from jaxllm.training import checkpoint as ckpt
-from jaxllm.training import flops, optim
+from jaxllm.training import finetune, flops, optim
 from jaxllm.training.logger import MetricsLogger
 
 
@@ -53,11 +53,14 @@ class Setup:
     tx: optax.GradientTransformation
     state_shardings: Any  # pytree of NamedSharding matching TrainState
     abstract_state: Any  # pytree of ShapeDtypeStruct with shardings (for restore)
+    plan: finetune.Plan  # what trains; state.params is its trainable part
+    frozen_abstract: Any = None  # the frozen part (probe and lora runs), read from init_from
 
 
-def _boxed_init(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation):
+def _boxed_init(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.GradientTransformation,
+                plan: finetune.Plan):
     def init(rng):
-        params = model.init(rng, *family.init_inputs(cfg))["params"]
+        params, _ = plan.split(model.init(rng, *family.init_inputs(cfg))["params"], jax.random.fold_in(rng, 1))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return init
@@ -71,11 +74,13 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None, model: nn.Module |
     sharding.check_divisibility(cfg, mesh)
     family = MODELS.get(cfg.family)
     model = model if model is not None else family.build(cfg)
+    plan = finetune.plan(cfg, family)
     tx = pruning.maybe_wrap(optim.make_optimizer(cfg.opt, cfg.train.steps), cfg.prune)
-    boxed = jax.eval_shape(_boxed_init(cfg, family, model, tx), jax.random.key(0))
+    boxed = jax.eval_shape(_boxed_init(cfg, family, model, tx, plan), jax.random.key(0))
     shardings = sharding.state_shardings(boxed, mesh)
     abstract = ckpt.abstract_like(nn.meta.unbox(boxed), shardings)
-    return Setup(cfg, mesh, family, model, tx, shardings, abstract)
+    frozen = restore.abstract_params(cfg, mesh, model, part="frozen") if plan.freezes else None
+    return Setup(cfg, mesh, family, model, tx, shardings, abstract, plan, frozen)
 
 
 def place_rows(batches: data.Batches, step: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -84,20 +89,10 @@ def place_rows(batches: data.Batches, step: int, mesh: jax.sharding.Mesh) -> dic
     return sharding.place_batch(batches.batch_rows(step, lo, hi), mesh, batches.batch_size)
 
 
-def inference_config(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
-    """`cfg` for loading its params onto `mesh` and evaluating them (sampling, quantizing,
-    pruning): one micro-batch (no gradient accumulation), and a batch that the mesh's batch axes
-    split evenly, rounded up from the run's own (so a run evaluates on the same batches whenever
-    its batch size already divides)."""
-    shards = sharding.axis_size(mesh, sharding.BATCH_AXES)
-    batch_size = -(-cfg.train.batch_size // shards) * shards
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size, grad_accum=1))
-
-
 def state_initializer(s: Setup) -> Callable[[jax.Array], TrainState]:
     """The jitted init: params and optimizer state come out already sharded (call it, or
     eval_shape it, under `sharding.activate(s.mesh)`)."""
-    boxed_init = _boxed_init(s.cfg, s.family, s.model, s.tx)
+    boxed_init = _boxed_init(s.cfg, s.family, s.model, s.tx, s.plan)
     return jax.jit(lambda rng: nn.meta.unbox(boxed_init(rng)), out_shardings=s.state_shardings)
 
 
@@ -114,6 +109,13 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
     program), are not donated, and get no gradient."""
     cfg = s.cfg
     accum = cfg.train.grad_accum
+    if loss_fn is None and s.plan.freezes:
+        # The optimizer's params are the trainable part; the frozen part comes in as `frozen`.
+        model_loss = s.family.loss_fn(s.model, cfg)
+        loss_fn = lambda params, batch, frozen: model_loss(  # noqa: E731
+            s.plan.compose(params, jax.lax.stop_gradient(frozen)), batch)
+        if frozen is None:
+            raise ValueError(f"finetune.mode={s.plan.mode} trains with frozen params: pass frozen=")
     loss_fn = loss_fn or s.family.loss_fn(s.model, cfg)
     objective = loss_fn if frozen is not None else (lambda params, batch, _: loss_fn(params, batch))
     grad_fn = jax.grad(objective, has_aux=True)  # with respect to the params only
@@ -174,21 +176,28 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
     return run
 
 
-def make_eval_step(s: Setup, param_shardings=None) -> Callable:
+def make_eval_step(s: Setup, param_shardings=None, frozen=None) -> Callable:
     """The family's evaluation sums of one batch. `param_shardings` defaults to the float params';
-    an int8-quantized tree (compression.quantize) has its own."""
+    an int8-quantized tree (compression.quantize) has its own. In probe and lora runs `params` is
+    the trainable part and `frozen` the frozen one."""
+    model_eval = s.family.eval_fn(s.model, s.cfg)
+    if frozen is None:
+        eval_fn, extra = model_eval, ()
+    else:
+        eval_fn, extra = (lambda params, batch, frozen: model_eval(s.plan.compose(params, frozen), batch)), (frozen,)
     jitted = jax.jit(
-        s.family.eval_fn(s.model, s.cfg),
+        eval_fn,
         in_shardings=(
             s.state_shardings.params if param_shardings is None else param_shardings,
             sharding.batch_sharding(s.mesh),
+            *(jax.tree.map(lambda x: x.sharding, e) for e in extra),
         ),
         out_shardings=sharding.replicated(s.mesh),
     )
 
     def run(params, batch):
         with sharding.activate(s.mesh):
-            return jitted(params, batch)
+            return jitted(params, batch, *extra)
 
     return run
 
@@ -201,7 +210,8 @@ def evaluate(s: Setup, eval_step, params, batches: data.Batches, num_batches: in
         sums = jax.device_get(eval_step(params, place_rows(batches, k, s.mesh)))
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
-    return {name: float(value) for name, value in s.family.eval_metrics(totals).items()}
+    return {name: float(value) if np.ndim(value) == 0 else value
+            for name, value in s.family.eval_metrics(totals).items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,16 +240,23 @@ def restore_or_init(s: Setup, checkpointer: ckpt.Checkpointer | None) -> tuple[T
                 "checkpoint was written with"
             ) from e
         return state, int(meta["data_step"])
-    if s.cfg.init_from:
+    if s.cfg.init_from and not s.plan.freezes:
         return state_from_params(s, initial_params(s)), 0
     return init_state(s, jax.random.key(s.cfg.seed)), 0
 
 
-def initial_params(s: Setup):
-    """The latest params of the run `init_from` names, on this run's mesh."""
+def initial_params(s: Setup, frozen_only: bool = False):
+    """The params of the run `init_from` names, on this run's mesh: for a full fine-tune the
+    model's params with the pre-trained part (all, or the family's backbone) filled from it; with
+    `frozen_only` just that part (probe and lora runs)."""
     source = s.cfg.init_from
+    backbone = s.family.backbone
+    if frozen_only:
+        target = s.frozen_abstract
+    else:
+        target = s.abstract_state.params if backbone is None else s.abstract_state.params[backbone]
     try:
-        params, _, _ = restore.restore_params(ckpt.checkpoint_dir(source), s.cfg, s.mesh)
+        params, _ = restore.restore_tree(ckpt.checkpoint_dir(source), target, s.mesh)
     except FileNotFoundError as e:
         raise config_lib.ConfigError(f"init_from={source}: {e}") from None
     except ValueError as e:
@@ -248,9 +265,11 @@ def initial_params(s: Setup):
         raise config_lib.ConfigError(
             f"init_from={source} holds a different model ({str(e).splitlines()[0][:200]}); give model.* "
             f"the architecture of {source}/config.json") from None
-    if any(x.dtype == jnp.int8 for x in jax.tree.leaves(params)):
-        raise config_lib.ConfigError(f"init_from={source} is int8-quantized; start from the float run")
-    return params
+    if frozen_only or backbone is None:
+        return params
+    # A new head around the pre-trained backbone: the rest of the model's params initialised.
+    fresh = init_state(s, jax.random.key(s.cfg.seed)).params
+    return {**fresh, backbone: params}
 
 
 def state_from_params(s: Setup, params) -> TrainState:
@@ -291,8 +310,9 @@ def train(
     train_batches = s.family.batches(cfg, "train")
     evaluates = bool(cfg.data.eval_split)  # an empty split name turns evaluation off
     eval_batches = s.family.batches(cfg, "eval") if evaluates else None
-    train_step = (make_step or make_train_step)(s)
-    eval_step = make_eval_step(s)
+    frozen = initial_params(s, frozen_only=True) if s.plan.freezes else None
+    train_step = make_step(s) if make_step is not None else make_train_step(s, frozen=frozen)
+    eval_step = make_eval_step(s, frozen=frozen)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     model_flops_per_step = flops.flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_step
     peak = peak_flops_total()
