@@ -156,7 +156,8 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+    """Rows over the batch axes; any further axes whole (token rows [B, L], labels [B], ...)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
