@@ -18,6 +18,7 @@ import jax  # noqa: E402
 from jaxllm import decoding, distributed  # noqa: E402
 from jaxllm.compression import distill  # noqa: E402
 from jaxllm.config import Config, ConfigError, override, valid_keys  # noqa: E402
+from jaxllm.models import MODELS  # noqa: E402
 from jaxllm.training import train  # noqa: E402
 
 
@@ -51,7 +52,9 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
             distill.train(cfg)
         else:
             train.train(cfg)
-        if cfg.sample_tokens > 0 and cfg.checkpoint.every <= 0:
+        if not MODELS.get(cfg.family).generates:
+            pass  # a classifier's run ends with its evaluation
+        elif cfg.sample_tokens > 0 and cfg.checkpoint.every <= 0:
             # The sample is drawn from the saved checkpoint, exactly as `python -m jaxllm.generate`
             # would; with saving off there is none.
             print("no sample: checkpoint.every=0 wrote no checkpoint to sample from", file=sys.stderr)

@@ -3,6 +3,7 @@ model: pooling, metrics, sharded equals single device (fsdp x tensor, and an MoE
 expert-parallel), full / probe / LoRA starts from a pre-trained run."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 
 from jaxllm import config as C
 from jaxllm import sharding
+from jaxllm.cli import classify as classify_cli
 from jaxllm.models import classifier
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
@@ -131,3 +133,65 @@ def test_starting_from_a_language_model(mode, language_model):
         jax.tree.map(np.testing.assert_array_equal,
                      jax.device_get(train.initial_params(s, frozen_only=True)), backbone)
     assert np.isfinite(history[-1]["loss"])
+
+
+def test_a_backbone_with_another_tokenizer_or_shape_is_a_clear_error(language_model):
+    workdir, _ = language_model
+    other = dataclasses.replace(tiny_config().model, tokenizer="tests/fixtures/hf/llama", vocab_size=384)
+    cfg = classifier_config(init_from=workdir, model=other)
+    s = train.setup(cfg)
+    with pytest.raises(C.ConfigError, match=r"init_from=.* was trained with a different model: model.tokenizer "
+                                             r"\(theirs 'bytes', ours 'tests/fixtures/hf/llama'\)"):
+        train.restore_or_init(s, None)
+    cfg = classifier_config(init_from=workdir, model=dataclasses.replace(tiny_config().model, d_model=96))
+    with pytest.raises(C.ConfigError, match=r"model.d_model \(theirs 64, ours 96\)"):
+        train.restore_or_init(train.setup(cfg), None)
+
+
+def _folder_data(tmp_path):
+    root = tmp_path / "reviews"
+    rng = np.random.default_rng(0)
+    words = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "poor", "dull", "broken"],
+             "meh": ["okay", "so-so", "average", "plain"]}
+    for label, vocab in words.items():
+        (root / label).mkdir(parents=True)
+        for k in range(12):
+            (root / label / f"{k}.txt").write_text(" ".join(rng.choice(vocab, 12)))
+    return str(root)
+
+
+def test_resuming_a_lora_classifier_mid_run_equals_the_uninterrupted_run(language_model, tmp_path, capsys):
+    workdir, _ = language_model
+
+    def run(name, steps):
+        cfg = classifier_config(
+            workdir=str(tmp_path / name), init_from=workdir,
+            finetune=C.FinetuneConfig(mode="lora", lora=C.LoraConfig(rank=4)),
+            data=C.DataConfig(dataset="folder", path=_folder_data(tmp_path) if not (tmp_path / "reviews").exists()
+                              else str(tmp_path / "reviews"), data_dir=str(tmp_path / "tfds"), eval_fraction=0.25),
+            train=C.TrainConfig(steps=steps, batch_size=8, seq_len=32, log_every=1, eval_every=4, eval_batches=2,
+                                progress_bar=False),
+            checkpoint=C.CheckpointConfig(every=2, keep=3, async_save=False))
+        records = []
+        state = train.train(cfg, log=records.append)
+        return cfg, state, records
+
+    _, straight, straight_log = run("straight", 4)
+    run("resumed", 2)
+    cfg, resumed, resumed_log = run("resumed", 4)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
+    assert [r["loss"] for r in resumed_log if r["step"] > 2] == [r["loss"] for r in straight_log if r["step"] > 2]
+    final = straight_log[-1]
+    assert set(final["eval_confusion"][0]) and 0.0 <= final["eval_macro_f1"] <= 1.0
+    # The run's checkpoint holds only what trained: the adapters and the head.
+    from_disk = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir), read_only=True)
+    state_meta = from_disk.restore_meta()
+    from_disk.close()
+    assert state_meta["config"]["init_from"] == workdir
+    assert set(resumed.params) == {"head", "lora"}
+    # The command line loads the run through the restore path (adapters merged) and classifies.
+    capsys.readouterr()
+    classify_cli.main(["--workdir", cfg.workdir, "--text", "great lovely fine", "--text", "awful dull"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(r["probabilities"]) for r in lines] == [{"bad", "good", "meh"}] * 2
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 and r["class"] in r["probabilities"] for r in lines)

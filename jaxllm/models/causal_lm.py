@@ -95,5 +95,5 @@ def batches(cfg: Config, split: str) -> data.Batches:
 
 MODELS.register("causal_lm", ModelFamily(
     build=build, init_inputs=init_inputs, loss_fn=loss_fn, eval_fn=eval_fn, eval_metrics=eval_metrics,
-    loss_metrics=loss_metrics, batches=batches,
+    loss_metrics=loss_metrics, batches=batches, generates=True,
 ))

@@ -28,7 +28,8 @@ class ModelFamily:
     evaluation metrics from those sums added over batches. loss_metrics(loss, cfg): further
     metrics of the mean training loss (bits per byte, say). batches(cfg, split): the deterministic batches of
     "train" or "eval" (the batch format is the family's own). backbone: the key of the params
-    that a pre-trained language model's params fill (`init_from`), None when they are all of them."""
+    that a pre-trained language model's params fill (`init_from`), None when they are all of them.
+    generates: whether the family samples text (decoding.py)."""
 
     build: Callable[[Config], nn.Module]
     init_inputs: Callable[[Config], tuple]
@@ -38,6 +39,7 @@ class ModelFamily:
     loss_metrics: Callable[[Any, Config], dict]
     batches: Callable[[Config, str], Any]
     backbone: str | None = None
+    generates: bool = False  # whether its runs end with a generated sample (language models)
 
 
 MODELS = Registry("family")

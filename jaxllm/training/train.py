@@ -250,6 +250,7 @@ def initial_params(s: Setup, frozen_only: bool = False):
     model's params with the pre-trained part (all, or the family's backbone) filled from it; with
     `frozen_only` just that part (probe and lora runs)."""
     source = s.cfg.init_from
+    _check_same_backbone(s.cfg, source)
     backbone = s.family.backbone
     if frozen_only:
         target = s.frozen_abstract
@@ -270,6 +271,23 @@ def initial_params(s: Setup, frozen_only: bool = False):
     # A new head around the pre-trained backbone: the rest of the model's params initialised.
     fresh = init_state(s, jax.random.key(s.cfg.seed)).params
     return {**fresh, backbone: params}
+
+
+def _check_same_backbone(cfg: Config, source: str) -> None:
+    """The run `init_from` names must have this run's architecture and tokenizer (layout and
+    kernel choices aside), or its params would not mean what this model expects."""
+    try:
+        saved = config_lib.from_dict(Config, ckpt.read_config_json(source)).model
+    except FileNotFoundError as e:
+        raise config_lib.ConfigError(f"init_from={source}: {e}") from None
+    layout = dict(scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=cfg.model.dtype,
+                  attention_impl=cfg.model.attention_impl, param_dtype=cfg.model.param_dtype)
+    theirs, ours = dataclasses.asdict(dataclasses.replace(saved, **layout)), dataclasses.asdict(cfg.model)
+    diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if diff:
+        names = ", ".join(f"model.{k} (theirs {a!r}, ours {b!r})" for k, (a, b) in sorted(diff.items()))
+        raise config_lib.ConfigError(f"init_from={source} was trained with a different model: {names}; "
+                                     "set these to the source run's values")
 
 
 def state_from_params(s: Setup, params) -> TrainState:
@@ -304,8 +322,10 @@ def train(
 
     logger = MetricsLogger(cfg, start_step=start, extra_sink=log)
     logger.info(
-        f"{count_params(state.params) / 1e6:.2f}M params on mesh {dict(s.mesh.shape)}; "
-        + (f"resuming at step {start}" if start else "starting from scratch")
+        f"{count_params(state.params) / 1e6:.2f}M {'trainable ' if s.plan.freezes else ''}params on mesh "
+        f"{dict(s.mesh.shape)}; "
+        + (f"resuming at step {start}" if start else
+           f"starting from {cfg.init_from} ({s.plan.mode})" if cfg.init_from else "starting from scratch")
     )
     train_batches = s.family.batches(cfg, "train")
     evaluates = bool(cfg.data.eval_split)  # an empty split name turns evaluation off

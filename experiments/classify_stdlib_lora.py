@@ -1,0 +1,26 @@
+"""classify_stdlib_lora: classify_stdlib with LoRA (rank 8 on attention q, k, v, o) plus the score head; the backbone frozen.
+
+    python experiments/classify_stdlib_lora.py [key=value ...]
+
+Result: not measured yet.
+"""
+
+import dataclasses
+
+from jaxllm import config, main
+
+from classify_stdlib import get_config as full_config  # noqa: E402  (experiments build on each other)
+
+
+def get_config() -> config.Config:
+    base = full_config()
+    return dataclasses.replace(
+        base,
+        workdir="runs/classify_stdlib_lora",
+        finetune=config.FinetuneConfig(mode="lora", lora=config.LoraConfig(rank=8, alpha=16.0)),
+        opt=dataclasses.replace(base.opt, learning_rate=3e-3),
+    )
+
+
+if __name__ == "__main__":
+    main.run(get_config)

@@ -1,0 +1,25 @@
+"""classify_stdlib_scratch: classify_stdlib with the same classifier trained from random initialisation (no pre-training).
+
+    python experiments/classify_stdlib_scratch.py [key=value ...]
+
+Result: not measured yet.
+"""
+
+import dataclasses
+
+from jaxllm import config, main
+
+from classify_stdlib import get_config as full_config  # noqa: E402  (experiments build on each other)
+
+
+def get_config() -> config.Config:
+    base = full_config()
+    return dataclasses.replace(
+        base,
+        workdir="runs/classify_stdlib_scratch",
+        init_from="",
+    )
+
+
+if __name__ == "__main__":
+    main.run(get_config)
