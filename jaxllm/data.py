@@ -163,7 +163,7 @@ class _DropExpectedTfdsWarnings(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def quiet_tfds() -> Iterator[None]:
     logger, drop = logging.getLogger("absl"), _DropExpectedTfdsWarnings()
     logger.addFilter(drop)
     try:
@@ -173,7 +173,7 @@ def _quiet_tfds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
+def file_lock(path: str) -> Iterator[None]:
     """Exclusive lock between processes on this host (flock; may not lock across NFS clients)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
@@ -205,14 +205,14 @@ def prepare_text_files(
     def make() -> JaxllmTextFiles:
         return JaxllmTextFiles(data_dir=data_dir, config=config, file_format="array_record")
 
-    with _quiet_tfds():
+    with quiet_tfds():
         builder = make()
         if builder.is_prepared():
             return builder
         # TFDS writes into a temporary dir and renames it, but a second racing builder would then
         # fail on the rename; the lock makes it wait and reuse the first one's result instead.
         lock = os.path.join(data_dir, "jaxllm_locks", f"{builder.name}-{config_name}.lock")
-        with _file_lock(lock):
+        with file_lock(lock):
             if not builder.is_prepared():
                 print(f"building the {name} dataset under {data_dir} (once)", file=sys.stderr)
                 tfds.disable_progress_bar()  # TFDS's bars would bury the training progress bar
@@ -241,7 +241,7 @@ class Documents(Sequence[str]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"document {index} out of range for {len(self)} documents")
-        return _as_bytes(self.source[index][self.feature]).decode("utf-8", errors="replace")
+        return as_bytes(self.source[index][self.feature]).decode("utf-8", errors="replace")
 
     def raw(self, indices: Sequence[int]) -> list[bytes]:
         """The undecoded bytes of several documents, fetched in one call where possible."""
@@ -250,10 +250,10 @@ class Documents(Sequence[str]):
         except (AttributeError, TypeError):
             # tfds.testing.mock_data's __getitems__ is broken in tfds 4.9.x (called without self).
             records = [self.source[i] for i in indices]
-        return [_as_bytes(r[self.feature]) for r in records]
+        return [as_bytes(r[self.feature]) for r in records]
 
 
-def _as_bytes(value) -> bytes:
+def as_bytes(value) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
@@ -261,7 +261,7 @@ def _as_bytes(value) -> bytes:
     return bytes(np.asarray(value).item())  # a 0-d numpy bytes/object array
 
 
-def _named_source(cfg: DataConfig, split: str, data_dir: str):
+def named_source(cfg: DataConfig, split: str, data_dir: str):
     """(data source, writable cache dir or None) of a registered/prepared TFDS dataset."""
     name = cfg.dataset
     prepare_hint = (
@@ -327,7 +327,7 @@ def _open(cfg: DataConfig, split: str) -> tuple[Documents, str | None]:
             ) from e
         text_feature, cache = "text", str(builder.data_path)
     else:
-        source, cache = _named_source(cfg, split, data_dir)
+        source, cache = named_source(cfg, split, data_dir)
         text_feature = cfg.text_feature
     return Documents(source, text_feature, f"{cfg.dataset}[{split}]"), cache
 
@@ -379,19 +379,19 @@ def token_stream(cfg: DataConfig, split: str, tok: Tokenizer = BYTES) -> tuple[n
         lengths = np.concatenate([c[1] for c in chunks] or [np.zeros(0, np.int64)])
         return tokens, np.cumsum(lengths) - lengths
     # The byte tokenizer's streams keep their names; another tokenizer's carry its file's digest.
-    tokenizer_key = "" if tok is BYTES else "/" + _file_digest(tok.name)
+    tokenizer_key = "" if tok is BYTES else "/" + file_digest(tok.name)
     digest = hashlib.sha256(f"{split}/{docs.feature}{tokenizer_key}".encode()).hexdigest()[:8]
     key = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{digest}"
     tokens_path = os.path.join(cache_dir, f"jaxllm_tokens-{key}.npy")
     starts_path = os.path.join(cache_dir, f"jaxllm_starts-{key}.npy")
     if not os.path.exists(tokens_path):
-        with _file_lock(os.path.join(cache_dir, "jaxllm_tokens.lock")):
+        with file_lock(os.path.join(cache_dir, "jaxllm_tokens.lock")):
             if not os.path.exists(tokens_path):
                 _write_stream(docs, tokens_path, starts_path, tok)
     return np.load(tokens_path, mmap_mode="r"), np.load(starts_path)
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 

@@ -307,17 +307,17 @@ def _prepare_local(cfg: DataConfig, data_dir: str):
     path = os.path.join(data_dir, "jaxllm_labelled_text", config_name, "1.0.0")
     done = os.path.join(path, "dataset_info.json")  # TFDS renames a finished build into place
     if not os.path.exists(done):
-        with data._file_lock(os.path.join(data_dir, "jaxllm_locks", f"jaxllm_labelled_text-{config_name}.lock")):
+        with data.file_lock(os.path.join(data_dir, "jaxllm_locks", f"jaxllm_labelled_text-{config_name}.lock")):
             if not os.path.exists(done):
                 names, splits, load = make()
                 config = LabelledConfig(name=config_name, description=f"{cfg.dataset} {cfg.path}".strip(),
                                         class_names=names, splits=splits, load=load)
                 print(f"building the labelled {cfg.dataset} dataset under {data_dir} (once)", file=sys.stderr)
                 tfds.disable_progress_bar()
-                with data._quiet_tfds():
+                with data.quiet_tfds():
                     builder = JaxllmLabelledText(data_dir=data_dir, config=config, file_format="array_record")
                     builder.download_and_prepare()
-    with data._quiet_tfds():
+    with data.quiet_tfds():
         return tfds.builder_from_directory(path)
 
 
@@ -362,7 +362,7 @@ def _named(cfg: DataConfig, data_dir: str) -> _Dataset:
         raise ConfigError(f"{where}: feature {cfg.label_feature!r} is not a ClassLabel; name its classes with "
                           "data.classes=a,b,...")
     return _Dataset(names, cfg.text_feature, cfg.label_feature, None, to_index,
-                    lambda split: data._named_source(cfg, split, data_dir))
+                    lambda split: data.named_source(cfg, split, data_dir))
 
 
 def _local(cfg: DataConfig, data_dir: str) -> _Dataset:
@@ -399,7 +399,7 @@ def _examples(ds: _Dataset, source: Sequence[dict]) -> Iterator[list[Example]]:
             records = source.__getitems__(list(range(lo, min(lo + _READ_CHUNK, len(source)))))
         except (AttributeError, TypeError):  # plain sequences; tfds.testing.mock_data's is broken
             records = [source[i] for i in range(lo, min(lo + _READ_CHUNK, len(source)))]
-        yield [(data._as_bytes(r[ds.key]).decode() if ds.key else str(i), data._as_bytes(r[ds.text]),
+        yield [(data.as_bytes(r[ds.key]).decode() if ds.key else str(i), data.as_bytes(r[ds.text]),
                 ds.to_index(r[ds.label])) for i, r in enumerate(records, start=lo)]
 
 
@@ -439,11 +439,11 @@ def tokenized(cfg: DataConfig, split: str, tok: Tokenizer = BYTES) -> tuple[np.n
     source, cache = ds.open(split)
     if cache is None or not (tok is BYTES or os.path.isfile(tok.name)):  # (a tokenizer made in code)
         return _tokenize(ds, source, tok)
-    key = f"{split}/{ds.text}/{ds.label}/{ds.names}/{'' if tok is BYTES else data._file_digest(tok.name)}"
+    key = f"{split}/{ds.text}/{ds.label}/{ds.names}/{'' if tok is BYTES else data.file_digest(tok.name)}"
     stem = os.path.join(cache, f"jaxllm_labelled-{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-"
                                f"{hashlib.sha256(key.encode()).hexdigest()[:8]}")
     if not os.path.exists(stem + ".tokens.npy"):
-        with data._file_lock(os.path.join(cache, "jaxllm_tokens.lock")):
+        with data.file_lock(os.path.join(cache, "jaxllm_tokens.lock")):
             if not os.path.exists(stem + ".tokens.npy"):
                 tokens, starts, labels = _tokenize(ds, source, tok)
                 with open(stem + ".index.npz.tmp", "wb") as f:
