@@ -31,10 +31,10 @@ def get_config() -> config.Config:
         data=dataclasses.replace(base.data, dataset="stdlib_packages", classes=PACKAGES),
         classifier=config.ClassifierConfig(num_classes=len(PACKAGES)),
         finetune=config.FinetuneConfig(mode="full"),
-        train=dataclasses.replace(base.train, steps=150, batch_size=32, seq_len=256, log_every=25,
-                                  eval_every=75, eval_batches=18),  # 18 x 32 covers the 569 snippets
-        opt=dataclasses.replace(base.opt, learning_rate=1e-3, warmup_steps=15),
-        checkpoint=config.CheckpointConfig(every=75, keep=1),
+        train=dataclasses.replace(base.train, steps=300, batch_size=16, seq_len=256, log_every=25,
+                                  eval_every=150, eval_batches=36),  # 36 x 16 covers the 569 snippets
+        opt=dataclasses.replace(base.opt, learning_rate=1e-3, warmup_steps=30),
+        checkpoint=config.CheckpointConfig(every=150, keep=1),
     )
 
 
