@@ -4,7 +4,10 @@ the same work and no balance loss is needed.
 
     python experiments/moe_expert_choice.py [key=value ...]    # e.g. model.moe.capacity_factor=2
 
-Result: not measured yet (the run that adds it to the README results table is still to do).
+Result (AMD EPYC 2-core, moe_tiny's 300 steps and batches): validation loss / bits per byte 2.249 /
+3.244 (step 100), 1.864 / 2.689 (200), 1.682 / 2.427 (300), against token-choice dropless moe_tiny's
+2.246 / 3.240, 1.952 / 2.816, 1.772 / 2.557 in the same session. At step 300 0.1-1.9 % of the
+tokens (by layer) were taken by no expert.
 """
 
 import dataclasses
