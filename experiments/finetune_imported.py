@@ -9,7 +9,9 @@ For a real model, import it, then point `init_from` at its run directory and `hf
 Hugging Face directory (the architecture is read from its config.json), e.g. with
 `model.param_dtype=float32 mesh.fsdp=8` on a GPU host.
 
-Result: not measured yet.
+Result (AMD EPYC 2-core, the fixture's random tiny Llama, 100 steps x 16 x 128 tokens of its own
+tokenizer): training loss 6.11 at step 1, validation 4.420 / 4.014 bits per byte at step 50 and
+4.198 / 3.813 at step 100; 36 s wall. (Random weights: the run checks the path, not a quality.)
 """
 
 import dataclasses

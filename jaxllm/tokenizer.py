@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -113,6 +114,15 @@ def _token_bytes(hf, specials: set[int]) -> np.ndarray:
 def load(spec: str) -> Tokenizer:
     """The tokenizer `model.tokenizer` names."""
     return BYTES if spec == "bytes" else _load_hf(os.path.abspath(spec))
+
+
+def fingerprint(spec: str) -> str:
+    """What identifies a tokenizer: "bytes", or the digest of its tokenizer.json (the same file
+    copied into another run directory is the same tokenizer)."""
+    if spec == "bytes":
+        return spec
+    with open(load(spec).name, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -23,6 +23,7 @@ import optax
 
 from jaxllm import config as config_lib
 from jaxllm import data, restore, sharding, validation
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression import pruning
 from jaxllm.config import Config
 from jaxllm.models import MODELS, ModelFamily, count_params
@@ -284,6 +285,8 @@ def _check_same_backbone(cfg: Config, source: str) -> None:
                   attention_impl=cfg.model.attention_impl, param_dtype=cfg.model.param_dtype)
     theirs, ours = dataclasses.asdict(dataclasses.replace(saved, **layout)), dataclasses.asdict(cfg.model)
     diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if "tokenizer" in diff and tokenizer_lib.fingerprint(saved.tokenizer) == tokenizer_lib.fingerprint(cfg.model.tokenizer):
+        del diff["tokenizer"]  # the same tokenizer.json in two places
     if diff:
         names = ", ".join(f"model.{k} (theirs {a!r}, ours {b!r})" for k, (a, b) in sorted(diff.items()))
         raise config_lib.ConfigError(f"init_from={source} was trained with a different model: {names}; "
