@@ -8,7 +8,10 @@ classify_stdlib_{probe,lora,scratch}.py change only what trains, on the same ste
     python experiments/classify_stdlib.py [init_from=runs/tiny_lm key=value ...]
     python -m jaxllm.classify --workdir runs/classify_stdlib --text "from email import message"
 
-Result: not measured yet.
+Result (AMD EPYC 2-core, from the 200-step tiny_lm, 300 steps x 16 snippets of 256 byte tokens,
+569 validation snippets): accuracy 0.490, macro-F1 0.185 (step 150: 0.496 / 0.183); 10 min 54 s wall
+with other jobs on the machine. The majority class (encodings) alone is 0.415: at this budget the
+classifier learns encodings and little else. See the README results table for the other modes.
 """
 
 import dataclasses

