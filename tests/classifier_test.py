@@ -188,6 +188,7 @@ def test_resuming_a_lora_classifier_mid_run_equals_the_uninterrupted_run(languag
     state_meta = from_disk.restore_meta()
     from_disk.close()
     assert state_meta["config"]["init_from"] == workdir
+    assert state_meta["config"]["data"]["classes"] == ["bad", "good", "meh"]  # kept with the run
     assert set(resumed.params) == {"head", "lora"}
     # The command line loads the run through the restore path (adapters merged) and classifies.
     capsys.readouterr()

@@ -24,7 +24,7 @@ def classify(workdir: str, texts: Sequence[str]) -> list[dict]:
     cfg, params = restore.load_params(workdir)
     if cfg.family != "classifier":
         raise ConfigError(f"{workdir} is a {cfg.family} run, not a classifier; train one with family=classifier")
-    names = labelled.class_names(cfg)
+    names = cfg.data.classes or labelled.class_names(cfg)  # runs keep their class names in their config
     tok = tokenizer_lib.load(cfg.model.tokenizer)
     L = cfg.train.seq_len
     bos = [] if tok.bos_id is None else [tok.bos_id]

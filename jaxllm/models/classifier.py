@@ -14,6 +14,8 @@ layout as a causal LM's, so `init_from` a language-model run fills them (trainin
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,11 +129,16 @@ def eval_metrics(sums: dict) -> dict:
     }
 
 
+def finalize(cfg: Config) -> Config:
+    """The class names found in the data, kept with the run (python -m jaxllm.classify reads them)."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=labelled.class_names(cfg)))
+
+
 def batches(cfg: Config, split: str):
     return labelled.train_batches(cfg) if split == "train" else labelled.eval_batches(cfg)
 
 
 MODELS.register("classifier", ModelFamily(
     build=build, init_inputs=init_inputs, loss_fn=loss_fn, eval_fn=eval_fn, eval_metrics=eval_metrics,
-    loss_metrics=lambda loss, cfg: {}, batches=batches, backbone="backbone",
+    loss_metrics=lambda loss, cfg: {}, batches=batches, backbone="backbone", finalize=finalize,
 ))

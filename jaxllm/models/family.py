@@ -40,6 +40,9 @@ class ModelFamily:
     batches: Callable[[Config, str], Any]
     backbone: str | None = None
     generates: bool = False  # whether its runs end with a generated sample (language models)
+    # The run's config with what its data decides filled in (a classifier's class names), so the
+    # config saved with the checkpoints describes the model without the data at hand.
+    finalize: Callable[[Config], Config] = lambda cfg: cfg
 
 
 MODELS = Registry("family")

@@ -311,6 +311,7 @@ def train(
     """The training loop. `log` receives every metrics dict (used by tests and main); `make_step`
     builds the train step from the Setup (default `make_train_step`; distillation passes its own,
     and with `model` its own module)."""
+    cfg = MODELS.get(cfg.family).finalize(cfg)
     s = setup(cfg, mesh, model)
     os.makedirs(cfg.workdir, exist_ok=True)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir), cfg.checkpoint)
