@@ -196,3 +196,26 @@ def test_resuming_a_lora_classifier_mid_run_equals_the_uninterrupted_run(languag
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [set(r["probabilities"]) for r in lines] == [{"bad", "good", "meh"}] * 2
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 and r["class"] in r["probabilities"] for r in lines)
+
+
+def test_lora_on_moe_expert_kernels_expert_parallel_equals_single_device(language_model, tmp_path):
+    """Adapters on the experts' kernels shard over `expert` like the kernels themselves."""
+    lm_cfg = dataclasses.replace(tiny_config(workdir=str(tmp_path / "moe_lm")),
+                                 model=dataclasses.replace(tiny_config().model, moe=C.MoeConfig(num_experts=4, top_k=2)))
+    s = train.setup(lm_cfg)
+    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(lm_cfg.workdir))
+    writer.save(1, train.init_state(s, jax.random.key(5)), {"data_step": 1, "config": C.to_dict(lm_cfg)})
+    writer.close()
+    with open(tmp_path / "moe_lm" / "config.json", "w") as f:
+        f.write(C.to_json(lm_cfg))
+    lora_cfg = C.LoraConfig(rank=4, targets=(r"(^|/)attn/(q|v)$", r"(^|/)mlp/(gate|up|down)$"))
+    cfg = classifier_config(model=lm_cfg.model, init_from=lm_cfg.workdir, mesh=C.MeshConfig(data=1, fsdp=2, expert=4),
+                            finetune=C.FinetuneConfig(mode="lora", lora=lora_cfg))
+    s8, state, history = _steps(cfg, jax.devices())
+    b = state.params["lora"]["blocks/mlp/gate"]["b"]  # [layers, E, r, F]
+    assert b.sharding.spec[1] == "expert" and b.addressable_shards[0].data.shape[1] == 1
+    _, single_state, single = _steps(dataclasses.replace(cfg, mesh=C.MeshConfig(1, 1, 1, 1)), jax.devices()[:1])
+    for got, want in zip(history, single):
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+                 jax.device_get(state.params), jax.device_get(single_state.params))
