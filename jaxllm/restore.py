@@ -103,11 +103,7 @@ def _path(path) -> str:
 
 def checkpoint_meta(workdir: str, step: int | None = None) -> dict:
     """The meta record (data position, config, quantization, ...) of a run's checkpoint."""
-    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), read_only=True)
-    try:
-        return checkpointer.restore_meta(step)
-    finally:
-        checkpointer.close()
+    return _meta(ckpt.checkpoint_dir(workdir), step)
 
 
 def is_quantized_checkpoint(workdir: str) -> bool:

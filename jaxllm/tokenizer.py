@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+from typing import Callable
 
 import numpy as np
 import tokenizers
@@ -48,9 +49,9 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
-    encode: callable
-    decode: callable
-    token_bytes: callable = None  # () -> float32 [vocab_size]: UTF-8 bytes each id stands for
+    encode: Callable[[str], np.ndarray]
+    decode: Callable[..., str]
+    token_bytes: Callable[[], np.ndarray] | None = None  # float32 [vocab_size]: UTF-8 bytes per id
 
     @property
     def pad_or_eos(self) -> int:

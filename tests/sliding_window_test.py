@@ -1,7 +1,6 @@
 """Sliding-window attention (layers/sliding_window.py): the mask, the fast attention path against a
 reference that masks the full score matrix, and cached decoding that never looks past the window."""
 
-import math
 
 import flax.linen as nn
 import jax
@@ -14,6 +13,7 @@ from jaxllm.layers.attention import Tokens
 from jaxllm.models import Transformer
 from jaxllm.ops import attention as attention_ops
 from helpers import packed_batch, tiny_config, with_model
+from layers_test import _reference_attention as reference_attention
 
 WINDOW = 4
 
@@ -50,11 +50,7 @@ def test_blocked_attention_equals_reference_masking_the_full_scores():
         return attention_ops.attend(q, k, v, *attention_ops.attention_bias(mask), causal_self=True)
 
     def reference(q, k, v):
-        scores = jnp.einsum("blngk,bsnk->bngls", q / math.sqrt(K), k)
-        visible = mask[:, None, None]
-        probs = jnp.where(visible.any(-1, keepdims=True),
-                          jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1), 0.0)
-        return jnp.einsum("bngls,bsnk->blngk", probs, v)
+        return reference_attention(q, k, v, mask)
 
     np.testing.assert_allclose(fast(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-5)
     probe = jnp.asarray(rng.standard_normal((B, L, N, G, K)), jnp.float32)

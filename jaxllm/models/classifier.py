@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import labelled
-from jaxllm.config import Config, ModelConfig
-from jaxllm.config import ClassifierConfig
+from jaxllm.config import ClassifierConfig, Config, ModelConfig
 from jaxllm.layers import moe
 from jaxllm.layers.base import dense_init
 from jaxllm.models.family import MODELS, ModelFamily
