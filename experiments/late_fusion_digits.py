@@ -13,7 +13,8 @@ import dataclasses
 
 from jaxllm import config, main
 
-from vlm_digits import get_config as vlm_config  # noqa: E402  (experiments build on each other)
+from tiny_lm import get_config as tiny_config  # noqa: E402  (experiments build on each other)
+from vlm_digits import get_config as vlm_config  # noqa: E402
 
 
 def get_config() -> config.Config:
@@ -22,9 +23,12 @@ def get_config() -> config.Config:
         base,
         workdir="runs/late_fusion_digits",
         family="late_fusion",
-        model=dataclasses.replace(base.model, attention_kind="causal"),
+        init_from="runs/tiny_lm",
+        model=tiny_config().model,
         classifier=config.ClassifierConfig(num_classes=2, pooling="last"),
-        train=dataclasses.replace(base.train, eval_batches=23),  # 23 x 32 covers the 718 questions
+        train=dataclasses.replace(base.train, steps=500, eval_every=250, eval_batches=23),  # 23 x 32: the 718 questions
+        opt=dataclasses.replace(base.opt, learning_rate=1e-3),
+        checkpoint=config.CheckpointConfig(every=250, keep=1),
     )
 
 

@@ -1,12 +1,12 @@
 """vlm_digits: the embedded vision-language task. A small ViT over scikit-learn's bundled 8x8
-handwritten digits, projected into a pre-trained tiny_lm as 16 image tokens before the question
+handwritten digits, projected into a small byte-level decoder as 16 image tokens before the question
 (prefix-LM: image and question bidirectional, answer causal, loss on the answer only). Questions:
 "what digit is this?" (answer "seven"), "is it even?", "is it greater than four?" ("yes"/"no");
-359 validation images (20%, never trained on). Everything trains (LLaVA's stage 2 with the tower
-trained too, since it starts from scratch); vlm_digits_blind.py is the same run without the image.
+359 validation images (20%, never trained on). Both towers start from scratch and everything trains;
+vlm_digits_blind.py is the same run without the image. A pre-trained decoder works the same way:
+`init_from=runs/tiny_lm model.d_model=256 model.num_layers=4 model.mlp_dim=704` (tiny_lm's shape).
 
-    python experiments/tiny_lm.py
-    python experiments/vlm_digits.py [init_from=runs/tiny_lm key=value ...]
+    python experiments/vlm_digits.py [key=value ...]
     python -m jaxllm.generate --workdir runs/vlm_digits --image digit.png --prompt "what digit is this?" --temperature 0
     python benchmarks/multimodal.py answers runs/vlm_digits runs/vlm_digits_blind
 
@@ -27,15 +27,14 @@ def get_config() -> config.Config:
         base,
         workdir="runs/vlm_digits",
         family="vlm",
-        init_from="runs/tiny_lm",
-        model=dataclasses.replace(base.model, attention_kind="prefix_lm"),
+        model=dataclasses.replace(base.model, d_model=128, num_layers=2, mlp_dim=352, attention_kind="prefix_lm"),
         vision=config.VisionConfig(image_size=8, patch_size=2, channels=1, d_model=128, num_layers=2,
-                                   num_heads=4, mlp_dim=352, posemb="learned", projector="mlp"),
+                                   num_heads=4, mlp_dim=352, posemb="learned", projector="linear"),
         data=dataclasses.replace(base.data, dataset="digits"),
-        train=dataclasses.replace(base.train, steps=400, batch_size=32, seq_len=40, log_every=25,
-                                  eval_every=200, eval_batches=34),  # 34 x 32 covers the 1,077 questions
-        opt=dataclasses.replace(base.opt, learning_rate=1e-3, warmup_steps=30),
-        checkpoint=config.CheckpointConfig(every=200, keep=1),
+        train=dataclasses.replace(base.train, steps=1500, batch_size=32, seq_len=40, log_every=50,
+                                  eval_every=500, eval_batches=34),  # 34 x 32 covers the 1,077 questions
+        opt=dataclasses.replace(base.opt, learning_rate=3e-3, warmup_steps=30),
+        checkpoint=config.CheckpointConfig(every=500, keep=1),
     )
 
 

@@ -14,6 +14,7 @@ from jaxllm import config as C
 from jaxllm import decoding, images, sharding
 from jaxllm.layers.attention import ATTENTION_KINDS, Tokens
 from jaxllm.models import MODELS
+from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 
 from helpers import tiny_config
@@ -196,3 +197,19 @@ def test_resuming_a_vlm_run_equals_the_uninterrupted_run(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
     assert [r["loss"] for r in resumed_log if "loss" in r] == [r["loss"] for r in straight_log if r.get("step", 0) > 2]
     assert 0.0 <= straight_log[-1]["eval_exact_match"] <= 1.0
+
+
+def test_starting_from_a_causal_language_model_fills_the_language_model(tmp_path):
+    lm_cfg = tiny_config(workdir=str(tmp_path / "lm"))
+    s = train.setup(lm_cfg)
+    state = train.init_state(s, jax.random.key(7))
+    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(lm_cfg.workdir))
+    writer.save(1, state, {"data_step": 1, "config": C.to_dict(lm_cfg)})
+    writer.close()
+    (tmp_path / "lm" / "config.json").write_text(C.to_json(lm_cfg))
+    # The causal LM starts a prefix-LM: the attention kind changes no params.
+    cfg = vlm_config(init_from=lm_cfg.workdir)
+    started, _ = train.restore_or_init(train.setup(cfg), None)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started.params["language_model"]),
+                 jax.device_get(state.params))
+    assert set(started.params) == {"vision", "projector", "language_model"}

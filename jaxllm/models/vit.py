@@ -71,8 +71,10 @@ class VisionTower(nn.Module):
         check_images(images, v)
         cfg = tower_config(v, self.text)
         dtype = jnp.dtype(cfg.dtype)
-        w_patch = self.param("patch", dense_init(cfg.init_std, (None, None, None, "embed")),
-                            (v.patch_size, v.patch_size, v.channels, v.d_model))
+        # LeCun-normal, as big_vision's patch convolution: with model.init_std (0.02) over a fan-in of
+        # a few pixels the image's content would vanish next to the position embeddings.
+        w_patch = self.param("patch", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                             (v.patch_size, v.patch_size, v.channels, v.d_model))
         b_U = self.param("patch_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (v.d_model,))
         x = jax.lax.conv_general_dilated(
             images.astype(dtype), w_patch.astype(dtype), window_strides=(v.patch_size, v.patch_size),
@@ -81,7 +83,7 @@ class VisionTower(nn.Module):
         x_BIU = x.reshape(B, -1, v.d_model) + b_U.astype(dtype)
         table = POSEMBS.get(v.posemb)(v)
         if table is None:
-            table = self.param("posemb", dense_init(cfg.init_std, (None, "embed")), (v.num_patches, v.d_model))
+            table = self.param("posemb", dense_init(1 / v.d_model ** 0.5, (None, "embed")), (v.num_patches, v.d_model))
         x_BIU = constrain(x_BIU + table.astype(dtype)[None], (BATCH, LENGTH, ACT_EMBED))
         I = x_BIU.shape[1]
         segment_ids_BI = jnp.ones((B, I), jnp.int32)
