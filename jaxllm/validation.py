@@ -12,6 +12,7 @@ import re
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
+from jaxllm import knowledge
 from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
@@ -92,6 +93,7 @@ def validate(cfg: Config) -> None:
                           "(checkpoint.every=0 turns checkpointing off)")
     validate_prune(cfg.prune)
     validate_distill(cfg)
+    knowledge.validate(cfg.data)  # data.transform and its kg_* options
 
 
 def validate_distill(cfg: Config) -> None:
