@@ -1,6 +1,6 @@
 """knowledge_tiny_lm: the pre-trained tiny_lm fine-tuned on the standard-library corpus with facts
 from its own knowledge graph fused into every document that mentions them (data.transform=kg_facts:
-a "# fact: ..." preamble of at most 16 facts; 30 % of the triples, by hash, held out and never fused).
+a "# fact: ..." preamble of at most 32 facts; 30 % of the triples, by hash, held out and never fused).
 
     python experiments/knowledge_tiny_lm.py init_from=runs/tiny_lm
     python -m jaxllm.qa --workdir runs/knowledge_tiny_lm
@@ -29,7 +29,7 @@ def get_config() -> config.Config:
         init_from="runs/tiny_lm",
         train=dataclasses.replace(base.train, steps=STEPS, eval_every=STEPS),
         opt=dataclasses.replace(base.opt, learning_rate=1e-3, warmup_steps=10),
-        data=dataclasses.replace(base.data, transform="kg_facts", kg_format="preamble", kg_max_facts=16,
+        data=dataclasses.replace(base.data, transform="kg_facts", kg_format="preamble", kg_max_facts=32,
                                  kg_held_out=0.3),
         checkpoint=dataclasses.replace(base.checkpoint, every=STEPS),
     )

@@ -5,14 +5,18 @@ restored through the one restore path.
 
 Questions. Two relations have one right answer: "Which module defines `urlsplit`?" (urllib.parse;
 asked only of names exactly one module defines) and "Which class does `HTTPServer` inherit from?"
-(socketserver.TCPServer; only of classes with one base). Private names are not asked about.
+(socketserver.TCPServer; only of classes with one base). Private names, builtins' names, names the
+graph also has as parameters and names under three characters are not asked about (in text they
+mostly stand for something else).
 
 Design, so that the comparison of a run trained with fused facts (data.transform=kg_facts) and one
 trained without them is meaningful:
 - Questions come from the run's own data options (kg_triples, kg_held_out, the corpus), never from
   its transform, so an augmented run and its baseline get the same questions.
 - Every question is about a fact that the training text carries: the fact is in the fused block of
-  at least MIN_DOCUMENTS training documents (computed with the run's kg_max_facts). For the
+  at least MIN_DOCUMENTS training documents (computed with the run's kg_max_facts); of those, the
+  MAX_PER_PART fused into the most documents are asked (a short run reads a small share of the
+  corpus, so rarely fused facts would be unseen: `exposures` counts what the run read). For the
   "fused" part that is the augmented run's text; the "held_out" part is made of the triples that
   kg_held_out removed by hash from what is fused, whose facts would have been fused as often had
   they not been held out. Held-out questions therefore measure what augmentation teaches beyond
@@ -27,6 +31,7 @@ trained without them is meaningful:
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import re
@@ -49,6 +54,7 @@ MAX_NEW_TOKENS = 40
 PARTS = ("fused", "held_out")
 STYLES = ("question", "fused_phrasing")
 _PRIVATE = re.compile(r"(^|\.)_")
+_FACT_LINE = re.compile("^" + re.escape(fusion.FACT_PREFIX) + r"(.*)\n", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +80,15 @@ def _askable(triples: Sequence[Triple]) -> list[tuple[Triple, str, str]]:
     definers = collections.Counter(t.object for t in triples if t.relation == "defines")
     modules = {t.subject for t in triples if t.relation in ("defines", "imports")}
     bases = collections.Counter(t.subject for t in triples if t.relation == "inherits_from")
+    # Names that also stand for other things in text (builtins, parameters) make ambiguous questions.
+    ambiguous = set(dir(builtins)) | {t.object for t in triples if t.relation in graph_lib.VALUE_RELATIONS}
     out = []
     for t in triples:
         if t.relation == "defines" and definers[t.object] == 1 and t.object not in modules:
             out.append((t, t.object, t.subject))
         elif t.relation == "inherits_from" and bases[t.subject] == 1 and definers[t.subject] == 1:
             out.append((t, t.subject, t.object))
-    return [(t, e, a) for t, e, a in out if not _PRIVATE.search(e)]
+    return [(t, e, a) for t, e, a in out if not _PRIVATE.search(e) and e not in ambiguous and len(e) >= 3]
 
 
 def _fused_counts(kg: KnowledgeGraph, docs: Sequence[str], max_facts: int) -> collections.Counter:
@@ -98,12 +106,14 @@ def questions(cfg: DataConfig) -> list[Question]:
     texts = [docs[i] for i in range(len(docs))]
     fused_counts = _fused_counts(fusion.fused_graph(cfg, triples), texts, cfg.kg_max_facts)
     whole_counts = _fused_counts(KnowledgeGraph(triples), texts, cfg.kg_max_facts)
-    chosen: dict[str, list[Question]] = {p: [] for p in PARTS}
-    for fact, entity, answer in sorted(_askable(triples), key=lambda x: graph_lib.unit_hash(x[0])):
+    chosen: dict[str, list[tuple[int, float, Question]]] = {p: [] for p in PARTS}
+    for fact, entity, answer in _askable(triples):
         part = "held_out" if graph_lib.is_held_out(fact, cfg.kg_held_out) else "fused"
-        counts = whole_counts if part == "held_out" else fused_counts
-        if counts[fusion.render(fact, entity)] >= MIN_DOCUMENTS and len(chosen[part]) < MAX_PER_PART:
-            chosen[part].append(Question(fact, part, entity, answer))
+        count = (whole_counts if part == "held_out" else fused_counts)[fusion.render(fact, entity)]
+        if count >= MIN_DOCUMENTS:
+            chosen[part].append((-count, graph_lib.unit_hash(fact), Question(fact, part, entity, answer)))
+    # The most widely fused facts: the ones a short run can have read more than once.
+    chosen = {p: [q for *_, q in sorted(chosen[p], key=lambda x: x[:2])[:MAX_PER_PART]] for p in PARTS}
     return chosen["fused"] + chosen["held_out"]
 
 
@@ -137,6 +147,21 @@ def score(qs: Sequence[Question], answers: dict[str, list[str]]) -> dict:
     return out
 
 
+def exposures(cfg: Config, qs: Sequence[Question]) -> dict:
+    """How often the fused questions' facts stood as whole lines in the rows a kg_facts run trained
+    on (batches 0 .. train.steps - 1): whether the run can have learned them at all."""
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    batches = data.train_batches(cfg)
+    seen: collections.Counter = collections.Counter()
+    for t in range(cfg.train.steps):
+        for row in batches.global_batch(t)["inputs"]:
+            seen.update(_FACT_LINE.findall(tok.decode(row)))
+    counts = sorted(seen[fusion.render(q.fact, q.entity)] for q in qs if q.part == "fused")
+    return {"fact_lines_trained_on": sum(seen.values()), "distinct_facts_trained_on": len(seen),
+            "fused_questions_seen_at_least_once": sum(c > 0 for c in counts),
+            "fused_questions_median_times_seen": counts[len(counts) // 2] if counts else 0}
+
+
 def evaluate(workdir: str, qs: Sequence[Question] | None = None, examples: int = 0) -> dict:
     """Exact-match accuracies of `workdir`'s greedy answers to `qs` (default: `questions` of the
     run's own data options), plus the first `examples` questions with their answers."""
@@ -148,6 +173,9 @@ def evaluate(workdir: str, qs: Sequence[Question] | None = None, examples: int =
         raise ConfigError(f"no questions for {workdir}'s data options (data.kg_triples={cfg.data.kg_triples!r})")
     answers = {style: greedy_answers(cfg, params, [q.prompt(style) for q in qs]) for style in STYLES}
     result = score(qs, answers)
+    run_cfg = restore.load_config(workdir)  # the batches it trained on, not inference's
+    if run_cfg.data.transform == "kg_facts":
+        result["exposures"] = exposures(run_cfg, qs)
     result["examples"] = [{"part": q.part, "prompt": q.prompt("question"), "expected": q.answer,
                            **{style: answers[style][i] for style in STYLES}} for i, q in enumerate(qs[:examples])]
     return result
