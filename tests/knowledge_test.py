@@ -1,6 +1,7 @@
 """Knowledge-augmented training: the AST extractor's triples, whole-identifier entity matching, the
 kg_facts transform (deterministic, documents without entities unchanged, in the pipeline), a clear
-error for a malformed triples file, resume with the transform on, and QA exact match."""
+error for a malformed triples file, triples from TFDS, the QA questions and exact match, and resume
+with the transform on."""
 
 import dataclasses
 import json
@@ -11,11 +12,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from jaxllm import config as C
 from jaxllm import data, restore, validation
 from jaxllm.knowledge import fusion, qa, stdlib_graph
-from jaxllm.knowledge.graph import KnowledgeGraph, Triple, read_jsonl
+from jaxllm.knowledge.graph import KnowledgeGraph, Triple, read_jsonl, unit_hash
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 from helpers import tiny_config
@@ -177,3 +179,40 @@ def test_resume_with_the_transform_is_exact_and_qa_scores_the_restored_run(tmp_p
     questions = [dataclasses.replace(probe, answer=own), dataclasses.replace(probe, answer=own + "-not")]
     result = qa.evaluate(cfg.workdir, questions)
     assert result["question"]["fused"] == 0.5 and result["num_questions"] == {"fused": 2, "held_out": 0}
+
+
+class KgTestTriples(tfds.core.GeneratorBasedBuilder):
+    """A knowledge graph as a TFDS dataset (subject, relation, object text features)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    url_infos = None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {k: tfds.features.Text() for k in ("subject", "relation", "object")}), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, (s, r, o) in enumerate(TRIPLES):
+            yield i, {"subject": s, "relation": r, "object": o}
+
+
+def test_triples_from_a_tfds_dataset_and_questions_from_the_fused_facts(tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    KgTestTriples(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    cfg = C.DataConfig(data_dir=data_dir, kg_triples="kg_test_triples")
+    assert fusion.graph_triples(cfg)[0] == [Triple(*t) for t in TRIPLES]
+    # Questions: about facts fused into at least qa.MIN_DOCUMENTS training documents, split by hash.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(["a = urlsplit(x)\n", "b = urlsplit(y)\n", "HTTPServer()\n", "pass\n"]):
+        (corpus / f"m{i}.py").write_text(text)
+    cfg = dataclasses.replace(cfg, dataset="text_files", text_files=str(corpus / "*.py"), eval_fraction=0.0,
+                              eval_split="")
+    (fused,) = qa.questions(cfg)
+    assert (fused.part, fused.entity, fused.answer) == ("fused", "urlsplit", "urllib.parse")
+    assert fused.prompt("fused_phrasing") == "# fact: urlsplit is defined in "
+    held = dataclasses.replace(cfg, kg_held_out=unit_hash(fused.fact) + 1e-12)
+    assert [(q.part, q.entity) for q in qa.questions(held)] == [("held_out", "urlsplit")]
