@@ -64,7 +64,7 @@ def main() -> None:
                 start = time.perf_counter()
                 tokens, starts = data.token_stream(local, cfg.data.train_split)
                 build[name].append(time.perf_counter() - start)
-                sizes[name] = {"tokens": int(len(tokens)), "documents": int(len(starts))}
+                sizes[name] = {"tokens": len(tokens), "documents": len(starts)}
                 assert glob.glob(os.path.join(tmp, "**", "jaxllm_tokens-*.npy"), recursive=True)
                 batches = data.Batches(local, cfg.data.train_split, cfg.train.seq_len, cfg.train.batch_size)
                 batches.global_batch(0)

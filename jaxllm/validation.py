@@ -9,10 +9,10 @@ import dataclasses
 import os
 import re
 
+from jaxllm import knowledge
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
-from jaxllm import knowledge
 from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES

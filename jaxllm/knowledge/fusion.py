@@ -67,7 +67,8 @@ def fuse(text: str, facts: list[str], fmt: str) -> str:
     block = "".join(f"{FACT_PREFIX}{f}\n" for f in facts)
     if fmt == "preamble":
         return f"{block}\n{text}"
-    return f"{text}{'' if text.endswith(chr(10)) else chr(10)}\n{block}"
+    newline = "" if text.endswith("\n") else "\n"  # the block starts on a line of its own
+    return f"{text}{newline}\n{block}"
 
 
 def validate(cfg: DataConfig) -> None:
