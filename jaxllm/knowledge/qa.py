@@ -49,7 +49,7 @@ from jaxllm.knowledge.graph import KnowledgeGraph, Triple
 from jaxllm.models import MODELS
 
 MIN_DOCUMENTS = 2  # a question's fact is fused into at least this many training documents
-MAX_PER_PART = 150  # questions per part (fused, held_out), the first by triple hash
+MAX_PER_PART = 150  # questions per part (fused, held_out): the most widely fused facts, ties by hash
 MAX_NEW_TOKENS = 40
 PARTS = ("fused", "held_out")
 STYLES = ("question", "fused_phrasing")
