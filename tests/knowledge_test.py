@@ -179,6 +179,12 @@ def test_resume_with_the_transform_is_exact_and_qa_scores_the_restored_run(tmp_p
     questions = [dataclasses.replace(probe, answer=own), dataclasses.replace(probe, answer=own + "-not")]
     result = qa.evaluate(cfg.workdir, questions)
     assert result["question"]["fused"] == 0.5 and result["num_questions"] == {"fused": 2, "held_out": 0}
+    # Answer likelihoods do not depend on what else is in the batch (padding is masked).
+    prompts, answers = [probe.prompt("question"), probe.prompt("fused_phrasing")], ["urllib.parse", "os"]
+    both = qa.answer_bits_per_byte(loaded, params, prompts, answers)
+    alone = [qa.answer_bits_per_byte(loaded, params, [p], [a])[0] for p, a in zip(prompts, answers)]
+    np.testing.assert_allclose(both, alone, rtol=1e-5)
+    assert all(b > 0 for b in both) and result["answer_bits_per_byte"]["question"]["fused"] > 0
 
 
 class KgTestTriples(tfds.core.GeneratorBasedBuilder):

@@ -26,7 +26,9 @@ trained without them is meaningful:
   fused statements. "fused_phrasing" starts the fact as the fused block writes it ("# fact:
   urlsplit is defined in "), a probe of whether the statements were learned at all.
 - An answer is the greedy continuation up to the end of its line, stripped of spaces, quotes,
-  backticks and a final period; exact match against the graph's string.
+  backticks and a final period; exact match against the graph's string. answer_bits_per_byte, the
+  right answer's negative log-likelihood after each prompt, shows learning that exact match cannot
+  yet see (a fused part falling further than the held-out part is the facts being learned).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import re
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from jaxllm import data, restore
 from jaxllm import tokenizer as tokenizer_lib
@@ -138,6 +141,28 @@ def greedy_answers(cfg: Config, params, prompts: Sequence[str]) -> list[str]:
     return [answer_of(tok.decode(g)) for g in generated]
 
 
+def answer_bits_per_byte(cfg: Config, params, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """Each answer's negative log-likelihood after its prompt, in bits per byte of the answer: a
+    graded view of what exact match sees as right or wrong."""
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    rows = [(tokenizer_lib.prompt_ids(tok, p), tok.encode(a).tolist()) for p, a in zip(prompts, answers)]
+    L = max(len(p) + len(a) for p, a in rows)
+    inputs = np.full((len(rows), L), tok.pad_or_eos, np.int32)
+    segment_ids = np.zeros((len(rows), L), np.int32)
+    for i, (p, a) in enumerate(rows):
+        inputs[i, :len(p) + len(a)], segment_ids[i, :len(p) + len(a)] = p + a, 1
+    positions = np.where(segment_ids > 0, np.arange(L), 0).astype(np.int32)
+    model = MODELS.get(cfg.family).build(cfg)
+    logits = jax.jit(model.apply)({"params": params}, inputs, segment_ids, positions)
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
+    out = []
+    for i, (p, a) in enumerate(rows):
+        steps = np.arange(len(p) - 1, len(p) + len(a) - 1)  # the logits that predict the answer's tokens
+        nll = -logp[i, steps, inputs[i, steps + 1]].sum()
+        out.append(float(nll / np.log(2) / max(len(answers[i].encode()), 1)))
+    return out
+
+
 def score(qs: Sequence[Question], answers: dict[str, list[str]]) -> dict:
     """Exact match per phrasing and part, and the number of questions per part."""
     out: dict = {"num_questions": {p: sum(q.part == p for q in qs) for p in PARTS}}
@@ -173,6 +198,10 @@ def evaluate(workdir: str, qs: Sequence[Question] | None = None, examples: int =
         raise ConfigError(f"no questions for {workdir}'s data options (data.kg_triples={cfg.data.kg_triples!r})")
     answers = {style: greedy_answers(cfg, params, [q.prompt(style) for q in qs]) for style in STYLES}
     result = score(qs, answers)
+    for style in STYLES:  # mean bits per answer byte, per part
+        bits = answer_bits_per_byte(cfg, params, [q.prompt(style) for q in qs], [q.answer for q in qs])
+        result.setdefault("answer_bits_per_byte", {})[style] = {
+            p: round(float(np.mean([b for b, q in zip(bits, qs) if q.part == p] or [np.nan])), 4) for p in PARTS}
     run_cfg = restore.load_config(workdir)  # the batches it trained on, not inference's
     if run_cfg.data.transform == "kg_facts":
         result["exposures"] = exposures(run_cfg, qs)
