@@ -198,13 +198,16 @@ def evaluate(workdir: str, qs: Sequence[Question] | None = None, examples: int =
         raise ConfigError(f"no questions for {workdir}'s data options (data.kg_triples={cfg.data.kg_triples!r})")
     answers = {style: greedy_answers(cfg, params, [q.prompt(style) for q in qs]) for style in STYLES}
     result = score(qs, answers)
-    for style in STYLES:  # mean bits per answer byte, per part
-        bits = answer_bits_per_byte(cfg, params, [q.prompt(style) for q in qs], [q.answer for q in qs])
-        result.setdefault("answer_bits_per_byte", {})[style] = {
-            p: round(float(np.mean([b for b, q in zip(bits, qs) if q.part == p] or [np.nan])), 4) for p in PARTS}
+    bits = {style: answer_bits_per_byte(cfg, params, [q.prompt(style) for q in qs], [q.answer for q in qs])
+            for style in STYLES}
+    result["answer_bits_per_byte"] = {  # means per part
+        style: {p: round(float(np.mean([b for b, q in zip(bits[style], qs) if q.part == p] or [np.nan])), 4)
+                for p in PARTS} for style in STYLES}
     run_cfg = restore.load_config(workdir)  # the batches it trained on, not inference's
     if run_cfg.data.transform == "kg_facts":
         result["exposures"] = exposures(run_cfg, qs)
     result["examples"] = [{"part": q.part, "prompt": q.prompt("question"), "expected": q.answer,
-                           **{style: answers[style][i] for style in STYLES}} for i, q in enumerate(qs[:examples])]
+                           **{style: answers[style][i] for style in STYLES},
+                           **{f"{style}_bits_per_byte": round(bits[style][i], 4) for style in STYLES}}
+                          for i, q in enumerate(qs[:examples])]
     return result
