@@ -6,7 +6,11 @@ corpus. The kg_* options stay as in knowledge_tiny_lm (unused in training) so th
     python experiments/knowledge_baseline.py init_from=runs/tiny_lm
     python -m jaxllm.qa --workdir runs/knowledge_baseline
 
-Result: see the end of this docstring (filled in from the measured run).
+Result (same machine and session as knowledge_tiny_lm; 805 s wall): training loss 1.311 at step
+300, validation 1.368 / 1.973 bits per byte. QA exact match 0.000 on all 300 questions in both
+phrasings; the right answer's bits per byte 3.199 fused / 3.361 held out (question phrasing), 3.187
+/ 3.375 (fused phrasing); the pre-trained tiny_lm before fine-tuning: 3.695 / 3.856 and 3.746 /
+3.932.
 """
 
 import dataclasses
