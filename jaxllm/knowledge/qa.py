@@ -196,10 +196,13 @@ def evaluate(workdir: str, qs: Sequence[Question] | None = None, examples: int =
     qs = questions(cfg.data) if qs is None else list(qs)
     if not qs:
         raise ConfigError(f"no questions for {workdir}'s data options (data.kg_triples={cfg.data.kg_triples!r})")
-    answers = {style: greedy_answers(cfg, params, [q.prompt(style) for q in qs]) for style in STYLES}
+    # Both phrasings in one batch: one compiled prefill and decode step, one scoring pass.
+    prompts = [q.prompt(style) for style in STYLES for q in qs]
+    generated = greedy_answers(cfg, params, prompts)
+    all_bits = answer_bits_per_byte(cfg, params, prompts, [q.answer for _ in STYLES for q in qs])
+    answers = {style: generated[k * len(qs):(k + 1) * len(qs)] for k, style in enumerate(STYLES)}
+    bits = {style: all_bits[k * len(qs):(k + 1) * len(qs)] for k, style in enumerate(STYLES)}
     result = score(qs, answers)
-    bits = {style: answer_bits_per_byte(cfg, params, [q.prompt(style) for q in qs], [q.answer for q in qs])
-            for style in STYLES}
     result["answer_bits_per_byte"] = {  # means per part
         style: {p: round(float(np.mean([b for b, q in zip(bits[style], qs) if q.part == p] or [np.nan])), 4)
                 for p in PARTS} for style in STYLES}
