@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxllm import config as C
 from jaxllm import sharding
+from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 
 
@@ -57,3 +58,15 @@ def two_train_steps(cfg: C.Config, devices=None):
         state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
         history.append(jax.device_get(metrics))
     return s, state, history
+
+
+def save_fresh_run(cfg: C.Config, seed: int = 0):
+    """A run directory at cfg.workdir holding a freshly initialised state as its step-1 checkpoint
+    and its config.json; returns that state."""
+    state = train.init_state(train.setup(cfg), jax.random.key(seed))
+    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir))
+    writer.save(1, state, {"data_step": 1, "config": C.to_dict(cfg)})
+    writer.close()
+    with open(f"{cfg.workdir}/config.json", "w") as f:
+        f.write(C.to_json(cfg))
+    return state

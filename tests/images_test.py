@@ -16,9 +16,9 @@ import tensorflow_datasets as tfds
 from jaxllm import config as C
 from jaxllm import images
 from jaxllm.cli import generate as generate_cli
-from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 
+from helpers import save_fresh_run
 from vlm_test import VISION, late_fusion_config, vlm_config
 
 
@@ -104,12 +104,7 @@ def test_bad_images_are_clear_errors(tmp_path):
 
 def test_generate_command_answers_about_an_image(tmp_path, capsys):
     cfg = vlm_config(workdir=str(tmp_path / "run"))
-    s = train.setup(cfg)
-    state = train.init_state(s, jax.random.key(0))
-    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir))
-    writer.save(1, state, {"data_step": 1, "config": C.to_dict(cfg)})
-    writer.close()
-    (tmp_path / "run" / "config.json").write_text(C.to_json(cfg))
+    save_fresh_run(cfg)
     _png(tmp_path / "digit.png", size=8)
     argv = ["--workdir", cfg.workdir, "--prompt", "what digit is this?", "--temperature", "0", "--max_new_tokens", "4"]
     generate_cli.main(argv + ["--image", str(tmp_path / "digit.png")])

@@ -14,10 +14,9 @@ from jaxllm import config as C
 from jaxllm import decoding, images, sharding
 from jaxllm.layers.attention import ATTENTION_KINDS, Tokens
 from jaxllm.models import MODELS
-from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 
-from helpers import tiny_config
+from helpers import save_fresh_run, tiny_config
 
 VISION = C.VisionConfig(image_size=8, patch_size=4, channels=1, d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
 
@@ -201,12 +200,8 @@ def test_resuming_a_vlm_run_equals_the_uninterrupted_run(tmp_path):
 
 def test_starting_from_a_causal_language_model_fills_the_language_model(tmp_path):
     lm_cfg = tiny_config(workdir=str(tmp_path / "lm"))
-    s = train.setup(lm_cfg)
-    state = train.init_state(s, jax.random.key(7))
-    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(lm_cfg.workdir))
-    writer.save(1, state, {"data_step": 1, "config": C.to_dict(lm_cfg)})
-    writer.close()
-    (tmp_path / "lm" / "config.json").write_text(C.to_json(lm_cfg))
+    (tmp_path / "lm").mkdir()
+    state = save_fresh_run(lm_cfg, seed=7)
     # The causal LM starts a prefix-LM: the attention kind changes no params.
     cfg = vlm_config(init_from=lm_cfg.workdir)
     started, _ = train.restore_or_init(train.setup(cfg), None)
