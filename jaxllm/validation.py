@@ -92,6 +92,8 @@ def validate(cfg: Config) -> None:
                           "(checkpoint.every=0 turns checkpointing off)")
     validate_prune(cfg.prune)
     validate_distill(cfg)
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
 
 
 def validate_distill(cfg: Config) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
 
 from jaxllm import config as C
 from jaxllm import sharding
+from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 
 
@@ -57,3 +59,19 @@ def two_train_steps(cfg: C.Config, devices=None):
         state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
         history.append(jax.device_get(metrics))
     return s, state, history
+
+
+def write_run(workdir: str, cfg: C.Config, params_by_step: dict) -> str:
+    """A run directory as training leaves it, without training: config.json and a params-only
+    checkpoint per step ({step: params}); what the restore path and the tools read."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg = dataclasses.replace(cfg, workdir=workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(C.to_json(cfg))
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), C.CheckpointConfig(keep=10, async_save=False))
+    try:
+        for step, params in sorted(params_by_step.items()):
+            checkpointer.save(step, {"params": params}, {"data_step": step, "config": C.to_dict(cfg)})
+    finally:
+        checkpointer.close()
+    return workdir
