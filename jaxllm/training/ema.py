@@ -3,7 +3,8 @@ disables): after every step ema <- decay * ema + (1 - decay) * params, starting 
 params, so after t steps ema_t = decay^t p_0 + (1 - decay) Σ_{k=1..t} decay^(t-k) p_k.
 
 It is sharded like the params (the same logical axes), saved in every checkpoint under "ema" and
-resumed with the rest of the state. When enabled, the run's evaluation uses it, and restore.py
+resumed with the rest of the state (train.EmaTrainState; a run without it keeps the plain
+TrainState and its checkpoint layout). When enabled, the run's evaluation uses it, and restore.py
 reads it instead of the raw params (for sampling and every tool); a checkpoint without an "ema"
 item (a soup or quantized copy of an EMA run, which saves the averaged weights as params) is read
 as usual.
@@ -36,4 +37,5 @@ def update(ema, params, decay: float):
 
 def eval_params(state):
     """The params a run evaluates (and saves for sampling): the EMA when there is one."""
-    return state.params if state.ema is None else state.ema
+    ema = getattr(state, "ema", None)
+    return state.params if ema is None else ema
