@@ -12,6 +12,7 @@ import pytest
 from jaxllm import config as C
 from jaxllm import sharding
 from jaxllm.cli import ensemble as ensemble_cli
+from jaxllm.cli import quantize as quantize_cli
 from jaxllm.combine import ensemble
 from jaxllm.combine.generation import EnsembleGenerator
 from jaxllm.decoding import Generator, SamplingConfig
@@ -157,3 +158,11 @@ def test_classifier_ensemble_reports_accuracy_and_f1(tmp_path):
     metrics = MODELS.get("classifier").eval_metrics(totals)
     assert {"eval_accuracy", "eval_macro_f1"} <= set(metrics)
     assert np.asarray(out["ensemble"]["confusion"]).sum() == 8
+
+
+def test_an_int8_member_joins_a_float_one(runs, tmp_path):
+    int8 = str(tmp_path / "a_int8")
+    quantize_cli.quantize_workdir(runs["a"], int8)
+    out = _sums(ensemble.load([runs["a"], int8]), packed_batch(seed=7))
+    float_loss, int8_loss = (m["loss_sum"] / m["weight_sum"] for m in out["members"])
+    assert float_loss != int8_loss and abs(float_loss - int8_loss) < 0.02 * float_loss

@@ -10,6 +10,7 @@ import pytest
 
 from jaxllm import config as C
 from jaxllm import restore, sharding
+from jaxllm.cli import quantize as quantize_cli
 from jaxllm.cli import soup as soup_cli
 from jaxllm.combine import soup
 from jaxllm.training import train
@@ -105,6 +106,9 @@ def test_incompatible_ingredients_are_clear_errors(tmp_path, params, capsys):
     with pytest.raises(C.ConfigError, match="needs one base"):
         soup.check_compatible(["x", "y"], [one, other], [params[0], params[0]])
     soup.check_compatible(["x", "y"], [one, one], [params[0], params[1]])  # one base: fine
+    quantize_cli.quantize_workdir(a, str(tmp_path / "a_int8"))
+    with pytest.raises(C.ConfigError, match="int8-quantized"):
+        soup.make_soup([a, str(tmp_path / "a_int8")], str(tmp_path / "y"))
     with pytest.raises(SystemExit):
         soup_cli.main(["--workdir", a, "--out", a])
     assert "new run directory" in capsys.readouterr().err
