@@ -31,11 +31,18 @@ def _steps(step, s, state, first, n):
     return state, history
 
 
-def test_ema_equals_its_closed_form_and_is_sharded_like_the_params():
-    s = train.setup(_cfg())
+@pytest.fixture(scope="module")
+def setup_and_step():
+    """One setup and one compiled train step shared by the tests (the workdir only matters on disk)."""
+    s = train.setup(dataclasses.replace(_cfg(), checkpoint=C.CheckpointConfig(async_save=False)))
+    return s, train.make_train_step(s)
+
+
+def test_ema_equals_its_closed_form_and_is_sharded_like_the_params(setup_and_step):
+    s, step = setup_and_step
     state = train.init_state(s, jax.random.key(0))
     p0 = jax.device_get(state.params)
-    state, history = _steps(train.make_train_step(s), s, state, 0, 3)
+    state, history = _steps(step, s, state, 0, 3)
     # ema_3 = d^3 p_0 + (1 - d) (d^2 p_1 + d p_2 + p_3)
     d = DECAY
     want = jax.tree.map(lambda a, b, c, e: d ** 3 * a + (1 - d) * (d ** 2 * b + d * c + e), p0, *history)
@@ -45,11 +52,10 @@ def test_ema_equals_its_closed_form_and_is_sharded_like_the_params():
     assert not np.allclose(jax.tree.leaves(jax.device_get(state.ema))[0], jax.tree.leaves(history[-1])[0])
 
 
-def test_ema_resumes_exactly_and_restore_reads_it(tmp_path):
+def test_ema_resumes_exactly_and_restore_reads_it(setup_and_step, tmp_path):
+    s, step = setup_and_step
     workdir = str(tmp_path / "run")
-    cfg = dataclasses.replace(_cfg(workdir=workdir), checkpoint=C.CheckpointConfig(async_save=False))
-    s = train.setup(cfg)
-    step = train.make_train_step(s)
+    cfg = dataclasses.replace(s.cfg, workdir=workdir)
     straight, _ = _steps(step, s, train.init_state(s, jax.random.key(0)), 0, 4)
 
     half, _ = _steps(step, s, train.init_state(s, jax.random.key(0)), 0, 2)
@@ -59,7 +65,7 @@ def test_ema_resumes_exactly_and_restore_reads_it(tmp_path):
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), cfg.checkpoint)
     checkpointer.save(2, half, {"data_step": 2, "config": C.to_dict(cfg)})
     resumed, start = train.restore_or_init(s, checkpointer)
-    assert start == 2
+    assert start == 2 and isinstance(resumed, train.EmaTrainState)
     resumed, _ = _steps(step, s, resumed, 2, 2)
     for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
         np.testing.assert_array_equal(a, b)
@@ -73,6 +79,11 @@ def test_ema_resumes_exactly_and_restore_reads_it(tmp_path):
     raw, _, _ = restore.restore_params(ckpt.checkpoint_dir(workdir), _cfg(decay=0.0), s.mesh)
     for a, b in zip(jax.tree.leaves(jax.device_get(raw)), jax.tree.leaves(jax.device_get(resumed.params))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_without_ema_keeps_the_plain_state():
+    s = train.setup(_cfg(decay=0.0))
+    assert type(s.abstract_state) is train.TrainState
 
 
 def test_ema_decay_must_be_in_range():

@@ -123,10 +123,8 @@ def test_ensemble_generation(runs):
     prompts, rng = [[256, 10, 20], [256, 7]], jax.random.key(0)
     cfg_a = ens.cfgs[0].model
     alone = Generator(cfg_a, ens.mesh).generate(ens.params[0], prompts, greedy, rng)
-    # One member, or the same member twice, samples exactly what the member samples alone.
+    # One member samples exactly what the member samples alone.
     assert EnsembleGenerator([cfg_a], [1.0], mesh=ens.mesh).generate(ens.params[:1], prompts, greedy, rng) == alone
-    twice = EnsembleGenerator([cfg_a, cfg_a], [0.5, 0.5], mesh=ens.mesh)
-    assert twice.generate((ens.params[0], ens.params[0]), prompts, greedy, rng) == alone
     # Two different members: the cache path equals recomputing the combined distribution.
     both = EnsembleGenerator([c.model for c in ens.cfgs], ens.weights, mesh=ens.mesh)
     cached = both.generate(ens.params, prompts, greedy, rng)
