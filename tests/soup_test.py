@@ -79,7 +79,7 @@ def test_greedy_soup_on_real_runs_rejects_a_broken_ingredient(tmp_path, params):
     good = write_run(str(tmp_path / "good"), BASE, {4: params[0]})
     broken = jax.tree.map(lambda x: x * 50.0, params[1])  # a diverged run
     bad = write_run(str(tmp_path / "bad"), BASE, {4: broken})
-    record = soup.make_soup([bad, good], str(tmp_path / "g"), greedy_soup=True, held_out_batches=1)
+    record = soup.make_soup([bad, good], str(tmp_path / "g"), greedy_soup=True, held_out=[0])
     assert record["kept"] == [record["ingredients"][1]]
     _assert_trees_close(_restored(str(tmp_path / "g")), params[0], rtol=1e-6)
 

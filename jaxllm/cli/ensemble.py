@@ -2,7 +2,7 @@
 member's and the ensemble's metrics (loss and bits per byte, or accuracy and macro-F1).
 
     python -m jaxllm.ensemble --workdir runs/a --workdir runs/b [--weights 2 1] \
-        [--rule mean_prob|mean_logit|vote] [--eval_batches 8] [--prompt "def " --max_new_tokens 64]
+        [--rule mean_prob|mean_logit|vote] [--eval_batches 8 --first_batch 0 --batch_stride 1] [--prompt "def " --max_new_tokens 64]
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rule", default="mean_prob", help=f"one of {', '.join(ensemble.RULES)}")
     parser.add_argument("--eval_batches", type=int, default=8)
     parser.add_argument("--first_batch", type=int, default=0, help="skip this many validation batches")
+    parser.add_argument("--batch_stride", type=int, default=1,
+                        help="evaluate batches first, first + stride, ... (2: every other batch)")
     parser.add_argument("--prompt", action="append", help="sample from the ensemble instead (language models)")
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.eval_batches < 1 or args.first_batch < 0:
-        parser.error("--eval_batches must be 1 or more and --first_batch 0 or more")
     try:
+        ensemble.batch_indices(args.eval_batches, args.first_batch, args.batch_stride)  # checked before loading
         ens = ensemble.load(args.workdir, args.rule, args.weights)
         if args.prompt:
             cfg = ens.cfgs[0]
@@ -49,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for prompt, generated in zip(args.prompt, outputs):
                 print(json.dumps({"prompt": prompt, "text": prompt + tok.decode(generated)}))
             return
-        report = ensemble.evaluate(ens, args.eval_batches, args.first_batch)
+        indices = ensemble.batch_indices(args.eval_batches, args.first_batch, args.batch_stride)
+        report = ensemble.evaluate(ens, indices)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

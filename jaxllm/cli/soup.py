@@ -2,7 +2,7 @@
 architecture, their greedy soup (`--greedy`, ingredients kept only if they improve the held-out
 score), or one run's last K checkpoints (`--last K`). Prints the soup's record as JSON.
 
-    python -m jaxllm.soup --workdir runs/a --workdir runs/b --out runs/soup [--greedy --held_out_batches 4]
+    python -m jaxllm.soup --workdir runs/a --workdir runs/b --out runs/soup [--greedy --held_out_batches 4 --held_out_stride 2]
     python -m jaxllm.soup --workdir runs/a --out runs/a_last3 --last 3
 """
 
@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Sequence
 
-from jaxllm.combine import soup
+from jaxllm.combine import ensemble, soup
 from jaxllm.config import ConfigError
 
 
@@ -23,18 +23,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="new run directory for the soup")
     parser.add_argument("--greedy", action="store_true", help="greedy soup on held-out validation batches")
     parser.add_argument("--held_out_batches", type=int, default=4,
-                        help="validation batches 0..n-1 that rank the greedy soup's ingredients")
+                        help="how many validation batches rank the greedy soup's ingredients")
+    parser.add_argument("--held_out_first", type=int, default=0, help="the first of them")
+    parser.add_argument("--held_out_stride", type=int, default=1,
+                        help="every stride-th batch (2: the even batches; report on the odd ones)")
     parser.add_argument("--last", type=int, default=0, help="average the last K checkpoints of one --workdir")
     args = parser.parse_args(argv)
-    if args.held_out_batches < 1:
-        parser.error(f"--held_out_batches {args.held_out_batches} must be 1 or more")
     if args.last and (len(args.workdir) != 1 or args.greedy):
         parser.error("--last averages the checkpoints of one --workdir (and is not --greedy)")
     try:
         if args.last:
             record = soup.average_last(args.workdir[0], args.out, args.last)
         else:
-            record = soup.make_soup(args.workdir, args.out, args.greedy, args.held_out_batches)
+            held_out = ensemble.batch_indices(args.held_out_batches, args.held_out_first, args.held_out_stride)
+            record = soup.make_soup(args.workdir, args.out, args.greedy, held_out)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

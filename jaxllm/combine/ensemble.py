@@ -2,7 +2,7 @@
 program that runs every member on the same batch and combines their predictions.
 
     ens = ensemble.load(["runs/a", "runs/b"], rule="mean_prob", weights=(2, 1))
-    report = ensemble.evaluate(ens, num_batches=8)   # {"members": [...], "ensemble": {...}}
+    report = ensemble.evaluate(ens, range(8))   # {"members": [...], "ensemble": {...}}
 
 Members may differ in architecture (dense, MoE, pruned, int8-quantized, LoRA-merged) but must be
 of one family and share the tokenizer and the output space (a language model's vocabulary, a
@@ -224,14 +224,21 @@ def _metrics(family: str, totals: dict) -> dict:
     return {name: float(v) if np.ndim(v) == 0 else v for name, v in MODELS.get(family).eval_metrics(totals).items()}
 
 
-def evaluate(ens: Ensemble, num_batches: int, first_batch: int = 0, eval_step=None, batches=None) -> dict:
-    """Each member's and the ensemble's family metrics over validation batches
-    [first_batch, first_batch + num_batches)."""
+def batch_indices(num_batches: int, first: int = 0, stride: int = 1) -> list[int]:
+    """Validation batches first, first + stride, ...: a stride of 2 splits an unshuffled split
+    (a classifier's, in file and so class order) into two halves of alike classes."""
+    if num_batches < 1 or first < 0 or stride < 1:
+        raise ConfigError(f"batches: count {num_batches} and stride {stride} must be >= 1, first {first} >= 0")
+    return [first + stride * i for i in range(num_batches)]
+
+
+def evaluate(ens: Ensemble, indices: Sequence[int], eval_step=None, batches=None) -> dict:
+    """Each member's and the ensemble's family metrics over the validation batches `indices`."""
     eval_step = eval_step or make_eval_step(ens)
     batches = batches or eval_batches(ens)
     members: list[dict] = [{} for _ in ens.params]
     combined: dict = {}
-    for k in range(first_batch, first_batch + num_batches):
+    for k in indices:
         out = jax.device_get(eval_step(ens.params, train.place_rows(batches, k, ens.mesh)))
         for totals, sums in zip(members, out["members"]):
             _add(totals, sums)

@@ -104,27 +104,26 @@ def greedy(params: Sequence[Any], evaluate: Callable[[Any], dict]) -> tuple[list
     return kept, soup, metrics
 
 
-def evaluator(cfg: Config, mesh: jax.sharding.Mesh, params_like, num_batches: int, first_batch: int = 0):
-    """params -> the family's validation metrics over batches [first_batch, first_batch + n)."""
+def evaluator(cfg: Config, mesh: jax.sharding.Mesh, params_like, indices: Sequence[int]):
+    """params -> the family's validation metrics over the validation batches `indices`."""
     s = train.setup(soup_config(cfg), mesh)
     eval_step = train.make_eval_step(s, param_shardings=jax.tree.map(lambda x: x.sharding, params_like))
-    batches = s.family.batches(s.cfg, "eval")
+    selected = _Selected(s.family.batches(s.cfg, "eval"), indices)
 
     def run(params) -> dict:
-        shifted = _Shifted(batches, first_batch)
-        return train.evaluate(s, eval_step, params, shifted, num_batches)
+        return train.evaluate(s, eval_step, params, selected, len(indices))
 
     return run
 
 
-class _Shifted:
-    """`batches` read from batch `first` on (train.evaluate reads batches 0..n-1)."""
+class _Selected:
+    """The batches `indices` of `batches`, as batches 0, 1, ... (train.evaluate reads 0..n-1)."""
 
-    def __init__(self, batches, first: int):
-        self.batches, self.first, self.batch_size = batches, first, batches.batch_size
+    def __init__(self, batches, indices: Sequence[int]):
+        self.batches, self.indices, self.batch_size = batches, list(indices), batches.batch_size
 
     def batch_rows(self, step: int, lo: int, hi: int):
-        return self.batches.batch_rows(step + self.first, lo, hi)
+        return self.batches.batch_rows(self.indices[step], lo, hi)
 
 
 def soup_config(cfg: Config) -> Config:
@@ -160,19 +159,20 @@ def last_checkpoints(workdir: str, k: int) -> list[int]:
     return steps[-k:]
 
 
-def make_soup(workdirs: Sequence[str], out: str, greedy_soup: bool = False, held_out_batches: int = 4,
+def make_soup(workdirs: Sequence[str], out: str, greedy_soup: bool = False, held_out: Sequence[int] = (0, 1, 2, 3),
               devices=None) -> dict:
     """Writes the uniform (or greedy) soup of `workdirs` to `out`; returns its record (with each
-    ingredient's held-out metrics and the soup's, for a greedy soup)."""
+    ingredient's metrics on the held-out validation batches `held_out` and the soup's, for a
+    greedy soup)."""
     if os.path.abspath(out) in {os.path.abspath(w) for w in workdirs}:
         raise ConfigError("--out must be a new run directory, not one of the ingredients")
     cfgs, params, mesh = load_ingredients(workdirs, devices=devices)
     step = max(restore.checkpoint_meta(w).get("data_step", 0) for w in workdirs)
     record: dict = {"kind": "greedy" if greedy_soup else "uniform", "ingredients": [os.path.abspath(w) for w in workdirs]}
     if greedy_soup:
-        run = evaluator(cfgs[0], mesh, params[0], held_out_batches)
+        run = evaluator(cfgs[0], mesh, params[0], held_out)
         kept, soup, metrics = greedy(params, run)
-        record.update(kept=[record["ingredients"][i] for i in kept], held_out_batches=held_out_batches,
+        record.update(kept=[record["ingredients"][i] for i in kept], held_out_batches=list(held_out),
                       held_out=[_scalars(m) for m in metrics], soup_held_out=_scalars(run(soup)))
     else:
         soup = average(params)
