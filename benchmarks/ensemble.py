@@ -65,13 +65,13 @@ def time_evaluation(ens, num_batches: int, repeats: int) -> dict:
         return [combined(ens.params, b) for b in placed]
 
     for i in range(len(members)):
-        timed(lambda: run_member(i))  # compiles
+        timed(lambda i=i: run_member(i))  # compiles
     timed(run_ensemble)
     member_times = [[] for _ in members]
     ensemble_times = []
     for _ in range(repeats):
         for i in range(len(members)):
-            member_times[i].append(timed(lambda: run_member(i)))
+            member_times[i].append(timed(lambda i=i: run_member(i)))
         ensemble_times.append(timed(run_ensemble))
     member_s = [statistics.median(t) for t in member_times]
     ensemble_s = statistics.median(ensemble_times)
