@@ -100,7 +100,7 @@ def check_compatible(workdirs: Sequence[str], cfgs: Sequence[Config]) -> None:
         theirs = output_space(cfg)
         for what, a, b in zip(("family", "tokenizer", "outputs"), first, theirs):
             if a != b:
-                raise ConfigError(f"{workdir} has a different {what} ({b}) from {workdirs[0]} ({a}); "
+                raise ConfigError(f"{workdir} differs from {workdirs[0]} in its {what} ({b} vs {a}); "
                                   "ensemble members must share family, tokenizer and vocabulary or classes")
 
 
