@@ -50,9 +50,11 @@ class EnsembleGenerator(Generator):
     def decode_params(self, params):
         return tuple(g.decode_params(p) for g, p in zip(self.members, params))
 
+    # `*prefix`: whatever further inputs Generator.generate passes its model calls (an image
+    # prefix), handed on to every member unchanged.
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-    def prefill(self, params, cache, tokens_BP, segment_ids_BP, positions_BP, last_B):
-        outs = [g.prefill(p, c, tokens_BP, segment_ids_BP, positions_BP, last_B)
+    def prefill(self, params, cache, tokens_BP, segment_ids_BP, positions_BP, last_B, *prefix):
+        outs = [g.prefill(p, c, tokens_BP, segment_ids_BP, positions_BP, last_B, *prefix)
                 for g, p, c in zip(self.members, params, cache)]
         return self._combine([o[0] for o in outs]), tuple(o[1] for o in outs)
 
@@ -68,6 +70,6 @@ class EnsembleGenerator(Generator):
         return tokens_B, positions_B + 1, done_B, rng, cache
 
     @functools.partial(jax.jit, static_argnums=0)
-    def recompute_step(self, params, tokens_BT, segment_ids_BT, positions_BT, last_B):
-        return self._combine([g.recompute_step(p, tokens_BT, segment_ids_BT, positions_BT, last_B)
+    def recompute_step(self, params, tokens_BT, segment_ids_BT, positions_BT, last_B, *prefix):
+        return self._combine([g.recompute_step(p, tokens_BT, segment_ids_BT, positions_BT, last_B, *prefix)
                               for g, p in zip(self.members, params)])
