@@ -121,6 +121,9 @@ class OptConfig:
     # Regexes over parameter paths ("blocks/attn/q/kernel") exempt from weight decay.
     no_decay: tuple[str, ...] = (r"norm", r"embed", r"bias")
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # Regexes over parameter paths that get no updates (frozen parts: "^vision/" keeps a
+    # vision-language model's image tower fixed; their optimizer state is empty).
+    freeze: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +163,36 @@ class DataConfig:
     label_feature: str = "label"
     classes: tuple[str, ...] = ()  # the class names in label order; empty: sorted names found in the data
     padding_side: str = "right"  # where examples shorter than seq_len are padded: right | left
+    # Images (families "vlm" and "late_fusion", jaxllm/images.py). dataset: "digits" (the embedded
+    # task), "image_folder" (`path` holds one subfolder of images per class), "image_jsonl" (`path`
+    # is a file of {"image": file, "text" | "prompt" + "answer", "label"} records), or a TFDS image
+    # dataset by name with `image_feature` and a label or `text_feature`.
+    image_feature: str = "image"
+    resize_images: bool = True  # resize decoded images to vision.image_size; False: a wrong size is an error
+    blank_images: bool = False  # replace every image by zeros: the same model without the image (ablation)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The ViT image tower of families "vlm" and "late_fusion" (models/vit.py) and the projector
+    that maps its patch features into the language model's width."""
+
+    image_size: int = 32  # images are image_size x image_size pixels
+    patch_size: int = 4  # (image_size / patch_size)^2 image tokens
+    channels: int = 3
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 352
+    posemb: str = "learned"  # learned | sincos2d
+    projector: str = "linear"  # linear | mlp (LLaVA's mlp2x_gelu)
+    # Pixel normalisation after scaling to [0, 1]: (x - mean) / std, per channel or one for all.
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +328,7 @@ class Config:
     prune: PruneConfig = PruneConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    vision: VisionConfig = VisionConfig()
     sample_prompt: str = "def "  # a sample is generated from this at the end of a run
     sample_tokens: int = 200
 

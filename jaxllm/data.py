@@ -261,9 +261,10 @@ def as_bytes(value) -> bytes:
     return bytes(np.asarray(value).item())  # a 0-d numpy bytes/object array
 
 
-def named_source(cfg: DataConfig, split: str, data_dir: str):
-    """(data source, writable cache dir or None) of a registered/prepared TFDS dataset."""
-    name = cfg.dataset
+def named_source(cfg: DataConfig, split: str, data_dir: str, feature_key: str = "text_feature"):
+    """(data source, writable cache dir or None) of a registered/prepared TFDS dataset that has the
+    feature data.<feature_key> names."""
+    name, feature = cfg.dataset, getattr(cfg, feature_key)
     prepare_hint = (
         f"prepare it once (array_record format, the only one read without TensorFlow), e.g. "
         f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, or set "
@@ -277,9 +278,9 @@ def named_source(cfg: DataConfig, split: str, data_dir: str):
             f"dataset, nor a dataset prepared under data_dir={data_dir}; {prepare_hint}"
         ) from e
     features = builder.info.features
-    if cfg.text_feature not in features:
+    if feature not in features:
         raise ConfigError(
-            f"TFDS dataset {name!r} has no feature data.text_feature={cfg.text_feature!r}; "
+            f"TFDS dataset {name!r} has no feature data.{feature_key}={feature!r}; "
             f"available features: {sorted(features.keys())}"
         )
     try:

@@ -4,7 +4,7 @@ batched prompts of different lengths; each sequence stops at EOS; optionally sha
 batch and tensor axes; float or int8-quantized params (compression.quantize). The command line is
 `python -m jaxllm.generate` (jaxllm/cli/generate.py).
 
-Shape legend: B batch, P prompt length, S cache length, V vocab.
+Shape legend: B batch, P prompt length, S cache length, V vocab, I image (prefix) tokens, D width.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import numpy as np
 
 from jaxllm import data, restore, sharding
 from jaxllm import tokenizer as tokenizer_lib
-from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.layers import ATTENTION_KINDS
+from jaxllm.models import vlm
 from jaxllm.models.transformer import Transformer, group_size
 
 
@@ -164,20 +165,23 @@ class Generator:
         return unstack_layers(self.model_cfg, params)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def forward(self, params, cache, tokens_BL, segment_ids_BL, positions_BL):
-        """Runs L tokens through the model, appending them to the cache; returns logits, cache."""
+    def forward(self, params, cache, tokens_BL, segment_ids_BL, positions_BL, prefix_BL=None, prefix_embeds=None):
+        """Runs L tokens (after the `prefix_embeds`, if any) through the model, appending them to
+        the cache; returns logits, cache."""
         variables = {"params": unstack_layers(self.model_cfg, params), "cache": cache}
         logits, updated = self.model.apply(
-            variables, tokens_BL, segment_ids_BL, positions_BL, mutable=["cache"]
+            variables, tokens_BL, segment_ids_BL, positions_BL, prefix_BL=prefix_BL,
+            prefix_embeds_BID=prefix_embeds, mutable=["cache"]
         )
         return logits, updated["cache"]
 
     # prefill and decode_step donate the cache they are given, so that XLA updates it in place
     # instead of copying all of it at every step; the caller goes on with the returned one.
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-    def prefill(self, params, cache, tokens_BP, segment_ids_BP, positions_BP, last_B):
+    def prefill(self, params, cache, tokens_BP, segment_ids_BP, positions_BP, last_B, prefix_BP=None,
+                prefix_embeds=None):
         """The prompt pass: fills the cache; returns the logits at each prompt's last token."""
-        logits, cache = self.forward(params, cache, tokens_BP, segment_ids_BP, positions_BP)
+        logits, cache = self.forward(params, cache, tokens_BP, segment_ids_BP, positions_BP, prefix_BP, prefix_embeds)
         return jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0], cache
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -209,44 +213,63 @@ class Generator:
         return tokens_B, positions_B + 1, done_B, rng, cache
 
     @functools.partial(jax.jit, static_argnums=0)
-    def recompute_step(self, params, tokens_BT, segment_ids_BT, positions_BT, last_B):
+    def recompute_step(self, params, tokens_BT, segment_ids_BT, positions_BT, last_B, prefix_BT=None,
+                       prefix_embeds=None):
         """No cache: the whole fixed-length buffer (prompt, generated tokens, empty future slots
         marked as padding) through the model; the logits at each row's last real token."""
-        logits = self.full_model.apply({"params": params}, tokens_BT, segment_ids_BT, positions_BT)
+        logits = self.full_model.apply({"params": params}, tokens_BT, segment_ids_BT, positions_BT,
+                                       prefix_BL=prefix_BT, prefix_embeds_BID=prefix_embeds)
         return jnp.take_along_axis(logits, last_B[:, None, None], axis=1)[:, 0]
 
     def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, rng,
-                 padding: str = "left", use_cache: bool = True):
+                 padding: str = "left", use_cache: bool = True, prefix_embeds=None):
         """Returns the generated token ids per prompt (without the prompt, cut after EOS).
 
         Prompts of different lengths are padded on the `padding` side. New tokens go to the slots
         after the padded prompt for every row; padding is masked and positions count real tokens
         only, so the result does not depend on the side. `use_cache=False` recomputes the whole
-        sequence for every token (the reference the cache is tested and benchmarked against)."""
+        sequence for every token (the reference the cache is tested and benchmarked against).
+
+        `prefix_embeds` [n_prompts, I, D] (a vision-language model's image tokens) go before each
+        prompt, at positions 0..I-1, and with the prompt form the bidirectional prefix of a
+        prefix-LM attention kind; the prefill writes them into the cache."""
         n_prompts = len(prompts)
         # A sharded batch must divide over the batch axes: fill up with one-token rows, dropped.
         multiple = self._batch_multiple()
         prompts = list(prompts) + [self.filler] * (-n_prompts % multiple)
         tokens, segment_ids, positions, lengths = pad_prompts(prompts, padding, self.pad_id)
         B, P = tokens.shape
-        T = P + sampling.max_new_tokens
-        last_slot = np.where(padding == "left", P - 1, lengths - 1).astype(np.int32)
-        next_position = lengths.copy()
+        I = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+        prefix = None
+        if I:
+            prefix_embeds = jnp.pad(prefix_embeds, ((0, B - n_prompts), (0, 0), (0, 0)))
+            segment_ids = np.concatenate([np.ones((B, I), np.int32), segment_ids], 1)
+            positions = np.concatenate([np.broadcast_to(np.arange(I, dtype=np.int32), (B, I)), positions + I], 1)
+            prefix = segment_ids != 0
+        T = I + P + sampling.max_new_tokens
+        last_slot = I + np.where(padding == "left", P - 1, lengths - 1).astype(np.int32)
+        next_position = lengths + I
         timings = {"prefill_s": 0.0, "step_s": []}
         start = time.perf_counter()
         if use_cache:
             cache = self.init_cache(B, T)
             params = self._run(self.decode_params, params)
             last_logits, cache = self._run(
-                self.prefill, params, cache, *map(self._place, (tokens, segment_ids, positions, last_slot))
+                self.prefill, params, cache, *map(self._place, (tokens, segment_ids, positions, last_slot)),
+                None if prefix is None else self._place(prefix), prefix_embeds,
             )
         else:
-            buf_tokens = np.full((B, T), self.pad_id, np.int32)
+            buf_tokens = np.full((B, T - I), self.pad_id, np.int32)
             buf_segments = np.zeros((B, T), np.int32)
             buf_positions = np.zeros((B, T), np.int32)
-            buf_tokens[:, :P], buf_segments[:, :P], buf_positions[:, :P] = tokens, segment_ids, positions
+            buf_prefix = None if prefix is None else np.zeros((B, T), bool)
+            buf_tokens[:, :P] = tokens
+            buf_segments[:, :I + P], buf_positions[:, :I + P] = segment_ids, positions
+            if prefix is not None:
+                buf_prefix[:, :I + P] = prefix
             last_logits = self._run(self.recompute_step, params, *map(
-                self._place, (buf_tokens, buf_segments, buf_positions, last_slot)))
+                self._place, (buf_tokens, buf_segments, buf_positions, last_slot)),
+                None if prefix is None else self._place(buf_prefix), prefix_embeds)
         out = np.full((B, sampling.max_new_tokens), self.pad_id, np.int32)
         done = np.zeros(B, bool)
         done[n_prompts:] = True  # the filler rows
@@ -272,11 +295,12 @@ class Generator:
                     self.decode_and_choose, sampling, params, cache, tokens_B, positions_B, done_B, rng
                 )
             else:
-                slot = P + t
-                buf_tokens[:, slot], buf_segments[:, slot], buf_positions[:, slot] = new_tokens, 1, next_position
+                slot = I + P + t
+                buf_tokens[:, slot - I], buf_segments[:, slot], buf_positions[:, slot] = new_tokens, 1, next_position
                 last_slot = np.full(B, slot, np.int32)
                 last_logits = self._run(self.recompute_step, params, *map(
-                    self._place, (buf_tokens, buf_segments, buf_positions, last_slot)))
+                    self._place, (buf_tokens, buf_segments, buf_positions, last_slot)),
+                    None if prefix is None else self._place(buf_prefix), prefix_embeds)
                 tokens_B, done_B, rng = self._run(self.choose, sampling, last_logits, done_B, rng)
             next_position = next_position + 1
         self.last_timings = timings
@@ -286,6 +310,18 @@ class Generator:
             end = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             results.append([t for t in row[:end] if t != self.pad_id or t == self.eos_id])
         return results
+
+
+def answer_images(cfg: Config, params, pixels, prompts: Sequence[str], sampling: SamplingConfig, rng,
+                  mesh: jax.sharding.Mesh | None = None, use_cache: bool = True) -> list[list[int]]:
+    """A vision-language model's ("vlm") generated token ids for each (image, prompt): the image
+    tokens and the prompt prefilled into the KV cache, then one cached step per token. `pixels`:
+    normalised images (images.normalise)."""
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    image_BID = jax.jit(vlm.embed_images, static_argnums=0)(cfg, params, pixels)
+    ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
+    return Generator(cfg.model, mesh).generate(params["language_model"], ids, sampling, rng,
+                                               use_cache=use_cache, prefix_embeds=image_BID)
 
 
 def sample_from_workdir(workdir: str, prompt: str, max_new_tokens: int = 200, seed: int = 0,

@@ -101,7 +101,7 @@ class JaxllmLabelledText(tfds.core.GeneratorBasedBuilder, skip_registration=True
 # Local sources: each gives (fingerprint parts, make), make() -> (class names, split -> items, load)
 
 
-def _class_index(found: Sequence[str], classes: Sequence[str], where: str) -> tuple[tuple[str, ...], dict]:
+def class_index(found: Sequence[str], classes: Sequence[str], where: str) -> tuple[tuple[str, ...], dict]:
     """Class names (data.classes, or the `found` names sorted) and name -> index."""
     names = tuple(classes) if classes else tuple(sorted(set(found)))
     unknown = sorted(set(found) - set(names))
@@ -112,7 +112,7 @@ def _class_index(found: Sequence[str], classes: Sequence[str], where: str) -> tu
     return names, {n: i for i, n in enumerate(names)}
 
 
-def _label_index(raw: Any, names: Sequence[str], where: str) -> int:
+def label_index(raw: Any, names: Sequence[str], where: str) -> int:
     """A raw label, a class name or an integer index into `names`, as an index."""
     raw = raw.item() if isinstance(raw, np.ndarray) else raw
     text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
@@ -176,7 +176,7 @@ def _folder(cfg: DataConfig):
         splits = data.split_files(sorted(label), cfg.eval_fraction)
         files = {s: [(f, label[f]) for f in fs] for s, fs in splits.items() if fs}  # TFDS writes no empty split
     found = [c for fs in files.values() for _, c in fs]
-    names, index = _class_index(found, cfg.classes, f"data.path={cfg.path!r}")
+    names, index = class_index(found, cfg.classes, f"data.path={cfg.path!r}")
 
     def load(item) -> Iterator[Example]:
         with open(os.path.join(root, item[0]), "rb") as f:
@@ -220,7 +220,7 @@ def _table(cfg: DataConfig):
         elif all(_INTEGER.fullmatch(x) for x in raw):  # integer labels: numbered in numeric order
             names = tuple(str(i) for i in sorted({int(x) for x in raw}))
         else:
-            names = _class_index(raw, (), where)[0]
+            names = class_index(raw, (), where)[0]
         if any(r[3] is not None for r in rows):
             splits = [r[3] for r in rows]
             if None in splits:
@@ -231,7 +231,7 @@ def _table(cfg: DataConfig):
             splits = ["validation" if r[1] in held else "train" for r in rows]
         out: dict[str, list[Example]] = {}
         for (key, text, label, _), split in zip(rows, splits):
-            example = (key, text.encode("utf-8"), _label_index(label, names, f"{where} {key}"))
+            example = (key, text.encode("utf-8"), label_index(label, names, f"{where} {key}"))
             out.setdefault(str(split), []).append(example)
         return names, out, lambda example: iter([example])
 
@@ -352,12 +352,12 @@ def _named(cfg: DataConfig, data_dir: str) -> _Dataset:
                           f"its features: {sorted(features.keys())}")
     feature = features[cfg.label_feature]
     if isinstance(feature, tfds.features.ClassLabel):
-        names, index = _class_index(feature.names, cfg.classes, where)
+        names, index = class_index(feature.names, cfg.classes, where)
         mapping = [index[n] for n in feature.names]
         to_index = lambda raw: mapping[int(raw)]
     elif cfg.classes:
         names = tuple(cfg.classes)
-        to_index = lambda raw: _label_index(raw, names, where)
+        to_index = lambda raw: label_index(raw, names, where)
     else:
         raise ConfigError(f"{where}: feature {cfg.label_feature!r} is not a ClassLabel; name its classes with "
                           "data.classes=a,b,...")
@@ -456,30 +456,15 @@ def tokenized(cfg: DataConfig, split: str, tok: Tokenizer = BYTES) -> tuple[np.n
         return np.load(stem + ".tokens.npy", mmap_mode="r"), index["starts"], index["labels"]
 
 
-class LabelledBatches:
-    """Deterministic batches of one split's labelled examples: batch t depends only on (seed, t).
+class ExampleBatches:
+    """The order of a split's examples in batches: batch t depends only on (seed, t). Shuffled
+    splits run through a fresh permutation of their examples every epoch; the others in order, the
+    rows after the last example being fillers (index -1, weight 0). Subclasses turn example
+    indices into arrays (`pack`)."""
 
-    inputs, segment_ids (1 on tokens, 0 on padding), positions (0.. from the first token) int32
-    [B, L]; labels int32 [B]; weights float32 [B] (0 on rows that fill an evaluation split's last
-    batch, and on every row of the batches after it)."""
-
-    def __init__(self, cfg: Config, split: str, tokenizer: Tokenizer = BYTES, shuffle: bool | None = None):
-        d, t = cfg.data, cfg.train
-        if t.seq_len <= 0 or t.batch_size <= 0:
-            raise ConfigError(f"train.seq_len={t.seq_len} and train.batch_size={t.batch_size} must be positive")
-        if d.padding_side not in ("right", "left"):
-            raise ConfigError(f"data.padding_side={d.padding_side!r}; choose right or left")
-        self.split, self.seq_len, self.batch_size, self.seed = split, t.seq_len, t.batch_size, d.seed
-        self.shuffle = split == d.train_split if shuffle is None else shuffle
-        self.left = d.padding_side == "left"
-        self.class_names = class_names(cfg)
-        self.pad_id = tokenizer.pad_or_eos
-        self.prefix = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
-        self.tokens, self.starts, self.labels = tokenized(d, split, tokenizer)
-        self.num_examples = len(self.labels)
-        if not self.num_examples:
-            raise ConfigError(f"{d.dataset}[{split}] has no examples")
-        self.num_batches = -(-self.num_examples // self.batch_size)  # the batches holding every example once
+    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool):
+        self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
+        self.num_batches = -(-num_examples // batch_size)  # the batches holding every example once
         self._perms: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -500,20 +485,7 @@ class LabelledBatches:
         return np.array([self._permutation(int(e))[o] for e, o in zip(epoch, offset)], np.int64)
 
     def pack(self, examples: np.ndarray) -> dict:
-        """The batch arrays of these example indices (-1: a filler row)."""
-        R, L = len(examples), self.seq_len
-        out = {"inputs": np.full((R, L), self.pad_id, np.int32), "segment_ids": np.zeros((R, L), np.int32),
-               "positions": np.zeros((R, L), np.int32), "labels": np.zeros(R, np.int32),
-               "weights": np.zeros(R, np.float32)}
-        for r, e in enumerate(examples):
-            if e < 0:
-                continue
-            ids = np.concatenate([self.prefix, self.tokens[self.starts[e]:self.starts[e + 1]][:L]])[:L]
-            cols = slice(L - len(ids), L) if self.left else slice(0, len(ids))
-            out["inputs"][r, cols], out["segment_ids"][r, cols] = ids, 1
-            out["positions"][r, cols] = np.arange(len(ids))
-            out["labels"][r], out["weights"][r] = self.labels[e], 1.0
-        return out
+        raise NotImplementedError
 
     def batch_rows(self, step: int, lo: int, hi: int) -> dict:
         """Rows lo..hi-1 of batch `step` (the rows one process's devices hold)."""
@@ -530,6 +502,47 @@ class LabelledBatches:
 
     def global_batch(self, step: int) -> dict:
         return self.local_batch(step, 0, 1)
+
+
+class LabelledBatches(ExampleBatches):
+    """Labelled text in batches (see `ExampleBatches` for the order).
+
+    inputs, segment_ids (1 on tokens, 0 on padding), positions (0.. from the first token) int32
+    [B, L]; labels int32 [B]; weights float32 [B] (0 on rows that fill an evaluation split's last
+    batch, and on every row of the batches after it)."""
+
+    def __init__(self, cfg: Config, split: str, tokenizer: Tokenizer = BYTES, shuffle: bool | None = None):
+        d, t = cfg.data, cfg.train
+        if t.seq_len <= 0 or t.batch_size <= 0:
+            raise ConfigError(f"train.seq_len={t.seq_len} and train.batch_size={t.batch_size} must be positive")
+        if d.padding_side not in ("right", "left"):
+            raise ConfigError(f"data.padding_side={d.padding_side!r}; choose right or left")
+        self.split, self.seq_len = split, t.seq_len
+        self.left = d.padding_side == "left"
+        self.class_names = class_names(cfg)
+        self.pad_id = tokenizer.pad_or_eos
+        self.prefix = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
+        self.tokens, self.starts, self.labels = tokenized(d, split, tokenizer)
+        if not len(self.labels):
+            raise ConfigError(f"{d.dataset}[{split}] has no examples")
+        super().__init__(len(self.labels), t.batch_size, d.seed,
+                         split == d.train_split if shuffle is None else shuffle)
+
+    def pack(self, examples: np.ndarray) -> dict:
+        """The batch arrays of these example indices (-1: a filler row)."""
+        R, L = len(examples), self.seq_len
+        out = {"inputs": np.full((R, L), self.pad_id, np.int32), "segment_ids": np.zeros((R, L), np.int32),
+               "positions": np.zeros((R, L), np.int32), "labels": np.zeros(R, np.int32),
+               "weights": np.zeros(R, np.float32)}
+        for r, e in enumerate(examples):
+            if e < 0:
+                continue
+            ids = np.concatenate([self.prefix, self.tokens[self.starts[e]:self.starts[e + 1]][:L]])[:L]
+            cols = slice(L - len(ids), L) if self.left else slice(0, len(ids))
+            out["inputs"][r, cols], out["segment_ids"][r, cols] = ids, 1
+            out["positions"][r, cols] = np.arange(len(ids))
+            out["labels"][r], out["weights"][r] = self.labels[e], 1.0
+        return out
 
 
 def train_batches(cfg: Config) -> LabelledBatches:

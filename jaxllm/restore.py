@@ -160,5 +160,7 @@ def load_params(workdir: str, return_step: bool = False, tensor: int = 1, step: 
     cfg = inference_config(cfg, mesh)
     validation.validate(cfg)
     sharding.check_divisibility(cfg, mesh)
+    if MODELS.get(cfg.family).images:
+        sharding.check_vision_divisibility(cfg.vision, mesh)
     params, step, _ = restore_params(ckpt.checkpoint_dir(workdir), cfg, mesh, step)
     return (cfg, params, step) if return_step else (cfg, params)

@@ -135,6 +135,17 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
     check_attention_backend(m, mesh)
 
 
+def check_vision_divisibility(vision, mesh: Mesh) -> None:
+    """The vision tower's sharded dimensions (config `vision`) against the mesh."""
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    for name, value, axis, size in (("vision.num_heads", vision.num_heads, "tensor", tensor),
+                                    ("vision.mlp_dim", vision.mlp_dim, "tensor", tensor),
+                                    ("vision.d_model", vision.d_model, "fsdp", fsdp)):
+        if value % size:
+            raise ConfigError(f"{name}={value} is not divisible by the {axis} mesh axis ({size}); change "
+                              f"{name} or the mesh")
+
+
 def check_attention_backend(model_cfg, mesh: Mesh) -> None:
     """cuDNN attention runs only on NVIDIA GPUs; say so before anything compiles."""
     platform = mesh.devices.flat[0].platform
@@ -146,12 +157,18 @@ def check_attention_backend(model_cfg, mesh: Mesh) -> None:
 
 
 def logical_to_sharding(logical_specs, mesh: Mesh):
-    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`. Only PartitionSpecs
+    are leaves: optax's empty MaskedNode (a frozen param's optimizer state) is a tuple too, and
+    would otherwise be taken for a spec."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, LOGICAL_RULES)),
+                        logical_specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def state_shardings(abstract_state, mesh: Mesh):
-    """Shardings for a pytree whose leaves may be `nn.Partitioned` boxes (from eval_shape)."""
+    """Shardings for a pytree whose leaves may be `nn.Partitioned` boxes (from eval_shape). A box
+    around no array (optax's MaskedNode: a frozen param's optimizer state) is unwrapped first."""
+    unbox_empty = lambda x: x.unbox() if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x.unbox()) else x  # noqa: E731
+    abstract_state = jax.tree.map(unbox_empty, abstract_state, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return logical_to_sharding(nn.get_partition_spec(abstract_state), mesh)
 
 

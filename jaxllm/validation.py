@@ -16,6 +16,7 @@ from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, REMAT_POLICIES
+from jaxllm.models.vit import POSEMBS, PROJECTORS
 from jaxllm.ops import GROUPED_FFNS
 
 
@@ -94,6 +95,28 @@ def validate(cfg: Config) -> None:
     validate_distill(cfg)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
+    if MODELS.get(cfg.family).images:
+        validate_vision(cfg)
+
+
+def validate_vision(cfg: Config) -> None:
+    v = cfg.vision
+    POSEMBS.check(v.posemb)
+    PROJECTORS.check(v.projector)
+    for name in ("image_size", "patch_size", "channels", "d_model", "num_layers", "num_heads", "mlp_dim"):
+        if getattr(v, name) <= 0:
+            raise ConfigError(f"vision.{name} must be positive, got {getattr(v, name)}")
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
+    if v.d_model % v.num_heads or (v.d_model // v.num_heads) % 2:
+        raise ConfigError(f"vision.d_model={v.d_model} must be an even multiple of vision.num_heads={v.num_heads}")
+    if v.posemb == "sincos2d" and v.d_model % 4:
+        raise ConfigError(f"vision.posemb=sincos2d needs vision.d_model divisible by 4, got {v.d_model}")
+    for name in ("mean", "std"):
+        if len(getattr(v, name)) not in (1, v.channels):
+            raise ConfigError(f"vision.{name} has {len(getattr(v, name))} values; give 1 or vision.channels={v.channels}")
+    if any(s <= 0 for s in v.std):
+        raise ConfigError(f"vision.std={v.std} must be positive")
 
 
 def validate_distill(cfg: Config) -> None:

@@ -1,6 +1,8 @@
-"""Sample from a run directory's checkpoint (float or int8), optionally sharded over devices.
+"""Sample from a run directory's checkpoint (float or int8), optionally sharded over devices; a
+vision-language run answers about an image.
 
     python -m jaxllm.generate --workdir runs/tiny_lm --prompt "def "
+    python -m jaxllm.generate --workdir runs/vlm_digits --image digit.png --prompt "what digit is this?"
 """
 
 from __future__ import annotations
@@ -11,16 +13,21 @@ from typing import Sequence
 
 import jax
 
-from jaxllm import restore
+import numpy as np
+
+from jaxllm import images, restore
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ConfigError
-from jaxllm.decoding import PADDING_SIDES, Generator, SamplingConfig
+from jaxllm.decoding import PADDING_SIDES, Generator, SamplingConfig, answer_images
+from jaxllm.models import MODELS
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sample from a jaxllm checkpoint.")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
+    parser.add_argument("--image", action="append",
+                        help="an image file per prompt (vision-language runs); one image serves every prompt")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=0)
@@ -50,11 +57,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.top_k > cfg.model.vocab_size:
         parser.error(f"--top_k {args.top_k} is larger than the vocabulary ({cfg.model.vocab_size})")
     tok = tokenizer_lib.load(cfg.model.tokenizer)
-    ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
     mesh = jax.tree.leaves(params)[0].sharding.mesh
-    outputs = Generator(cfg.model, mesh).generate(
-        params, ids, sampling, jax.random.key(args.seed), padding=args.padding
-    )
+    try:
+        if MODELS.get(cfg.family).images != bool(args.image):
+            raise ConfigError(f"{args.workdir} is a {cfg.family} run: " + (
+                "give it --image FILE" if not args.image else "it reads no images; drop --image"))
+        if args.image:
+            files = args.image * len(prompts) if len(args.image) == 1 else args.image
+            if len(files) != len(prompts):
+                raise ConfigError(f"{len(files)} --image for {len(prompts)} --prompt: give one image, or one per prompt")
+            pixels = images.normalise(np.stack([images.load_image(f, cfg.vision) for f in files]), cfg.vision)
+            outputs = answer_images(cfg, params, pixels, prompts, sampling, jax.random.key(args.seed), mesh)
+        else:
+            ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
+            outputs = Generator(cfg.model, mesh).generate(
+                params, ids, sampling, jax.random.key(args.seed), padding=args.padding
+            )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     for prompt, generated in zip(prompts, outputs):
         print(prompt + tok.decode(generated))
         if len(prompts) > 1:

@@ -132,6 +132,9 @@ def load(workdirs: Sequence[str], rule: str = "mean_prob", weights: Sequence[flo
     RULES.get(rule)
     cfgs = [restore.load_config(w) for w in workdirs]
     check_compatible(workdirs, cfgs)
+    if MODELS.get(cfgs[0].family).images:  # their batches carry images
+        raise ConfigError(f"{workdirs[0]} is a {cfgs[0].family} run; ensembles take text-only families "
+                          "(causal_lm, classifier)")
     if rule == "vote" and cfgs[0].family != "classifier":
         raise ConfigError(f"--rule vote is for classifiers; {workdirs[0]} is a {cfgs[0].family} run "
                           "(use mean_prob or mean_logit)")

@@ -62,17 +62,26 @@ def loss_fn(model, cfg: Config):
     return fn
 
 
-def eval_fn(model, cfg: Config):
+def token_bytes(cfg: Config):
+    """[V] float32: the UTF-8 bytes each token id stands for (0 for special and unused ids)."""
+    table = tokenizer_lib.load(cfg.model.tokenizer).token_bytes()
+    return jnp.zeros(cfg.model.vocab_size, jnp.float32).at[:len(table)].set(table)
+
+
+def eval_sums(logits, batch, token_bytes_V) -> dict:
     """Token loss sums and the UTF-8 bytes the predicted tokens stand for, so that bits per byte
     compares models with different tokenizers."""
-    table = tokenizer_lib.load(cfg.model.tokenizer).token_bytes()
-    token_bytes_V = jnp.zeros(cfg.model.vocab_size, jnp.float32).at[:len(table)].set(table)
+    loss_sum, _, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
+    byte_sum = jnp.sum(batch["weights"] * token_bytes_V[batch["targets"]])
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "byte_sum": byte_sum}
+
+
+def eval_fn(model, cfg: Config):
+    token_bytes_V = token_bytes(cfg)
 
     def fn(params, batch):
         logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-        loss_sum, _, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
-        byte_sum = jnp.sum(batch["weights"] * token_bytes_V[batch["targets"]])
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "byte_sum": byte_sum}
+        return eval_sums(logits, batch, token_bytes_V)
 
     return fn
 

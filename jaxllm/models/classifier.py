@@ -72,11 +72,16 @@ def init_inputs(cfg: Config) -> tuple:
     return (jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32),)
 
 
-def forward(model, params, batch):
+def text_inputs(batch) -> tuple:
+    """The module's positional inputs in a batch of labelled text."""
+    return batch["inputs"], batch["segment_ids"], batch["positions"]
+
+
+def forward(model, params, batch, model_inputs=text_inputs):
     """Class logits, the MoE backbone's router loss (0 if dense) and its metrics."""
     rngs = {"dropout": batch["rng"]} if "rng" in batch else None
-    logits_BC, variables = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                                       batch["positions"], rngs=rngs, mutable=list(AUX_COLLECTIONS))
+    logits_BC, variables = model.apply({"params": params}, *model_inputs(batch), rngs=rngs,
+                                       mutable=list(AUX_COLLECTIONS))
     router_loss, router_metrics = moe.collect(variables)
     return logits_BC, router_loss, router_metrics
 
@@ -87,9 +92,12 @@ def _cross_entropy(logits_BC, labels_B, weights_B):
     return jnp.sum(nll_B * weights_B), jnp.sum(weights_B)
 
 
-def loss_fn(model, cfg: Config):
+def loss_fn(model, cfg: Config, model_inputs=text_inputs):
+    """Cross entropy over the labels (+ the MoE router losses); `model_inputs(batch)` gives the
+    module's inputs (the default: labelled text)."""
+
     def fn(params, batch):
-        logits_BC, router_loss, router_metrics = forward(model, params, batch)
+        logits_BC, router_loss, router_metrics = forward(model, params, batch, model_inputs)
         loss_sum, weight_sum = _cross_entropy(logits_BC, batch["labels"], batch["weights"])
         correct = jnp.sum((jnp.argmax(logits_BC, -1) == batch["labels"]) * batch["weights"])
         extras = {"accuracy": correct}
@@ -100,11 +108,11 @@ def loss_fn(model, cfg: Config):
     return fn
 
 
-def eval_fn(model, cfg: Config):
+def eval_fn(model, cfg: Config, model_inputs=text_inputs):
     C = cfg.classifier.num_classes
 
     def fn(params, batch):
-        logits_BC = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+        logits_BC = model.apply({"params": params}, *model_inputs(batch))
         loss_sum, weight_sum = _cross_entropy(logits_BC, batch["labels"], batch["weights"])
         predicted_B = jnp.argmax(logits_BC, -1)
         # confusion[true, predicted], weighted (padding rows of the last batch weigh 0).

@@ -29,7 +29,7 @@ class ModelFamily:
     metrics of the mean training loss (bits per byte, say). batches(cfg, split): the deterministic batches of
     "train" or "eval" (the batch format is the family's own). backbone: the key of the params
     that a pre-trained language model's params fill (`init_from`), None when they are all of them.
-    generates: whether the family samples text (decoding.py)."""
+    generates: whether the family samples text (decoding.py). images: whether it has a vision tower."""
 
     build: Callable[[Config], nn.Module]
     init_inputs: Callable[[Config], tuple]
@@ -40,6 +40,7 @@ class ModelFamily:
     batches: Callable[[Config, str], Any]
     backbone: str | None = None
     generates: bool = False  # whether its runs end with a generated sample (language models)
+    images: bool = False  # whether it has a vision tower (config `vision`) and images in its batches
     # The run's config with what its data decides filled in (a classifier's class names), so the
     # config saved with the checkpoints describes the model without the data at hand.
     finalize: Callable[[Config], Config] = lambda cfg: cfg

@@ -3,7 +3,7 @@
 
     x = embed(tokens);  for each block: x += attn(norm(x)); x += mlp(norm(x));  logits = norm(x) Eᵀ
 
-Shape legend: B batch, L length, D model width, V vocab.
+Shape legend: B batch, L length, D model width, V vocab, I image (prefix embedding) tokens.
 
 The blocks take their attention and MLP from the registries (`layers.ATTENTION_KINDS`,
 `layers.MLP_KINDS`, MoE being one MLP kind); the config selects them by name.
@@ -111,6 +111,40 @@ class ScannedGroup(nn.Module):
         return x_BLD, None
 
 
+def block_stack(cfg: ModelConfig, decode: bool, x_BLD, segment_ids_BL, positions_BL, context):
+    """The num_layers blocks (scanned and rematerialised as the config says) over x. Called inside
+    a module's compact method, it adds their params to that module ("blocks", or block_0 ..)."""
+    groups = cfg.num_layers // group_size(cfg)
+    if not cfg.scan_layers:
+        block_cls, scanned_kwargs = Block, {}
+    elif group_size(cfg) > 1:
+        block_cls, scanned_kwargs = ScannedGroup, {}
+    else:  # every scanned block alike: all dense, or all MoE
+        block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, 0)}
+    if cfg.remat != "none":
+        block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(
+            block_cls,
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+                           **{c: 0 for c in AUX_COLLECTIONS}},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=groups,
+            unroll=(
+                groups if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS else 1
+            ),
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, decode=decode, name="blocks", **scanned_kwargs)
+        x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
+    else:
+        for i in range(cfg.num_layers):
+            x_BLD = block_cls(cfg, decode=decode, mlp_kind=block_mlp_kind(cfg, i), name=f"block_{i}")(
+                x_BLD, segment_ids_BL, positions_BL, context
+            )
+    return x_BLD
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
     decode: bool = False
@@ -118,15 +152,19 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, return_hidden=False,
-                 prefix_BL=None):
+                 prefix_BL=None, prefix_embeds_BID=None):
         """Returns float32 logits [B, L, V] (and the final hidden states if `return_hidden`).
 
         segment_ids: document ids for packed rows (0 = padding); None means one document per row.
         positions: per-token positions, restarting per document; None means 0..L-1.
         prefix: True on the tokens of a bidirectional prefix (attention kind prefix_lm); None: none.
+        prefix_embeds: [B, I, D] inputs placed before the tokens' embeddings (a vision-language
+        model's image tokens); segment_ids, positions, prefix and the outputs then cover I + L.
         """
         cfg = self.cfg
         B, L = tokens_BL.shape
+        if prefix_embeds_BID is not None:
+            L += prefix_embeds_BID.shape[1]
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones((B, L), jnp.int32)
         if positions_BL is None:
@@ -134,38 +172,12 @@ class Transformer(nn.Module):
 
         embed = Embed(cfg, name="embed")
         x_BLD = embed(tokens_BL)
+        if prefix_embeds_BID is not None:
+            x_BLD = jnp.concatenate([prefix_embeds_BID.astype(x_BLD.dtype), x_BLD], axis=1)
         # RoPE angles and the attention mask depend only on positions and segments: once per call.
         context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode, prefix_BL)
 
-        groups = cfg.num_layers // group_size(cfg)
-        if not cfg.scan_layers:
-            block_cls, scanned_kwargs = Block, {}
-        elif group_size(cfg) > 1:
-            block_cls, scanned_kwargs = ScannedGroup, {}
-        else:  # every scanned block alike: all dense, or all MoE
-            block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, 0)}
-        if cfg.remat != "none":
-            block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block_cls,
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0,
-                               **{c: 0 for c in AUX_COLLECTIONS}},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=groups,
-                unroll=(
-                    groups if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS else 1
-                ),
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, decode=self.decode, name="blocks", **scanned_kwargs)
-            x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
-        else:
-            for i in range(cfg.num_layers):
-                x_BLD = block_cls(cfg, decode=self.decode, mlp_kind=block_mlp_kind(cfg, i), name=f"block_{i}")(
-                    x_BLD, segment_ids_BL, positions_BL, context
-                )
-
+        x_BLD = block_stack(cfg, self.decode, x_BLD, segment_ids_BL, positions_BL, context)
         x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
         if not self.lm_head:
             return x_BLD

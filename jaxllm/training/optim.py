@@ -1,5 +1,6 @@
 """The optax chain built from OptConfig: warmup + cosine schedule, global-norm clipping, AdamW with
-weight decay masked off for parameters matching `no_decay` (norms and embeddings by default)."""
+weight decay masked off for parameters matching `no_decay` (norms and embeddings by default), and
+no updates at all (nor optimizer state) for parameters matching `freeze`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import jax
 import optax
 
-from jaxllm.config import OptConfig
+from jaxllm.config import ConfigError, OptConfig
 
 
 def param_path(path) -> str:
@@ -33,6 +34,18 @@ def path_mask(params, patterns, match: bool = True):
     return jax.tree_util.tree_map_with_path(hit, params)
 
 
+def check_patterns(params, patterns, key: str) -> None:
+    """Each regex in `patterns` (config `key`) must be valid and match some parameter's path."""
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for pattern in patterns:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{key}: {pattern!r} is not a regular expression ({e})") from None
+        if not any(compiled.search(p) for p in paths):
+            raise ConfigError(f"{key}: {pattern!r} matches no parameter; paths look like {', '.join(paths[:3])}")
+
+
 def learning_rate_schedule(opt: OptConfig, total_steps: int) -> optax.Schedule:
     warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
@@ -55,4 +68,10 @@ def make_optimizer(opt: OptConfig, total_steps: int) -> optax.GradientTransforma
             mask=lambda params: path_mask(params, opt.no_decay, match=False),
         )
     )
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if not opt.freeze:
+        return tx
+    # Frozen params take the zero update and keep no moments; clipping sees only trained grads.
+    labels = lambda params: jax.tree.map(  # noqa: E731
+        lambda frozen: "frozen" if frozen else "trained", path_mask(params, opt.freeze))
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

@@ -88,10 +88,13 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None, model: nn.Module |
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(cfg, mesh)
     family = MODELS.get(cfg.family)
+    if family.images:
+        sharding.check_vision_divisibility(cfg.vision, mesh)
     model = model if model is not None else family.build(cfg)
     plan = finetune.plan(cfg, family)
     tx = pruning.maybe_wrap(optim.make_optimizer(cfg.opt, cfg.train.steps), cfg.prune)
     boxed = jax.eval_shape(_boxed_init(cfg, family, model, tx, plan), jax.random.key(0))
+    optim.check_patterns(nn.meta.unbox(boxed.params), cfg.opt.freeze, "opt.freeze")
     shardings = sharding.state_shardings(boxed, mesh)
     abstract = ckpt.abstract_like(nn.meta.unbox(boxed), shardings)
     frozen = restore.abstract_params(cfg, mesh, model, part="frozen") if plan.freezes else None
@@ -296,8 +299,10 @@ def _check_same_backbone(cfg: Config, source: str) -> None:
         saved = config_lib.from_dict(Config, ckpt.read_config_json(source)).model
     except FileNotFoundError as e:
         raise config_lib.ConfigError(f"init_from={source}: {e}") from None
+    # The attention kind changes no params: a causal LM may start a prefix-LM or a classifier.
     layout = dict(scan_layers=cfg.model.scan_layers, remat=cfg.model.remat, dtype=cfg.model.dtype,
-                  attention_impl=cfg.model.attention_impl, param_dtype=cfg.model.param_dtype)
+                  attention_impl=cfg.model.attention_impl, param_dtype=cfg.model.param_dtype,
+                  attention_kind=cfg.model.attention_kind)
     theirs, ours = dataclasses.asdict(dataclasses.replace(saved, **layout)), dataclasses.asdict(cfg.model)
     diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
     if "tokenizer" in diff and tokenizer_lib.fingerprint(saved.tokenizer) == tokenizer_lib.fingerprint(cfg.model.tokenizer):

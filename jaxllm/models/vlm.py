@@ -1,0 +1,116 @@
+"""The vision-language family ("vlm"): early fusion of a ViT with a decoder, PaliGemma-style.
+
+    image tokens = projector(vit(image))                     [B, I, D]
+    logits       = decoder([image tokens; embed(text)])     with a prefix-LM mask
+
+The image tokens and the prompt form the prefix, attended bidirectionally (attention kind
+prefix_lm); the answer is causal and is the only part the loss sees. Params: "vision" (the tower),
+"projector" and "language_model" (a causal LM's layout, so `init_from` a language-model run, trained
+here or imported from Hugging Face, fills it). LLaVA's two stages are two opt.freeze settings:
+stage 1 trains the projector only (opt.freeze=^vision/,^language_model/), stage 2 the projector
+and the language model (opt.freeze=^vision/).
+
+Batch format (images.py, layout "vlm"): images float32 [B, size, size, channels]; inputs, targets,
+segment_ids, positions, prefix int32 [B, L] (text only; the model puts the I image tokens first, at
+positions 0..I-1, and shifts the text's by I); weights float32 [B, L] on the answer.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxllm import images, losses
+from jaxllm.config import Config, ModelConfig, VisionConfig
+from jaxllm.layers import moe
+from jaxllm.models import causal_lm
+from jaxllm.models.family import MODELS, ModelFamily
+from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer
+from jaxllm.models.vit import PROJECTORS, VisionTower
+
+
+class VisionLanguageModel(nn.Module):
+    cfg: ModelConfig  # the language model
+    vision_cfg: VisionConfig
+
+    def setup(self):
+        self.vision = VisionTower(self.vision_cfg, self.cfg)
+        self.projector = PROJECTORS.get(self.vision_cfg.projector)(self.cfg.d_model, self.cfg.dtype, self.cfg.init_std)
+        self.language_model = Transformer(self.cfg)
+
+    def embed_images(self, images):
+        """Image tokens [B, I, D] in the language model's width."""
+        return self.projector(self.vision(images))
+
+    def __call__(self, images, tokens_BL, segment_ids_BL, positions_BL, prefix_BL):
+        """float32 logits [B, L, V] of the text positions."""
+        image_BID = self.embed_images(images)
+        B, I = image_BID.shape[:2]
+        segment_ids = jnp.concatenate([jnp.ones((B, I), jnp.int32), segment_ids_BL], axis=1)
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(I, dtype=jnp.int32), (B, I)), positions_BL + I], axis=1)
+        prefix = jnp.concatenate([jnp.ones((B, I), bool), prefix_BL.astype(bool)], axis=1)
+        logits = self.language_model(tokens_BL, segment_ids, positions, prefix_BL=prefix, prefix_embeds_BID=image_BID)
+        return logits[:, I:]
+
+
+def build(cfg: Config) -> VisionLanguageModel:
+    return VisionLanguageModel(cfg.model, cfg.vision)
+
+
+def init_inputs(cfg: Config) -> tuple:
+    v, L = cfg.vision, min(cfg.train.seq_len, 8)
+    text = jnp.zeros((1, L), jnp.int32)
+    return jnp.zeros((1, v.image_size, v.image_size, v.channels), jnp.float32), text, text + 1, text, text
+
+
+def forward(model, params, batch):
+    rngs = {"dropout": batch["rng"]} if "rng" in batch else None
+    logits, variables = model.apply(
+        {"params": params}, batch["images"], batch["inputs"], batch["segment_ids"], batch["positions"],
+        batch["prefix"], rngs=rngs, mutable=list(AUX_COLLECTIONS))
+    router_loss, router_metrics = moe.collect(variables)
+    return logits, router_loss, router_metrics
+
+
+def loss_fn(model, cfg: Config):
+    """Cross entropy on the answer tokens (+ z-loss, + the language model's router losses)."""
+
+    def fn(params, batch):
+        logits, router_loss, router_metrics = forward(model, params, batch)
+        loss_sum, z_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"], cfg.train.z_loss)
+        return loss_sum + z_sum + router_loss * weight_sum, (
+            loss_sum, weight_sum, causal_lm.router_extras(router_loss, router_metrics, weight_sum))
+
+    return fn
+
+
+def eval_fn(model, cfg: Config):
+    """Answer-token loss sums, bytes, and whole-answer matches: an answer whose every token (EOS
+    included) is the argmax given the ones before it is exactly what greedy decoding generates."""
+    token_bytes_V = causal_lm.token_bytes(cfg)
+
+    def fn(params, batch):
+        logits = model.apply({"params": params}, batch["images"], batch["inputs"], batch["segment_ids"],
+                             batch["positions"], batch["prefix"])
+        sums = causal_lm.eval_sums(logits, batch, token_bytes_V)
+        answered_B = jnp.any(batch["weights"] > 0, axis=1)
+        wrong_B = jnp.any((jnp.argmax(logits, -1) != batch["targets"]) & (batch["weights"] > 0), axis=1)
+        return {**sums, "answers": jnp.sum(answered_B), "exact": jnp.sum(answered_B & ~wrong_B)}
+
+    return fn
+
+
+def eval_metrics(sums: dict) -> dict:
+    return {**causal_lm.eval_metrics(sums), "eval_exact_match": float(sums["exact"] / max(sums["answers"], 1.0))}
+
+
+def embed_images(cfg: Config, params, pixels):
+    """The image tokens [B, I, D] of normalised images (images.normalise)."""
+    return build(cfg).apply({"params": params}, pixels, method=VisionLanguageModel.embed_images)
+
+
+MODELS.register("vlm", ModelFamily(
+    build=build, init_inputs=init_inputs, loss_fn=loss_fn, eval_fn=eval_fn, eval_metrics=eval_metrics,
+    loss_metrics=lambda loss, cfg: {}, batches=lambda cfg, split: images.batches(cfg, split, "vlm"),
+    backbone="language_model", images=True,
+))
