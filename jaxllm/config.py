@@ -170,7 +170,13 @@ class DataConfig:
     image_feature: str = "image"
     resize_images: bool = True  # resize decoded images to vision.image_size; False: a wrong size is an error
     blank_images: bool = False  # replace every image by zeros: the same model without the image (ablation)
-
+    # A document transform applied before tokenizing (key of data.DOCUMENT_TRANSFORMS); "" = none.
+    # kg_facts (jaxllm/knowledge): the facts of the entities a document mentions, fused into it.
+    transform: str = ""
+    kg_triples: str = ""  # a .jsonl file or a prepared TFDS dataset of triples; "" = the embedded stdlib graph
+    kg_format: str = "preamble"  # preamble (a "# fact: ..." block before the text) | appendix (after it)
+    kg_max_facts: int = 8  # facts fused into one document at most (the most specific entities first)
+    kg_held_out: float = 0.0  # share of triples (by hash) never fused: the QA evaluation's held-out part
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:

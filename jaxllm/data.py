@@ -30,13 +30,14 @@ import re
 import sys
 import sysconfig
 import uuid
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxllm.config import Config, ConfigError, DataConfig
 from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.registry import Registry
 from jaxllm.tokenizer import BOS_ID, BYTES, EOS_ID, NUM_TOKEN_IDS, PAD_ID, Tokenizer, decode, encode  # noqa: F401
 
 
@@ -253,6 +254,40 @@ class Documents(Sequence[str]):
         return [as_bytes(r[self.feature]) for r in records]
 
 
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A document transform (data.transform): `fn` maps one document's text to its new text, a pure
+    function; `key` names everything it depends on (token streams are cached under it)."""
+
+    fn: Callable[[str], str]
+    key: str
+
+
+# name -> factory(DataConfig) -> Transform; jaxllm.knowledge registers kg_facts.
+DOCUMENT_TRANSFORMS = Registry("data.transform")
+
+
+class TransformedDocuments(Documents):
+    """Documents passed through a Transform; a document it leaves unchanged keeps its raw bytes."""
+
+    def __init__(self, docs: Documents, transform: Transform):
+        super().__init__(docs.source, docs.feature, f"{docs.description}|{transform.key}")
+        self.transform = transform
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return super().__getitem__(index)
+        return self.transform.fn(super().__getitem__(index))
+
+    def raw(self, indices: Sequence[int]) -> list[bytes]:
+        out = []
+        for raw in super().raw(indices):
+            text = raw.decode("utf-8", errors="replace")
+            new = self.transform.fn(text)
+            out.append(raw if new == text else new.encode("utf-8"))
+        return out
+
+
 def as_bytes(value) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -330,7 +365,10 @@ def _open(cfg: DataConfig, split: str) -> tuple[Documents, str | None]:
     else:
         source, cache = named_source(cfg, split, data_dir)
         text_feature = cfg.text_feature
-    return Documents(source, text_feature, f"{cfg.dataset}[{split}]"), cache
+    docs = Documents(source, text_feature, f"{cfg.dataset}[{split}]")
+    if cfg.transform:
+        docs = TransformedDocuments(docs, DOCUMENT_TRANSFORMS.get(cfg.transform)(cfg))
+    return docs, cache
 
 
 def load_documents(cfg: DataConfig, split: str) -> Documents:
@@ -381,7 +419,8 @@ def token_stream(cfg: DataConfig, split: str, tok: Tokenizer = BYTES) -> tuple[n
         return tokens, np.cumsum(lengths) - lengths
     # The byte tokenizer's streams keep their names; another tokenizer's carry its file's digest.
     tokenizer_key = "" if tok is BYTES else "/" + file_digest(tok.name)
-    digest = hashlib.sha256(f"{split}/{docs.feature}{tokenizer_key}".encode()).hexdigest()[:8]
+    transform_key = f"/{docs.transform.key}" if isinstance(docs, TransformedDocuments) else ""
+    digest = hashlib.sha256(f"{split}/{docs.feature}{tokenizer_key}{transform_key}".encode()).hexdigest()[:8]
     key = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{digest}"
     tokens_path = os.path.join(cache_dir, f"jaxllm_tokens-{key}.npy")
     starts_path = os.path.join(cache_dir, f"jaxllm_starts-{key}.npy")

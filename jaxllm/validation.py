@@ -9,6 +9,7 @@ import dataclasses
 import os
 import re
 
+from jaxllm import knowledge
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
@@ -93,6 +94,7 @@ def validate(cfg: Config) -> None:
                           "(checkpoint.every=0 turns checkpointing off)")
     validate_prune(cfg.prune)
     validate_distill(cfg)
+    knowledge.validate(cfg.data)  # data.transform and its kg_* options
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if MODELS.get(cfg.family).images:
