@@ -106,6 +106,8 @@ def test_incompatible_ingredients_are_clear_errors(tmp_path, params, capsys):
     with pytest.raises(C.ConfigError, match="needs one base"):
         soup.check_compatible(["x", "y"], [one, other], [params[0], params[0]])
     soup.check_compatible(["x", "y"], [one, one], [params[0], params[1]])  # one base: fine
+    full_from_base1 = dataclasses.replace(BASE, init_from="runs/base1")
+    soup.check_compatible(["x", "y"], [full_from_base1, one], [params[0], params[1]])  # full + LoRA, one base
     quantize_cli.quantize_workdir(a, str(tmp_path / "a_int8"))
     with pytest.raises(C.ConfigError, match="int8-quantized"):
         soup.make_soup([a, str(tmp_path / "a_int8")], str(tmp_path / "y"))

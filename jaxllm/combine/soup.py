@@ -7,8 +7,8 @@ next one is kept only if the average of the kept ones plus it scores strictly be
 kept ones alone. The score is (accuracy, -loss) for a classifier, -loss for a language model, on
 held-out validation batches that the caller keeps apart from those it reports.
 
-Ingredients must have the same params tree and shapes, be float (not int8), and (LoRA or probe
-runs, whose adapters are merged on restore) share their `init_from` base.
+Ingredients must have the same params tree and shapes, be float (not int8), and, when any is a
+LoRA or probe run (its adapters merged on restore), all start from one `init_from` base.
 """
 
 from __future__ import annotations
@@ -45,21 +45,23 @@ def _shapes(params) -> dict[str, tuple]:
 def check_compatible(workdirs: Sequence[str], cfgs: Sequence[Config], params: Sequence[Any]) -> None:
     """A clear error unless every ingredient has the first one's params tree, shapes and base."""
     first = _shapes(params[0])
-    base = finetune.plan(cfgs[0], MODELS.get(cfgs[0].family)).freezes and cfgs[0].init_from
+    adapts = any(finetune.plan(c, MODELS.get(c.family)).freezes for c in cfgs)
+    base = os.path.abspath(cfgs[0].init_from) if cfgs[0].init_from else "(none)"
     for workdir, cfg, p in zip(workdirs[1:], cfgs[1:], params[1:]):
         if cfg.family != cfgs[0].family:
             raise ConfigError(f"{workdir} is a {cfg.family} run and {workdirs[0]} a {cfgs[0].family} run; "
                               "a soup averages runs of one architecture")
-        theirs_base = finetune.plan(cfg, MODELS.get(cfg.family)).freezes and cfg.init_from
-        if (base or theirs_base) and os.path.abspath(base or "") != os.path.abspath(theirs_base or ""):
-            raise ConfigError(f"{workdir} adapts base {theirs_base or '(none)'} and {workdirs[0]} adapts "
-                              f"{base or '(none)'}; a soup of LoRA or probe runs needs one base")
-        theirs = _shapes(p)
-        if theirs != first:
-            diff = sorted(set(theirs.items()) ^ set(first.items()))
+        theirs = os.path.abspath(cfg.init_from) if cfg.init_from else "(none)"
+        # LoRA and probe runs are their base plus a small change: only one base makes them comparable.
+        if adapts and theirs != base:
+            raise ConfigError(f"{workdir} starts from {theirs} and {workdirs[0]} from {base}; a soup "
+                              "with LoRA or probe runs needs one base (init_from)")
+        shapes = _shapes(p)
+        if shapes != first:
+            diff = sorted(set(shapes.items()) ^ set(first.items()))
             where = diff[0][0] if diff else "the tree"
             raise ConfigError(f"{workdir} does not have the params of {workdirs[0]} (first difference at "
-                              f"{where}: {theirs.get(where)} vs {first.get(where)}); a soup needs one architecture")
+                              f"{where}: {shapes.get(where)} vs {first.get(where)}); a soup needs one architecture")
 
 
 def load_ingredients(workdirs: Sequence[str], steps: Sequence[int | None] | None = None, devices=None):
