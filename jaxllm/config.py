@@ -137,6 +137,9 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 8
     progress_bar: bool = True
+    # Decay of an exponential moving average of the params kept in the train state, used for
+    # evaluation and restored for sampling and the tools (training/ema.py); 0 disables.
+    ema_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from jaxllm.compression import quantize
 from jaxllm.config import Config, ConfigError
 from jaxllm.models import MODELS
 from jaxllm.training import checkpoint as ckpt
+from jaxllm.training import ema as ema_lib
 from jaxllm.training import finetune
 
 
@@ -47,18 +48,20 @@ def abstract_params(cfg: Config, mesh: jax.sharding.Mesh, model: nn.Module | Non
                         if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
 
 
-def restore_tree(directory: str, abstract, mesh: jax.sharding.Mesh, step: int | None = None):
+def restore_tree(directory: str, abstract, mesh: jax.sharding.Mesh, step: int | None = None, key: str = "params"):
     """(params, step) read into `abstract` (a subtree of the saved params, or all of them) from
-    checkpoint `step` (None: the latest) in checkpoint directory `directory`."""
+    checkpoint `step` (None: the latest) in checkpoint directory `directory`; `key` "ema" reads
+    the params' moving average instead (training/ema.py)."""
     checkpointer = ckpt.Checkpointer(directory, read_only=True)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
         with sharding.activate(mesh):
-            restored, _ = checkpointer.restore({"params": abstract}, step=step, partial=True)
+            restored, _ = checkpointer.restore({key: abstract}, step=step, partial=True)
     finally:
         checkpointer.close()
+    restored = {"params": restored[key]}
     # A partial restore leaves the target's placeholders where the checkpoint has no array.
     missing = [_path(p) for p, leaf in jax.tree_util.tree_leaves_with_path(restored["params"])
                if not isinstance(leaf, jax.Array)]
@@ -78,15 +81,28 @@ def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: i
     meta = _meta(directory, step)
     family = MODELS.get(cfg.family)
     plan = finetune.plan(cfg, family)
+    key = params_key(directory, cfg, step)
     if plan.freezes:
-        trainable, step = restore_tree(directory, abstract_params(cfg, mesh, part="trainable"), mesh, step)
+        trainable, step = restore_tree(directory, abstract_params(cfg, mesh, part="trainable"), mesh, step, key)
         frozen, _ = restore_tree(ckpt.checkpoint_dir(cfg.init_from), abstract_params(cfg, mesh, part="frozen"), mesh)
         return jax.jit(plan.compose)(trainable, frozen), step, meta
     abstract = abstract_params(cfg, mesh)
     if meta.get(quantize.META_KEY) is not None:
         abstract = quantize.quantized_abstract(abstract)
-    params, step = restore_tree(directory, abstract, mesh, step)
+    params, step = restore_tree(directory, abstract, mesh, step, key)
     return params, step, meta
+
+
+def params_key(directory: str, cfg: Config, step: int | None = None) -> str:
+    """"ema" when the run keeps an EMA of its params (train.ema_decay > 0) and the checkpoint
+    holds it, else "params": an EMA run is sampled, evaluated and exported with its average."""
+    if not ema_lib.enabled(cfg.train.ema_decay):
+        return "params"
+    checkpointer = ckpt.Checkpointer(directory, read_only=True)
+    try:
+        return ema_lib.KEY if checkpointer.holds(ema_lib.KEY, step) else "params"
+    finally:
+        checkpointer.close()
 
 
 def _meta(directory: str, step: int | None) -> dict:

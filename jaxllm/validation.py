@@ -95,6 +95,8 @@ def validate(cfg: Config) -> None:
     validate_prune(cfg.prune)
     validate_distill(cfg)
     knowledge.validate(cfg.data)  # data.transform and its kg_* options
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if MODELS.get(cfg.family).images:
         validate_vision(cfg)
 

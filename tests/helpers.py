@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -60,13 +61,24 @@ def two_train_steps(cfg: C.Config, devices=None):
     return s, state, history
 
 
-def save_fresh_run(cfg: C.Config, seed: int = 0):
-    """A run directory at cfg.workdir holding a freshly initialised state as its step-1 checkpoint
-    and its config.json; returns that state."""
-    state = train.init_state(train.setup(cfg), jax.random.key(seed))
-    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir))
-    writer.save(1, state, {"data_step": 1, "config": C.to_dict(cfg)})
-    writer.close()
-    with open(f"{cfg.workdir}/config.json", "w") as f:
+def write_run(workdir: str, cfg: C.Config, params_by_step: dict) -> str:
+    """A run directory as training leaves it, without training: config.json and a params-only
+    checkpoint per step ({step: params}); what the restore path and the tools read."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg = dataclasses.replace(cfg, workdir=workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(C.to_json(cfg))
+    checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir), C.CheckpointConfig(keep=10, async_save=False))
+    try:
+        for step, params in sorted(params_by_step.items()):
+            checkpointer.save(step, {"params": params}, {"data_step": step, "config": C.to_dict(cfg)})
+    finally:
+        checkpointer.close()
+    return workdir
+
+
+def save_fresh_run(cfg: C.Config, seed: int = 0):
+    """`write_run` of a freshly initialised model at step 1; returns its train state."""
+    state = train.init_state(train.setup(cfg), jax.random.key(seed))
+    write_run(cfg.workdir, cfg, {1: state.params})
     return state

@@ -200,7 +200,6 @@ def test_resuming_a_vlm_run_equals_the_uninterrupted_run(tmp_path):
 
 def test_starting_from_a_causal_language_model_fills_the_language_model(tmp_path):
     lm_cfg = tiny_config(workdir=str(tmp_path / "lm"))
-    (tmp_path / "lm").mkdir()
     state = save_fresh_run(lm_cfg, seed=7)
     # The causal LM starts a prefix-LM: the attention kind changes no params.
     cfg = vlm_config(init_from=lm_cfg.workdir)

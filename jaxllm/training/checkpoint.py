@@ -151,6 +151,11 @@ class Checkpointer:
             for leaf in jax.tree.leaves(tree)
         }
 
+    def holds(self, prefix: str, step: int | None = None) -> bool:
+        """Whether the saved state of checkpoint `step` (None: the latest) has arrays under
+        `prefix` (a top-level name such as "ema")."""
+        return any(name.split(".")[0] == prefix for name in self._stored_shapes(self._step_or_latest(step)))
+
     def _step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 

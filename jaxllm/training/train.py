@@ -28,6 +28,7 @@ from jaxllm.compression import pruning
 from jaxllm.config import Config
 from jaxllm.models import MODELS, ModelFamily, count_params
 from jaxllm.training import checkpoint as ckpt
+from jaxllm.training import ema as ema_lib
 from jaxllm.training import finetune, flops, optim
 from jaxllm.training.logger import MetricsLogger
 
@@ -41,6 +42,18 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """The state of a run with train.ema_decay > 0: also the params' moving average
+    (training/ema.py). A class of its own, so runs without one keep their checkpoint layout."""
+
+    ema: Any = None
+
+
+def with_ema(state: TrainState, ema) -> TrainState:
+    return state if ema is None else EmaTrainState(step=state.step, params=state.params, opt_state=state.opt_state, ema=ema)
 
 
 @dataclasses.dataclass
@@ -62,7 +75,8 @@ def _boxed_init(cfg: Config, family: ModelFamily, model: nn.Module, tx: optax.Gr
                 plan: finetune.Plan):
     def init(rng):
         params, _ = plan.split(model.init(rng, *family.init_inputs(cfg))["params"], jax.random.fold_in(rng, 1))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return with_ema(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
+                        ema_lib.init(params, cfg.train.ema_decay))
 
     return init
 
@@ -159,7 +173,8 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
             **{name: value / denom for name, value in extras.items()},
             **pruning.train_metrics(opt_state, params),  # empty unless pruning
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        ema = ema_lib.update(getattr(state, "ema", None), params, cfg.train.ema_decay)
+        return with_ema(TrainState(step=state.step + 1, params=params, opt_state=opt_state), ema), metrics
 
     batch_sharding = sharding.batch_sharding(s.mesh)
     # Without frozen arrays the jitted step keeps its (state, batch) signature.
@@ -303,7 +318,8 @@ def state_from_params(s: Setup, params) -> TrainState:
     params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, s.abstract_state.params)
     with sharding.activate(s.mesh):
         opt_state = jax.jit(s.tx.init, out_shardings=s.state_shardings.opt_state)(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    return with_ema(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state),
+                    ema_lib.init(params, s.cfg.train.ema_decay))
 
 
 def train(
@@ -397,7 +413,7 @@ def train(
                 for name, value in metrics.items():
                     record.setdefault(name, float(value) if np.ndim(value) == 0 else np.asarray(value).tolist())
                 if is_eval:
-                    record.update(evaluate(s, eval_step, state.params, eval_batches, cfg.train.eval_batches))
+                    record.update(evaluate(s, eval_step, ema_lib.eval_params(state), eval_batches, cfg.train.eval_batches))
                 logger.write(record)
                 if is_save:
                     checkpointer.save(done, state, {"data_step": done, "config": config_lib.to_dict(cfg)})
