@@ -6,7 +6,12 @@ answer: the label depends on both.
     python experiments/tiny_lm.py
     python experiments/late_fusion_digits.py [init_from=runs/tiny_lm key=value ...]
 
-Result: see the README results table.
+Result (AMD EPYC 2-core, shared; 500 steps x 32, 8 min wall): validation accuracy 0.680, macro-F1
+0.679 on the 718 yes/no questions (0.643 at step 250; about half the answers are yes). A linear
+head over concatenated features adds a question term to an image term, so it cannot express
+"yes for an even digit if asked about evenness, for a large one if asked about size"; the
+vision-language model, which reads the question and the image together, answers the same
+questions at 0.95 / 0.93 (vlm_digits.py).
 """
 
 import dataclasses

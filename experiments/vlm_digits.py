@@ -10,8 +10,12 @@ vlm_digits_blind.py is the same run without the image. A pre-trained decoder wor
     python -m jaxllm.generate --workdir runs/vlm_digits --image digit.png --prompt "what digit is this?" --temperature 0
     python benchmarks/multimodal.py answers runs/vlm_digits runs/vlm_digits_blind
 
-Result: see the README results table (benchmarks/multimodal.py answers: greedy answers with the
-image prefilled into the KV cache, exact match per question).
+Result (AMD EPYC 2-core, shared with other jobs; 3000 steps x 32 questions, 11 min wall): greedy
+answers with the image prefilled into the KV cache (benchmarks/multimodal.py answers) are exactly
+right for 0.915 of the 1,077 validation questions: digit name 0.866, "is it even?" 0.950, "is it
+greater than four?" 0.928 (the blind run: see vlm_digits_blind.py). The evaluation's teacher-forced
+exact match agrees (0.641 / 0.855 / 0.915 at steps 1000 / 2000 / 3000); at 1500 steps the digit
+name was 0.783. The 95% target for the digit name is not reached at this budget.
 """
 
 import dataclasses
@@ -31,10 +35,10 @@ def get_config() -> config.Config:
         vision=config.VisionConfig(image_size=8, patch_size=2, channels=1, d_model=128, num_layers=2,
                                    num_heads=4, mlp_dim=352, posemb="learned", projector="linear"),
         data=dataclasses.replace(base.data, dataset="digits"),
-        train=dataclasses.replace(base.train, steps=1500, batch_size=32, seq_len=40, log_every=50,
-                                  eval_every=500, eval_batches=34),  # 34 x 32 covers the 1,077 questions
+        train=dataclasses.replace(base.train, steps=3000, batch_size=32, seq_len=40, log_every=50,
+                                  eval_every=1000, eval_batches=34),  # 34 x 32 covers the 1,077 questions
         opt=dataclasses.replace(base.opt, learning_rate=3e-3, warmup_steps=30),
-        checkpoint=config.CheckpointConfig(every=500, keep=1),
+        checkpoint=config.CheckpointConfig(every=1000, keep=1),
     )
 
 

@@ -12,7 +12,7 @@ from jaxllm.registry import Registry
     ("model.attention_kind=flash", "causal, dot_product, bidirectional, prefix_lm, sliding_window"),
     ("model.mlp_kind=geglu", "swiglu, moe"),
     ("model.remat=some", "none, full, save_dots"),
-    ("family=vision", "causal_lm, classifier"),
+    ("family=vision", "causal_lm, classifier, late_fusion, vlm"),
     ("model.moe.router=sinkhorn", "softmax_topk, topk_softmax"),
     ("model.moe.dispatch=ragged", "capacity, dropless, expert_choice"),
     ("model.moe.grouped_matmul=megablocks", "auto, blocked, ragged_dot, dense"),
