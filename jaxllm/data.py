@@ -296,22 +296,30 @@ def as_bytes(value) -> bytes:
     return bytes(np.asarray(value).item())  # a 0-d numpy bytes/object array
 
 
-def named_source(cfg: DataConfig, split: str, data_dir: str, feature_key: str = "text_feature"):
-    """(data source, writable cache dir or None) of a registered/prepared TFDS dataset that has the
-    feature data.<feature_key> names."""
-    name, feature = cfg.dataset, getattr(cfg, feature_key)
-    prepare_hint = (
-        f"prepare it once (array_record format, the only one read without TensorFlow), e.g. "
-        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, or set "
-        f"data.data_dir to the directory where it is prepared"
-    )
+def _prepare_hint(name: str, data_dir: str) -> str:
+    return (f"prepare it once (array_record format, the only one read without TensorFlow), e.g. "
+            f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`, or set "
+            f"data.data_dir to the directory where it is prepared")
+
+
+def named_builder(cfg: DataConfig, data_dir: str, local_sources: Sequence[str] = ("python_stdlib", "text_files")):
+    """The TFDS builder of data.dataset, or a clear error that also names the caller's own
+    (`local_sources`) dataset names."""
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        return tfds.builder(cfg.dataset, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
         raise ConfigError(
-            f"data.dataset={name!r} is not 'python_stdlib', 'text_files', a registered TFDS "
-            f"dataset, nor a dataset prepared under data_dir={data_dir}; {prepare_hint}"
+            f"data.dataset={cfg.dataset!r} is not one of {', '.join(local_sources)}, nor a TFDS dataset "
+            f"registered or prepared under data_dir={data_dir}; {_prepare_hint(cfg.dataset, data_dir)}"
         ) from e
+
+
+def named_source(cfg: DataConfig, split: str, data_dir: str, feature_key: str = "text_feature", builder=None):
+    """(data source, writable cache dir or None) of a registered/prepared TFDS dataset that has the
+    feature data.<feature_key> names (`builder`: its `named_builder`, if the caller has it)."""
+    name, feature = cfg.dataset, getattr(cfg, feature_key)
+    prepare_hint = _prepare_hint(name, data_dir)
+    builder = builder if builder is not None else named_builder(cfg, data_dir)
     features = builder.info.features
     if feature not in features:
         raise ConfigError(

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import sklearn.datasets
-import tensorflow_datasets as tfds
 
 from jaxllm import data, labelled
 from jaxllm import tokenizer as tokenizer_lib
@@ -51,7 +50,6 @@ DIGIT_QUESTIONS: tuple[tuple[str, Callable[[int], str], Callable[[int], int]], .
     ("is it greater than four?", lambda d: YES_NO[d > 4], lambda d: int(d > 4)),
 )
 DIGITS_EVAL_FRACTION = 0.2
-LOCAL_SOURCES = ("digits", "image_folder", "image_jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +220,9 @@ class _TfdsExamples(Sequence):
 
 def _named(cfg: DataConfig, split: str) -> ImageSet:
     data_dir = data.resolve_data_dir(cfg)
-    source, _ = data.named_source(cfg, split, data_dir, feature_key="image_feature")
-    features = tfds.builder(cfg.dataset, data_dir=data_dir).info.features
+    builder = data.named_builder(cfg, data_dir, tuple(SOURCES))
+    source, _ = data.named_source(cfg, split, data_dir, feature_key="image_feature", builder=builder)
+    features = builder.info.features
     label = cfg.label_feature if cfg.label_feature in features else None
     text = cfg.text_feature if cfg.text_feature in features else None
     if text is None and label is None:
@@ -268,13 +267,13 @@ class ImageBatches(labelled.ExampleBatches):
         self.tok = tokenizer
         found = image_set(cfg.data, split)
         self.class_names = found.names
-        self.examples_ = found.examples
+        self.items = found.examples
         if layout == "late_fusion":
-            self.examples_ = [e for e in found.examples if e.label >= 0]
-        if not len(self.examples_):
+            self.items = [e for e in found.examples if e.label >= 0]
+        if not len(self.items):
             raise ConfigError(f"{cfg.data.dataset}[{split}] has no examples" +
                               (" with a label" if layout == "late_fusion" else ""))
-        super().__init__(len(self.examples_), t.batch_size, cfg.data.seed, shuffle)
+        super().__init__(len(self.items), t.batch_size, cfg.data.seed, shuffle)
 
     def image(self, example: Example, where: str) -> np.ndarray:
         if isinstance(example.image, str):
@@ -297,7 +296,7 @@ class ImageBatches(labelled.ExampleBatches):
         for r, i in enumerate(indices):
             if i < 0:
                 continue
-            e = self.examples_[i]
+            e = self.items[i]
             if not self.blank:
                 pixels[r] = self.image(e, f"{i} of the dataset")
             prompt = bos + self.tok.encode(e.prompt).tolist()

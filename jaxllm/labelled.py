@@ -336,14 +336,8 @@ class _Dataset:
 
 
 def _named(cfg: DataConfig, data_dir: str) -> _Dataset:
-    name, where = cfg.dataset, f"TFDS dataset {cfg.dataset!r}"
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.DatasetNotFoundError as e:
-        raise ConfigError(
-            f"data.dataset={name!r} is not one of {', '.join(LOCAL_SOURCES)}, nor a TFDS dataset registered "
-            f"or prepared under data_dir={data_dir} (prepare one with `tfds build {name} "
-            f"--data_dir={data_dir} --file_format=array_record`)") from e
+    where = f"TFDS dataset {cfg.dataset!r}"
+    builder = data.named_builder(cfg, data_dir, LOCAL_SOURCES)
     features = builder.info.features
     wanted = {"text_feature": cfg.text_feature, "label_feature": cfg.label_feature}
     missing = [f"data.{k}={v!r}" for k, v in wanted.items() if v not in features]
@@ -362,7 +356,7 @@ def _named(cfg: DataConfig, data_dir: str) -> _Dataset:
         raise ConfigError(f"{where}: feature {cfg.label_feature!r} is not a ClassLabel; name its classes with "
                           "data.classes=a,b,...")
     return _Dataset(names, cfg.text_feature, cfg.label_feature, None, to_index,
-                    lambda split: data.named_source(cfg, split, data_dir))
+                    lambda split: data.named_source(cfg, split, data_dir, builder=builder))
 
 
 def _local(cfg: DataConfig, data_dir: str) -> _Dataset:

@@ -23,9 +23,9 @@ import hashlib
 
 from jaxllm import data
 from jaxllm.config import ConfigError, DataConfig
-from jaxllm.knowledge import graph as graph_lib
-from jaxllm.knowledge import stdlib_graph
-from jaxllm.knowledge.graph import KnowledgeGraph, Triple
+from jaxllm.knowledge.graph import KnowledgeGraph, Triple, is_held_out
+from jaxllm.knowledge.graph import load as load_triples
+from jaxllm.knowledge.stdlib_graph import stdlib_triples
 
 FORMATS = ("preamble", "appendix")
 FACT_PREFIX = "# fact: "
@@ -83,13 +83,13 @@ def validate(cfg: DataConfig) -> None:
 
 def graph_triples(cfg: DataConfig) -> tuple[list[Triple], str]:
     """All triples of the configured graph (held-out ones included) and the digest of their text."""
-    triples = graph_lib.load(cfg, cfg.kg_triples) if cfg.kg_triples else stdlib_graph.stdlib_triples(cfg)
+    triples = load_triples(cfg, cfg.kg_triples) if cfg.kg_triples else stdlib_triples(cfg)
     digest = hashlib.sha256("\n".join(t.line() for t in triples).encode()).hexdigest()[:16]
     return triples, digest
 
 
 def fused_graph(cfg: DataConfig, triples: list[Triple]) -> KnowledgeGraph:
-    return KnowledgeGraph([t for t in triples if not graph_lib.is_held_out(t, cfg.kg_held_out)])
+    return KnowledgeGraph([t for t in triples if not is_held_out(t, cfg.kg_held_out)])
 
 
 @data.DOCUMENT_TRANSFORMS.register("kg_facts")

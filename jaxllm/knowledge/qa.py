@@ -46,9 +46,8 @@ from jaxllm import data, restore
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config, ConfigError, DataConfig
 from jaxllm.decoding import Generator, SamplingConfig
-from jaxllm.knowledge import fusion
-from jaxllm.knowledge import graph as graph_lib
-from jaxllm.knowledge.graph import KnowledgeGraph, Triple
+from jaxllm.knowledge.fusion import FACT_PREFIX, fused_graph, graph_triples, render, select_facts
+from jaxllm.knowledge.graph import VALUE_RELATIONS, KnowledgeGraph, Triple, is_held_out, unit_hash
 from jaxllm.models import MODELS
 
 MIN_DOCUMENTS = 2  # a question's fact is fused into at least this many training documents
@@ -57,7 +56,7 @@ MAX_NEW_TOKENS = 40
 PARTS = ("fused", "held_out")
 STYLES = ("question", "fused_phrasing")
 _PRIVATE = re.compile(r"(^|\.)_")
-_FACT_LINE = re.compile("^" + re.escape(fusion.FACT_PREFIX) + r"(.*)\n", re.M)
+_FACT_LINE = re.compile("^" + re.escape(FACT_PREFIX) + r"(.*)\n", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +68,8 @@ class Question:
 
     def prompt(self, style: str) -> str:
         if style == "fused_phrasing":
-            sentence = fusion.render(self.fact, self.entity)
-            return fusion.FACT_PREFIX + sentence[: len(sentence) - len(self.answer)]
+            sentence = render(self.fact, self.entity)
+            return FACT_PREFIX + sentence[: len(sentence) - len(self.answer)]
         if self.fact.relation == "defines":
             question = f"Which module defines `{self.entity}`?"
         else:
@@ -84,7 +83,7 @@ def _askable(triples: Sequence[Triple]) -> list[tuple[Triple, str, str]]:
     modules = {t.subject for t in triples if t.relation in ("defines", "imports")}
     bases = collections.Counter(t.subject for t in triples if t.relation == "inherits_from")
     # Names that also stand for other things in text (builtins, parameters) make ambiguous questions.
-    ambiguous = set(dir(builtins)) | {t.object for t in triples if t.relation in graph_lib.VALUE_RELATIONS}
+    ambiguous = set(dir(builtins)) | {t.object for t in triples if t.relation in VALUE_RELATIONS}
     out = []
     for t in triples:
         if t.relation == "defines" and definers[t.object] == 1 and t.object not in modules:
@@ -98,23 +97,23 @@ def _fused_counts(kg: KnowledgeGraph, docs: Sequence[str], max_facts: int) -> co
     """How many documents' fused blocks hold each rendered fact."""
     counts: collections.Counter = collections.Counter()
     for text in docs:
-        counts.update(set(fusion.select_facts(kg, text, max_facts)))
+        counts.update(set(select_facts(kg, text, max_facts)))
     return counts
 
 
 def questions(cfg: DataConfig) -> list[Question]:
     """The questions of a run's data options (see the module docstring); deterministic."""
-    triples, _ = fusion.graph_triples(cfg)
+    triples, _ = graph_triples(cfg)
     docs = data.load_documents(dataclasses.replace(cfg, transform=""), cfg.train_split)
     texts = [docs[i] for i in range(len(docs))]
-    fused_counts = _fused_counts(fusion.fused_graph(cfg, triples), texts, cfg.kg_max_facts)
+    fused_counts = _fused_counts(fused_graph(cfg, triples), texts, cfg.kg_max_facts)
     whole_counts = _fused_counts(KnowledgeGraph(triples), texts, cfg.kg_max_facts)
     chosen: dict[str, list[tuple[int, float, Question]]] = {p: [] for p in PARTS}
     for fact, entity, answer in _askable(triples):
-        part = "held_out" if graph_lib.is_held_out(fact, cfg.kg_held_out) else "fused"
-        count = (whole_counts if part == "held_out" else fused_counts)[fusion.render(fact, entity)]
+        part = "held_out" if is_held_out(fact, cfg.kg_held_out) else "fused"
+        count = (whole_counts if part == "held_out" else fused_counts)[render(fact, entity)]
         if count >= MIN_DOCUMENTS:
-            chosen[part].append((-count, graph_lib.unit_hash(fact), Question(fact, part, entity, answer)))
+            chosen[part].append((-count, unit_hash(fact), Question(fact, part, entity, answer)))
     # The most widely fused facts: the ones a short run can have read more than once.
     chosen = {p: [q for *_, q in sorted(chosen[p], key=lambda x: x[:2])[:MAX_PER_PART]] for p in PARTS}
     return chosen["fused"] + chosen["held_out"]
@@ -181,7 +180,7 @@ def exposures(cfg: Config, qs: Sequence[Question]) -> dict:
     for t in range(cfg.train.steps):
         for row in batches.global_batch(t)["inputs"]:
             seen.update(_FACT_LINE.findall(tok.decode(row)))
-    counts = sorted(seen[fusion.render(q.fact, q.entity)] for q in qs if q.part == "fused")
+    counts = sorted(seen[render(q.fact, q.entity)] for q in qs if q.part == "fused")
     return {"fact_lines_trained_on": sum(seen.values()), "distinct_facts_trained_on": len(seen),
             "fused_questions_seen_at_least_once": sum(c > 0 for c in counts),
             "fused_questions_median_times_seen": counts[len(counts) // 2] if counts else 0}

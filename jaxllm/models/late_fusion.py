@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jaxllm import images
 from jaxllm.config import ClassifierConfig, Config, ConfigError, ModelConfig, VisionConfig
 from jaxllm.layers.base import dense_init
-from jaxllm.models import classifier
+from jaxllm.models.classifier import POOLINGS, eval_fn as classifier_eval_fn
+from jaxllm.models.classifier import eval_metrics as classifier_eval_metrics, loss_fn as classifier_loss_fn
 from jaxllm.models.family import MODELS, ModelFamily
 from jaxllm.models.transformer import Transformer
 from jaxllm.models.vit import VisionTower
@@ -39,7 +40,7 @@ class LateFusionClassifier(nn.Module):
     def __call__(self, images, tokens_BL, segment_ids_BL, positions_BL):
         """float32 class logits [B, C]."""
         text_BLD = Transformer(self.cfg, lm_head=False, name="backbone")(tokens_BL, segment_ids_BL, positions_BL)
-        text_BD = classifier.POOLINGS.get(self.classifier_cfg.pooling)(text_BLD, segment_ids_BL)
+        text_BD = POOLINGS.get(self.classifier_cfg.pooling)(text_BLD, segment_ids_BL)
         image_BU = jnp.mean(VisionTower(self.vision_cfg, self.cfg, name="vision")(images).astype(jnp.float32), axis=1)
         features = jnp.concatenate([text_BD.astype(jnp.float32), image_BU], axis=-1)
         w_score = self.param("score", dense_init(self.cfg.init_std, (None, None)),
@@ -72,9 +73,9 @@ def finalize(cfg: Config) -> Config:
 
 MODELS.register("late_fusion", ModelFamily(
     build=build, init_inputs=init_inputs,
-    loss_fn=functools.partial(classifier.loss_fn, model_inputs=image_text_inputs),
-    eval_fn=functools.partial(classifier.eval_fn, model_inputs=image_text_inputs),
-    eval_metrics=classifier.eval_metrics, loss_metrics=lambda loss, cfg: {},
+    loss_fn=functools.partial(classifier_loss_fn, model_inputs=image_text_inputs),
+    eval_fn=functools.partial(classifier_eval_fn, model_inputs=image_text_inputs),
+    eval_metrics=classifier_eval_metrics, loss_metrics=lambda loss, cfg: {},
     batches=lambda cfg, split: images.batches(cfg, split, "late_fusion"),
     backbone="backbone", finalize=finalize, images=True,
 ))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxllm import images, losses
 from jaxllm.config import Config, ModelConfig, VisionConfig
 from jaxllm.layers import moe
-from jaxllm.models import causal_lm
+from jaxllm.models.causal_lm import eval_metrics as lm_eval_metrics, eval_sums, router_extras, token_bytes
 from jaxllm.models.family import MODELS, ModelFamily
 from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer
 from jaxllm.models.vit import PROJECTORS, VisionTower
@@ -79,7 +79,7 @@ def loss_fn(model, cfg: Config):
         logits, router_loss, router_metrics = forward(model, params, batch)
         loss_sum, z_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"], cfg.train.z_loss)
         return loss_sum + z_sum + router_loss * weight_sum, (
-            loss_sum, weight_sum, causal_lm.router_extras(router_loss, router_metrics, weight_sum))
+            loss_sum, weight_sum, router_extras(router_loss, router_metrics, weight_sum))
 
     return fn
 
@@ -87,12 +87,12 @@ def loss_fn(model, cfg: Config):
 def eval_fn(model, cfg: Config):
     """Answer-token loss sums, bytes, and whole-answer matches: an answer whose every token (EOS
     included) is the argmax given the ones before it is exactly what greedy decoding generates."""
-    token_bytes_V = causal_lm.token_bytes(cfg)
+    token_bytes_V = token_bytes(cfg)
 
     def fn(params, batch):
         logits = model.apply({"params": params}, batch["images"], batch["inputs"], batch["segment_ids"],
                              batch["positions"], batch["prefix"])
-        sums = causal_lm.eval_sums(logits, batch, token_bytes_V)
+        sums = eval_sums(logits, batch, token_bytes_V)
         answered_B = jnp.any(batch["weights"] > 0, axis=1)
         wrong_B = jnp.any((jnp.argmax(logits, -1) != batch["targets"]) & (batch["weights"] > 0), axis=1)
         return {**sums, "answers": jnp.sum(answered_B), "exact": jnp.sum(answered_B & ~wrong_B)}
@@ -101,7 +101,7 @@ def eval_fn(model, cfg: Config):
 
 
 def eval_metrics(sums: dict) -> dict:
-    return {**causal_lm.eval_metrics(sums), "eval_exact_match": float(sums["exact"] / max(sums["answers"], 1.0))}
+    return {**lm_eval_metrics(sums), "eval_exact_match": float(sums["exact"] / max(sums["answers"], 1.0))}
 
 
 def embed_images(cfg: Config, params, pixels):
