@@ -170,6 +170,10 @@ class DataConfig:
     image_feature: str = "image"
     resize_images: bool = True  # resize decoded images to vision.image_size; False: a wrong size is an error
     blank_images: bool = False  # replace every image by zeros: the same model without the image (ablation)
+    # Training images only, drawn from (seed, step, row); 0 = off: a translation by up to
+    # augment_shift whole pixels each way (zero fill) and a rotation by up to augment_rotate degrees.
+    augment_shift: int = 0
+    augment_rotate: float = 0.0
     # A document transform applied before tokenizing (key of data.DOCUMENT_TRANSFORMS); "" = none.
     # kg_facts (jaxllm/knowledge): the facts of the entities a document mentions, fused into it.
     transform: str = ""

@@ -14,12 +14,15 @@ Sources (DataConfig.dataset); an example is (image, prompt, answer, label):
                   data.classes) and "split"; otherwise split by a hash of the image path.
   anything else   a TFDS dataset prepared under data_dir (mnist, cifar10, ...) read without
                   TensorFlow: data.image_feature, and a ClassLabel data.label_feature (answer: its
-                  name) or a text feature data.text_feature (the answer).
+                  name) or a text feature data.text_feature (the answer; a slash path such as
+                  "captions/text" reaches a nested one, and of several captions the first is used).
 
 Pillow decodes image files (every common format, no TensorFlow) and resizes them to
 vision.image_size (bilinear) unless data.resize_images=False; the channel count must be the tower's
 (palettes are expanded and alpha dropped first). Pixels are scaled to [0, 1] and normalised with
-vision.mean and vision.std. Batch t is a pure function of (seed, t), as for labelled text.
+vision.mean and vision.std. Training images may be augmented (data.augment_shift whole pixels,
+data.augment_rotate degrees, drawn per row from (seed, step, row)). Batch t is a pure function of
+(seed, t), as for labelled text.
 """
 
 from __future__ import annotations
@@ -109,6 +112,24 @@ def load_image(path: str, v: VisionConfig, resize: bool = True) -> np.ndarray:
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise ConfigError(f"cannot read image {path!r}: {e}") from None
     return fit(array, v, resize, repr(path))
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, max_shift: int, max_degrees: float) -> np.ndarray:
+    """uint8 [I, I, C] translated by whole pixels (zero fill: no resampling, so the pixels stay
+    sharp like the evaluation images') and rotated about its centre (bilinear), by uniform random
+    amounts up to the maxima: new views of each training image keep a ViT from memorising them."""
+    if max_degrees > 0:
+        img = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        degrees = rng.uniform(-max_degrees, max_degrees)
+        image = np.asarray(img.rotate(degrees, PIL.Image.Resampling.BILINEAR, fillcolor=0)).reshape(image.shape)
+    if max_shift > 0:
+        dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+        moved = np.zeros_like(image)
+        H, W = image.shape[:2]
+        moved[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+            image[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+        image = moved
+    return image
 
 
 def normalise(images_BIIC: np.ndarray, v: VisionConfig) -> np.ndarray:
@@ -210,12 +231,23 @@ class _TfdsExamples(Sequence):
         record = self.source[int(i)]
         label = int(record[self.label]) if self.label else -1
         if self.text:
-            text = record[self.text]
-            text = text[0] if isinstance(text, (list, np.ndarray)) and np.ndim(text) else text
+            text = _field(record, self.text)
+            if isinstance(text, (list, np.ndarray)) and np.ndim(text):  # several captions: the first
+                text = text[0] if len(text) else b""
             answer = data.as_bytes(text).decode("utf-8", errors="replace")
         else:
             answer = self.names[label]
         return Example(np.asarray(record[self.image]), "", answer, label)
+
+
+def _field(tree, path: str):
+    """The value (or feature) at a slash path: coco_captions' captions are "captions/text"."""
+    for part in path.split("/"):
+        tree = getattr(tree, "feature", tree)  # a tfds Sequence feature holds its element's features
+        if not hasattr(tree, "keys") or part not in tree.keys():
+            return None
+        tree = tree[part]
+    return tree
 
 
 def _named(cfg: DataConfig, split: str) -> ImageSet:
@@ -224,7 +256,7 @@ def _named(cfg: DataConfig, split: str) -> ImageSet:
     source, _ = data.named_source(cfg, split, data_dir, feature_key="image_feature", builder=builder)
     features = builder.info.features
     label = cfg.label_feature if cfg.label_feature in features else None
-    text = cfg.text_feature if cfg.text_feature in features else None
+    text = cfg.text_feature if _field(features, cfg.text_feature) is not None else None
     if text is None and label is None:
         raise ConfigError(f"TFDS dataset {cfg.dataset!r} has neither data.label_feature={cfg.label_feature!r} nor "
                           f"data.text_feature={cfg.text_feature!r}; its features: {sorted(features.keys())}")
@@ -264,6 +296,12 @@ class ImageBatches(labelled.ExampleBatches):
         t = cfg.train
         self.vision, self.seq_len, self.layout = cfg.vision, t.seq_len, layout
         self.resize, self.blank = cfg.data.resize_images, cfg.data.blank_images
+        d = cfg.data
+        if d.augment_shift < 0 or d.augment_rotate < 0:
+            raise ConfigError(f"data.augment_shift={d.augment_shift} and data.augment_rotate={d.augment_rotate} "
+                              "must be >= 0 (0 turns augmentation off)")
+        self.augmenting = shuffle and (d.augment_shift > 0 or d.augment_rotate > 0)
+        self.max_shift, self.max_degrees = d.augment_shift, d.augment_rotate
         self.tok = tokenizer
         found = image_set(cfg.data, split)
         self.class_names = found.names
@@ -280,7 +318,10 @@ class ImageBatches(labelled.ExampleBatches):
             return load_image(example.image, self.vision, self.resize)
         return fit(example.image, self.vision, self.resize, where)
 
-    def pack(self, indices: np.ndarray) -> dict:
+    def batch_rows(self, step: int, lo: int, hi: int) -> dict:
+        return self.pack(self.examples(step, lo, hi), step, lo)
+
+    def pack(self, indices: np.ndarray, step: int = 0, lo: int = 0) -> dict:
         R, L, v = len(indices), self.seq_len, self.vision
         pad = self.tok.pad_or_eos
         bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
@@ -299,6 +340,9 @@ class ImageBatches(labelled.ExampleBatches):
             e = self.items[i]
             if not self.blank:
                 pixels[r] = self.image(e, f"{i} of the dataset")
+                if self.augmenting:
+                    rng = np.random.default_rng((self.seed, step, lo + r))
+                    pixels[r] = augment(pixels[r], rng, self.max_shift, self.max_degrees)
             prompt = bos + self.tok.encode(e.prompt).tolist()
             if self.layout == "vlm":
                 row = (prompt + self.tok.encode(e.answer).tolist() + eos)[:L + 1]

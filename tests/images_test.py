@@ -115,3 +115,41 @@ def test_generate_command_answers_about_an_image(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_cli.main(argv + ["--image", str(tmp_path / "missing.png")])
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_augmentation_is_a_pure_function_of_seed_step_and_row():
+    plain = vlm_config()
+    augmented = dataclasses.replace(plain, data=dataclasses.replace(plain.data, augment_shift=1, augment_rotate=10.0))
+    train_plain = images.batches(plain, "train", "vlm")
+    train_aug, again = images.batches(augmented, "train", "vlm"), images.batches(augmented, "train", "vlm")
+    a, b = train_aug.global_batch(3), again.global_batch(3)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    # The same examples and text, new views of the images (inside the picture: zero fill).
+    p = train_plain.global_batch(3)
+    for key in ("inputs", "targets", "weights"):
+        np.testing.assert_array_equal(a[key], p[key])
+    assert not np.allclose(a["images"], p["images"])
+    # Each process's rows are the global batch's rows.
+    second_half = train_aug.local_batch(3, process_index=1, process_count=2)
+    np.testing.assert_array_equal(second_half["images"], a["images"][len(a["images"]) // 2:])
+    # Evaluation images are never augmented.
+    np.testing.assert_array_equal(images.batches(augmented, "eval", "vlm").global_batch(0)["images"],
+                                  images.batches(plain, "eval", "vlm").global_batch(0)["images"])
+    with pytest.raises(C.ConfigError, match="augment_shift=-1"):
+        images.batches(dataclasses.replace(plain, data=dataclasses.replace(plain.data, augment_shift=-1)), "train", "vlm")
+
+
+@pytest.mark.parametrize("text_feature", ["caption", "entities/label"])  # a text, a nested sequence of texts
+def test_tfds_image_text_dataset_without_tensorflow(tmp_path, text_feature):
+    cfg = vlm_config(vision=dataclasses.replace(VISION, channels=3),
+                     data=C.DataConfig(dataset="ai2dcaption", text_feature=text_feature, eval_split="", data_dir=str(tmp_path)))
+    with tfds.testing.mock_data(num_examples=4):
+        found = images.image_set(cfg.data, "train")
+        record = found.examples.source[1]
+        want = record["caption"] if text_feature == "caption" else record["entities"]["label"][0]
+        assert found.examples[1].answer == (want.decode() if isinstance(want, bytes) else want)
+        batch = images.batches(cfg, "train", "vlm").global_batch(0)
+    assert batch["images"].shape == (8, 8, 8, 3)
+    assert batch["weights"].sum() > 0
+    assert "tensorflow" not in sys.modules

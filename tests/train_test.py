@@ -193,3 +193,16 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
     b, _ = ckpt.Checkpointer(ckpt.checkpoint_dir(killed)).restore(s.abstract_state)
     assert int(a.step) == int(b.step) == steps
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_loop_evaluates_the_ema_when_enabled(tmp_path, data_dir):
+    cfg = _loop_config(tmp_path / "run", data_dir, steps=4, log_every=4, eval_every=4, ema_decay=0.5)
+    seen = []
+    state = train.train(cfg, log=seen.append)
+    logged = [r for r in seen if "eval_loss" in r][-1]
+    s = train.setup(cfg)
+    eval_step, batches = train.make_eval_step(s), s.family.batches(cfg, "eval")
+    of_ema = train.evaluate(s, eval_step, state.ema, batches, cfg.train.eval_batches)
+    of_params = train.evaluate(s, eval_step, state.params, batches, cfg.train.eval_batches)
+    assert logged["eval_loss"] == pytest.approx(of_ema["eval_loss"], rel=1e-6)
+    assert abs(of_params["eval_loss"] - of_ema["eval_loss"]) > 1e-3
