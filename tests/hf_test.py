@@ -240,6 +240,9 @@ def _edit_config(**changes):
     (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),
      "shard model-00002-of-00003.safetensors listed in .* is missing"),
     (_edit_config(architectures=["GPT2LMHeadModel"]), "jaxllm imports one of LlamaForCausalLM"),
+    (lambda d: os.truncate(os.path.join(d, "model-00001-of-00003.safetensors"),
+                           os.path.getsize(os.path.join(d, "model-00001-of-00003.safetensors")) - 100),
+     r"model-00001-of-00003.safetensors is truncated: tensor \S+ ends at byte \d+ of \d+"),
 ])
 def test_what_cannot_be_imported_is_a_one_line_error(edit, message, tmp_path, capsys):
     hf_dir = _broken_copy("llama", tmp_path, edit)

@@ -4,8 +4,10 @@ and their index, config.json and the tokenizer.
 Import builds the target param tree with `jax.eval_shape` on the destination mesh and reads every
 array with `jax.make_array_from_callback`: each device's shard is read from the safetensors files
 as a slice of the one Hugging Face tensor it comes from, one tensor at a time, so no host holds the
-whole model and a process of a multi-host job reads only what its devices hold. Export writes one
-tensor at a time the other way.
+whole model and a process of a multi-host job reads only what its devices hold. A shard's rows are
+mapped straight from the file and copied (transposed, for kernels) once, into a 64-byte-aligned
+buffer that a CPU device then holds without another copy. Export writes one tensor at a time the
+other way.
 
 Layouts: a Hugging Face linear weight is [out, in]; a jaxllm kernel is [in..., out...] (q [D, H, K],
 o [H, K, D], gate [D, F], experts [E, D, F], router [D, E]), so kernel = W.T reshaped. Both use
@@ -127,13 +129,15 @@ def _header(path: str) -> dict[str, _Entry]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-    entries = {}
+    entries, length = {}, os.path.getsize(path)
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in ST_DTYPES:
             raise HFError(f"tensor {name} in {path} has dtype {info['dtype']}, which jaxllm does not read")
         begin, end = info["data_offsets"]
+        if 8 + size + end > length:  # reading a mapping past the end of a file would be a SIGBUS
+            raise HFError(f"{path} is truncated: tensor {name} ends at byte {8 + size + end} of {length}")
         entries[name] = _Entry(path, ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, 8 + size + end)
     return entries
 
