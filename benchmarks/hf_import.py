@@ -1,7 +1,7 @@
 """Importing a Hugging Face checkpoint: wall time against a plain read of the same files, and peak
 resident memory against the bytes of the imported params. One JSON object.
 
-    python benchmarks/hf_import.py [--dir /tmp/llama_1b] [--layers 16] [--dtype bfloat16]
+    python benchmarks/hf_import.py [--dir /tmp/jaxllm_llama_1b] [--layers 16] [--dtype bfloat16]
 
 Writes (once, into --dir) a Llama-shaped checkpoint with random weights: d_model 2048, 16 layers,
 32 heads / 8 KV heads, MLP 8192, vocab 32000, untied (1.1B params), in 2 GB safetensors shards with

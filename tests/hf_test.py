@@ -6,9 +6,14 @@ safetensors shards, with the reference logits of an 80-token input and greedy co
 import dataclasses
 import json
 import os
+import pickle
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -99,6 +104,95 @@ def test_import_onto_an_8_device_mesh_equals_one_device():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(many), jax.device_get(one))
 
 
+# One process of a two-process import (4 CPU devices each, gloo over localhost): the mixtral
+# fixture onto the 8-device mesh above; pickles {param path: [(shard index, data)]} of its own
+# devices and the (tensor, rows) it mapped.
+_IMPORT_WORKER = """
+import dataclasses, json, os, pickle, sys
+import jax
+port, process_id, hf_dir, out = sys.argv[1:5]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id), initialization_timeout=60)
+from jaxllm import config as C, sharding
+from jaxllm.interop import hf
+mapped, rows = [], hf.SafetensorsFiles.rows
+hf.SafetensorsFiles.rows = lambda self, name, r=None: mapped.append((name, r and (r.start, r.stop))) or rows(self, name, r)
+base = C.Config(mesh=C.MeshConfig(data=1, fsdp=2, tensor=2, expert=2))
+cfg = dataclasses.replace(base, model=hf.model_config(json.load(open(os.path.join(hf_dir, "config.json"))), base=base.model))
+params = hf.read_params(hf_dir, cfg, sharding.make_mesh(cfg.mesh))
+shards = {"/".join(str(getattr(k, "key", k)) for k in path): [(s.index, jax.device_get(s.data)) for s in x.addressable_shards]
+          for path, x in jax.tree_util.tree_leaves_with_path(params)}
+pickle.dump({"shards": shards, "mapped": mapped, "devices": jax.local_device_count()}, open(out, "wb"))
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_each_read_their_own_shards(tmp_path):
+    """A multi-host import: each process holds the single-process import's values on its devices,
+    and reads only the rows of the files that its devices hold (not all of every tensor)."""
+    hf_dir = os.path.join(FIXTURES, "mixtral")
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                           os.environ.get("PYTHONPATH", "")]))
+    outs = [str(tmp_path / f"process{i}.pkl") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _IMPORT_WORKER, str(port), str(i), hf_dir, outs[i]],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+    base = C.Config(mesh=C.MeshConfig(1, 1, 1, 1))
+    cfg = dataclasses.replace(base, model=hf.model_config(json.load(open(os.path.join(hf_dir, "config.json"))),
+                                                          base=base.model))
+    whole = jax.device_get(hf.read_params(hf_dir, cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])))
+    whole = {"/".join(str(getattr(k, "key", k)) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(whole)}
+    results = [pickle.load(open(out, "rb")) for out in outs]
+    files = hf.SafetensorsFiles(hf_dir)
+    for r in results:
+        assert r["devices"] == 4 and set(r["shards"]) == set(whole)
+        for path, shards in r["shards"].items():
+            assert len(shards) == 4
+            for index, data in shards:
+                np.testing.assert_array_equal(data, whole[path][index], err_msg=path)
+        # The experts' kernels are split between the processes: each maps only part of their rows.
+        gate = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+        rows = {rng for name, rng in r["mapped"] if name == gate}
+        assert rows and all(rng is not None and rng[1] - rng[0] < files.shape(gate)[0] for rng in rows), rows
+
+
+def test_transposes_are_exact_for_every_layout():
+    """transpose_into's fast path (16/32-bit elements moved as 64-bit words) and its fallbacks (odd
+    shapes, 8-bit and 64-bit elements, strided rows, converting dtypes) all give x.T bit for bit."""
+    rng = np.random.default_rng(0)
+    for dtype in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64, np.int8):
+        for shape in ((8, 4), (4, 8), (12, 20), (7, 3), (6, 10), (256, 1028), (1, 1)):
+            x = rng.standard_normal(shape).astype(dtype)
+            for source in (x, x[:, 2:] if shape[1] > 4 else x, x[::2]):
+                out = np.empty(source.shape[::-1], dtype)
+                hf.transpose_into(source, out)
+                np.testing.assert_array_equal(out.view(np.uint8), np.ascontiguousarray(source.T).view(np.uint8))
+            converted = np.empty(shape[::-1], np.float32)
+            hf.transpose_into(x, converted)
+            np.testing.assert_array_equal(converted, x.T.astype(np.float32))
+
+
+def test_shard_buffers_reach_a_cpu_device_without_a_copy():
+    for shape in ((3, 5), (1024, 1024)):  # numpy-allocated and mapped
+        host = hf.aligned_empty(shape, ml_dtypes.bfloat16)
+        host[...] = 1
+        assert jax.device_put(host, jax.devices()[0]).unsafe_buffer_pointer() == host.ctypes.data
+
+
 def test_bfloat16_params_for_inference(tmp_path):
     cfg, params = restore.load_params(imported("llama", tmp_path, "model.param_dtype=bfloat16"))
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
@@ -146,6 +240,9 @@ def _edit_config(**changes):
     (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),
      "shard model-00002-of-00003.safetensors listed in .* is missing"),
     (_edit_config(architectures=["GPT2LMHeadModel"]), "jaxllm imports one of LlamaForCausalLM"),
+    (lambda d: os.truncate(os.path.join(d, "model-00001-of-00003.safetensors"),
+                           os.path.getsize(os.path.join(d, "model-00001-of-00003.safetensors")) - 100),
+     r"model-00001-of-00003.safetensors is truncated: tensor \S+ ends at byte \d+ of \d+"),
 ])
 def test_what_cannot_be_imported_is_a_one_line_error(edit, message, tmp_path, capsys):
     hf_dir = _broken_copy("llama", tmp_path, edit)

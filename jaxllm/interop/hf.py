@@ -4,8 +4,10 @@ and their index, config.json and the tokenizer.
 Import builds the target param tree with `jax.eval_shape` on the destination mesh and reads every
 array with `jax.make_array_from_callback`: each device's shard is read from the safetensors files
 as a slice of the one Hugging Face tensor it comes from, one tensor at a time, so no host holds the
-whole model and a process of a multi-host job reads only what its devices hold. Export writes one
-tensor at a time the other way.
+whole model and a process of a multi-host job reads only what its devices hold. A shard's rows are
+mapped straight from the file and copied (transposed, for kernels) once, into a 64-byte-aligned
+buffer that a CPU device then holds without another copy. Export writes one tensor at a time the
+other way.
 
 Layouts: a Hugging Face linear weight is [out, in]; a jaxllm kernel is [in..., out...] (q [D, H, K],
 o [H, K, D], gate [D, F], experts [E, D, F], router [D, E]), so kernel = W.T reshaped. Both use
@@ -19,15 +21,16 @@ import dataclasses
 import itertools
 import json
 import math
+import mmap
 import os
 import re
 import shutil
+import sys
 from typing import Callable, Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxllm import restore, sharding
@@ -104,9 +107,66 @@ def param_maps(arch: str, params) -> dict[tuple, TensorMap]:
 # Reading
 
 
+# safetensors dtype names -> numpy dtypes (the file format is little-endian).
+ST_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+             "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+             "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
+_ALIGN = 64  # XLA's CPU client takes a host buffer without copying it when it is this aligned
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets of the tensor's data in `file`
+    stop: int
+
+
+def _header(path: str) -> dict[str, _Entry]:
+    """The tensors of one safetensors file, from its header: an 8-byte little-endian length, then
+    that many bytes of JSON {name: {dtype, shape, data_offsets}} relative to the end of the header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    entries, length = {}, os.path.getsize(path)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in ST_DTYPES:
+            raise HFError(f"tensor {name} in {path} has dtype {info['dtype']}, which jaxllm does not read")
+        begin, end = info["data_offsets"]
+        if 8 + size + end > length:  # reading a mapping past the end of a file would be a SIGBUS
+            raise HFError(f"{path} is truncated: tensor {name} ends at byte {8 + size + end} of {length}")
+        entries[name] = _Entry(path, ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin, 8 + size + end)
+    return entries
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """np.empty with its data _ALIGN-byte aligned, so that jax.device_put onto a CPU device uses
+    the buffer as it is (numpy's own allocations are 16-byte aligned, which XLA copies). A large
+    one is fresh pages mapped all at once (MAP_POPULATE): first touching them one page fault at a
+    time, in the scattered order a transposing copy writes, costs more than the copy itself
+    (sixteen [2048, 8192] bfloat16 kernels: 2.0 s, against 0.2 s mapping + 0.6 s copying).
+    Transparent huge pages (MADV_HUGEPAGE + MADV_POPULATE_WRITE) were 3x faster to map in a
+    fresh process but 4-7 s for the whole model once memory was fragmented (compaction)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= _MAPPED_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
+        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+        return np.frombuffer(pages, dtype, math.prod(shape)).reshape(shape)
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = -raw.ctypes.data % _ALIGN
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+_MAPPED_BYTES = 1 << 20
+
+
 class SafetensorsFiles:
     """The tensors of a checkpoint directory: model.safetensors, or the shards its
-    model.safetensors.index.json lists. Files are opened lazily and reads are slices."""
+    model.safetensors.index.json lists. Headers are read once; a read maps only the bytes of the
+    rows it asks for and unmaps them when the array it returns is dropped."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -116,28 +176,52 @@ class SafetensorsFiles:
             with open(index) as f:
                 self.where = dict(json.load(f)["weight_map"])
         elif os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
-                self.where = {name: "model.safetensors" for name in f.keys()}
+            self.where = {name: "model.safetensors" for name in _header(single)}
         else:
             raise HFError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+        self._entries: dict[str, _Entry] = {}
         for file in sorted(set(self.where.values())):
-            if not os.path.exists(os.path.join(directory, file)):
+            path = os.path.join(directory, file)
+            if not os.path.exists(path):
                 raise HFError(f"shard {file} listed in {directory}/model.safetensors.index.json is missing")
-    def _open(self, name: str):
-        # Opened per read: a file left open keeps every page read so far mapped into the process,
-        # so an import's resident memory would grow by the checkpoint's size on top of the params.
-        if name not in self.where:
+            self._entries.update({n: e for n, e in _header(path).items() if self.where.get(n) == file})
+
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._entries:
             raise HFError(f"tensor {name} is not in the checkpoint {self.directory}")
-        return safe_open(os.path.join(self.directory, self.where[name]), framework="numpy")
+        return self._entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with self._open(name) as f:
-            return tuple(f.get_slice(name).get_shape())
+        return self._entry(name).shape
+
+    def rows(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """A read-only view of rows `rows` (along the first axis) of tensor `name`, straight on the
+        file's pages: only those rows' bytes are mapped, and they are unmapped as soon as the view
+        (and every array made from it) is dropped; a mapping left open would keep each page read
+        so far resident in this process."""
+        e = self._entry(name)
+        shape = e.shape or (1,)
+        rows = slice(*(rows or slice(None)).indices(shape[0]))
+        row_bytes = e.dtype.itemsize * math.prod(shape[1:])
+        lo, hi = e.start + rows.start * row_bytes, e.start + rows.stop * row_bytes
+        count = _length(rows)
+        if hi > e.stop or count < 0:
+            raise HFError(f"tensor {name} in {e.file} is shorter than its header says")
+        if count == 0 or row_bytes == 0:
+            return np.empty((max(count, 0), *shape[1:]), e.dtype)
+        base = lo - lo % mmap.ALLOCATIONGRANULARITY
+        with open(e.file, "rb") as f:
+            # MAP_POPULATE maps every page in one call instead of one page fault at a time.
+            mapped = mmap.mmap(f.fileno(), hi - base, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ, offset=base)
+        view = np.frombuffer(mapped, e.dtype, count * row_bytes // e.dtype.itemsize, lo - base)
+        return view.reshape(count, *shape[1:]) if e.shape else view.reshape(())
 
     def read(self, name: str, index=None) -> np.ndarray:
-        with self._open(name) as f:
-            s = f.get_slice(name)
-            return s[index] if index is not None else s[:]
+        """Tensor `name` (or its block `index`, a tuple of slices), copied into memory."""
+        if index is None or not index:
+            return np.array(self.rows(name))
+        return np.array(self.rows(name, index[0])[(slice(None), *index[1:])])
 
 
 def _group_slice(slices, shape):
@@ -156,30 +240,84 @@ def _normalise(index, shape):
     return tuple(slice(*s.indices(d)) for s, d in zip(index, shape))
 
 
-def _read_block(files: SafetensorsFiles, name: str, m: TensorMap, shape, index) -> np.ndarray:
-    """The block `index` of the jaxllm tensor of `shape` that tensor `name` becomes."""
+def _whole(slices, shape) -> bool:
+    return all(s.indices(d) == (0, d, 1) for s, d in zip(slices, shape))
+
+
+def _read_block_into(files: SafetensorsFiles, name: str, m: TensorMap, shape, index, out: np.ndarray) -> None:
+    """Writes into `out` the block `index` of the jaxllm tensor of `shape` that tensor `name`
+    becomes, reading only the rows of the file that the block needs."""
     if m.kernel:
         in_shape, out_shape = shape[:m.kernel], shape[m.kernel:]
         rows, rest_out = _group_slice(index[m.kernel:], out_shape)
         cols, rest_in = _group_slice(index[:m.kernel], in_shape)
-        block = _transposed(files.read(name, (rows, cols)))  # [flat in, flat out]
-        block = block.reshape(_length(index[0]), *in_shape[1:], _length(index[m.kernel]), *out_shape[1:])
-        return block[(*rest_in, *rest_out)]
-    if not m.flat:
-        return files.read(name, index)
-    flat, rest = _group_slice(index, shape)
-    return files.read(name, (flat,)).reshape(_length(index[0]), *shape[1:])[rest]
+        source = files.rows(name, rows)[:, cols]  # [flat out, flat in], on the file's pages
+        blocked = (_length(index[0]), *in_shape[1:], _length(index[m.kernel]), *out_shape[1:])
+        if _whole(rest_in[1:], in_shape[1:]) and _whole(rest_out[1:], out_shape[1:]):
+            transpose_into(source, out.reshape(source.shape[::-1]))  # straight into place
+        else:
+            block = np.empty(source.shape[::-1], source.dtype)
+            transpose_into(source, block)
+            out[...] = block.reshape(blocked)[(*rest_in, *rest_out)]
+    elif m.flat:
+        flat, rest = _group_slice(index, shape)
+        out[...] = files.rows(name, flat).reshape(_length(index[0]), *shape[1:])[rest]
+    else:
+        out[...] = files.rows(name, index[0])[(slice(None), *index[1:])]
 
 
-def _transposed(x: np.ndarray, tile: int = 256) -> np.ndarray:
-    """x.T of a 2-D array, copied tile by tile: numpy's plain transposing copy of a large matrix
-    misses the cache on every element (2.4x slower for an [8192, 2048] bfloat16 kernel)."""
-    raw = x.view(np.dtype(f"u{x.dtype.itemsize}"))
-    out = np.empty(raw.shape[::-1], raw.dtype)
-    for i in range(0, raw.shape[0], tile):
-        for j in range(0, raw.shape[1], tile):
-            out[j:j + tile, i:i + tile] = raw[i:i + tile, j:j + tile].T
-    return out.view(x.dtype)
+def transpose_into(x: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = x.T for 2-D arrays. numpy's own transposing copy moves one element at a time and
+    misses the cache on nearly every one (an [8192, 2048] bfloat16 kernel: 180 ms; 60 ms tiled,
+    39 ms as an XLA transpose); here 16- and 32-bit elements move as 64-bit words holding 4x4
+    (2x2) blocks transposed with shifts and masks (21 ms)."""
+    size = x.dtype.itemsize
+    lanes = 8 // size if size in (2, 4) else 0
+    if (lanes and x.dtype == out.dtype and sys.byteorder == "little" and x.shape[0] % lanes == 0
+            and x.shape[1] % lanes == 0 and x.strides[1] == size and out.flags.c_contiguous and x.size):
+        bits = np.dtype(f"u{size}")
+        words = x.view(bits).view(np.uint64)  # [R, C / lanes]
+        columns = out.view(bits).view(np.uint64).reshape(x.shape[1] // lanes, lanes, x.shape[0] // lanes)
+        step = _BLOCK_ROWS
+        for r in range(0, x.shape[0], step):
+            _transpose_words(words[r:r + step], columns[:, :, r // lanes:(r + step) // lanes], lanes)
+        return
+    if x.dtype == out.dtype:
+        bits = np.dtype(f"u{size}")
+        x, out = x.view(bits), out.view(bits)
+    tile = 256
+    for i in range(0, x.shape[0], tile):
+        for j in range(0, x.shape[1], tile):
+            out[j:j + tile, i:i + tile] = x[i:i + tile, j:j + tile].T
+
+
+_BLOCK_ROWS = 128  # rows per block: the block's words and their transposes stay in cache
+_M16 = np.uint64(0x0000FFFF0000FFFF), np.uint64(0xFFFF0000FFFF0000)
+_M32 = np.uint64(0x00000000FFFFFFFF), np.uint64(0xFFFFFFFF00000000)
+_S16, _S32 = np.uint64(16), np.uint64(32)
+
+
+def _transpose_words(words: np.ndarray, columns: np.ndarray, lanes: int) -> None:
+    """`words`: rows of 64-bit words, each `lanes` elements of a row (little-endian); writes
+    columns[c, j, r] = the word of elements (lanes·r .. lanes·r + lanes - 1, lanes·c + j), that is
+    word c of the transposed block's row lanes·c + j."""
+    rows = [words[i::lanes] for i in range(lanes)]
+    if lanes == 4:  # swap 16-bit lanes between rows 0-1 and 2-3, then 32-bit halves between 01 and 23
+        even, odd = _M16
+        r0, r1, r2, r3 = rows
+        t0, t1 = (r0 & even) | ((r1 << _S16) & odd), ((r0 >> _S16) & even) | (r1 & odd)
+        t2, t3 = (r2 & even) | ((r3 << _S16) & odd), ((r2 >> _S16) & even) | (r3 & odd)
+        rows = [t0, t1, t2, t3]
+        pairs = ((0, 2, 0), (1, 3, 1), (0, 2, 2), (1, 3, 3))
+    else:
+        pairs = ((0, 1, 0), (0, 1, 1))
+    low, high = _M32
+    for a, b, j in pairs:
+        if j < lanes // 2:
+            word = (rows[a] & low) | (rows[b] << _S32)
+        else:
+            word = (rows[a] >> _S32) | (rows[b] & high)
+        columns[:, j, :] = word.T
 
 
 def _expected_hf_shape(m: TensorMap, shape) -> tuple[int, ...]:
@@ -218,12 +356,14 @@ def read_params(hf_dir: str, cfg: Config, mesh: jax.sharding.Mesh):
         n = len(m.stack)
 
         def shard(index):
-            # One Hugging Face tensor per (layer, expert) in the shard's stacked range.
+            # One Hugging Face tensor per (layer, expert) in the shard's stacked range, each written
+            # into its place in the shard (aligned, so that placing it on a CPU device copies nothing).
             index = _normalise(index, target.shape)
             stacked = [range(s.start, s.stop) for s in index[:n]]
-            out = np.empty(tuple(_length(s) for s in index), dtype)
+            out = aligned_empty(tuple(_length(s) for s in index), dtype)
+            layers = out.reshape(-1, *out.shape[n:])
             for k, ids in enumerate(itertools.product(*stacked)):
-                out.reshape(-1, *out.shape[n:])[k] = _read_block(files, m.name(*ids), m, target.shape[n:], index[n:])
+                _read_block_into(files, m.name(*ids), m, target.shape[n:], index[n:], layers[k])
             return out
 
         return jax.make_array_from_callback(target.shape, target.sharding, shard)
