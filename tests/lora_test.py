@@ -1,7 +1,9 @@
 """LoRA (compression/lora.py) and the fine-tuning modes (training/finetune.py) on a causal LM: a
-fresh adapter changes nothing, merged kernels are W + s·A·B on the right axes, only adapters train
-(the frozen base and its absence from the optimizer state), sharded equals single device, and a
-LoRA run loads merged through the one restore path."""
+fresh adapter changes nothing, merged kernels are W + s·A·B on the right axes, the unmerged path
+(x W + s·(dropout(x) A) B inside the layers) equals the merged one without dropout, dropout changes
+training but not evaluation, only adapters train (the frozen base and its absence from the
+optimizer state), sharded equals single device, and a LoRA run loads merged through the one
+restore path."""
 
 import dataclasses
 
@@ -14,6 +16,7 @@ from jaxllm import config as C
 from jaxllm import restore, sharding
 from jaxllm.compression import lora
 from jaxllm.models import Transformer
+from jaxllm.ops.projection import Adapted
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
 from helpers import packed_batch, tiny_config, with_model
@@ -57,9 +60,38 @@ def test_a_fresh_adapter_changes_nothing_and_a_trained_one_is_w_plus_s_a_b():
                                rtol=1e-4, atol=1e-4)
 
 
-def _base_run(tmp_path):
+def test_unmerged_adapters_equal_merged_ones_dense_and_moe_experts():
+    """Dense blocks and MoE blocks (every=2: a scanned group of both; dropless dispatch here,
+    capacity in the dropout test); an adapter the layers cannot apply unmerged (the embedding) is
+    merged. Outputs and the adapters' gradients agree, and a fresh adapter changes nothing."""
+    lora_cfg = dataclasses.replace(LORA, targets=LORA.targets + (r"embed/embedding$",))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 16)), jnp.int32)
+    cfg = with_model(tiny_config(), moe=C.MoeConfig(num_experts=4, top_k=2, every=2, dispatch="dropless")).model
+    model = Transformer(cfg)
+    params = _params(cfg)
+    adapters = nn.meta.unbox(lora.init_adapters(jax.random.key(1), _boxed(cfg), lora_cfg))
+    adapted = lora.adapt(params, adapters, lora_cfg)
+    assert isinstance(adapted["blocks"]["block_1"]["mlp"]["gate"], Adapted)  # the experts'
+    assert not isinstance(adapted["embed"]["embedding"], Adapted)  # merged
+
+    def logits(a, merge):
+        out = model.apply({"params": (lora.merge if merge else lora.adapt)(params, a, lora_cfg)}, tokens)
+        return jnp.sum(out ** 2), out
+
+    run = jax.jit(jax.grad(logits, has_aux=True), static_argnums=1)  # (adapters' gradients, logits)
+    # B = 0: the merged params are the base params exactly.
+    np.testing.assert_allclose(run(adapters, False)[1], run(adapters, True)[1], rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(0)
+    trained = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), jnp.float32), adapters)
+    (grads, got), (want_grads, want) = run(trained, False), run(trained, True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
+                 grads, want_grads)
+
+
+def _base_run(tmp_path, cfg=None):
     """A causal LM checkpoint to fine-tune from."""
-    cfg = tiny_config(workdir=str(tmp_path / "base"))
+    cfg = cfg or tiny_config(workdir=str(tmp_path / "base"))
     s = train.setup(cfg)
     state = train.init_state(s, jax.random.key(3))
     writer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir))
@@ -118,3 +150,30 @@ def test_a_lora_run_loads_merged_through_the_restore_path(tmp_path):
     want = lora.merge(base_params, jax.device_get(state.params["lora"]), LORA)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), jax.device_get(params), want)
     assert set(params) == set(base_params)  # a plain model's params: sample, quantize, export as usual
+
+
+def test_lora_dropout_changes_training_but_not_evaluation(tmp_path):
+    """Dropout on the adapters' inputs, on an MoE model split expert-parallel (adapters on q, v and
+    the experts): the first step's loss is the same (B = 0, whatever reaches it) but its gradient
+    is not, and later losses differ; evaluation (no rng) drops nothing and equals the merged
+    params' evaluation."""
+    moe_cfg = with_model(tiny_config(workdir=str(tmp_path / "base"), mesh=C.MeshConfig(data=1, fsdp=2, expert=4)),
+                         moe=C.MoeConfig(num_experts=4, top_k=2, dispatch="capacity"))
+    base_dir, _ = _base_run(tmp_path, moe_cfg)
+    targets = (r"(^|/)attn/(q|v)$", r"(^|/)mlp/(gate|up|down)$")
+    runs = {}
+    for rate in (0.0, 0.5):
+        cfg = dataclasses.replace(moe_cfg, workdir=str(tmp_path / f"tuned{rate}"), init_from=base_dir,
+                                  finetune=C.FinetuneConfig(mode="lora", lora=C.LoraConfig(rank=4, dropout=rate,
+                                                                                           targets=targets)),
+                                  opt=C.OptConfig(learning_rate=1e-2, warmup_steps=1))
+        runs[rate] = _lora_steps(cfg, jax.devices(), steps=3)
+    (_, _, _, plain), (s, state, frozen, dropped) = runs[0.0], runs[0.5]
+    assert dropped[0]["loss"] == plain[0]["loss"] and dropped[0]["grad_norm"] != plain[0]["grad_norm"]
+    assert dropped[2]["loss"] != plain[2]["loss"]  # step 0's learning rate is 0 (warm-up): B moves at step 1
+    batch = sharding.place_batch(packed_batch(seed=5), s.mesh)
+    got = train.make_eval_step(s, frozen=frozen)(state.params, batch)
+    model_eval = s.family.eval_fn(s.model, s.cfg)
+    with sharding.activate(s.mesh):
+        want = jax.jit(lambda p, b, f: model_eval(s.plan.compose(p, f), b))(state.params, batch, frozen)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), jax.device_get(got), jax.device_get(want))

@@ -8,8 +8,19 @@ kernels) get one adapter per slice; input and output axes are told apart by the 
 names as in pruning (a kernel reads or writes "embed"). A and B carry the kernel's logical names on
 the axes they share with it, so they shard like their base kernel, experts over `expert` included.
 
-Adapters live in their own tree {kernel path: {"a": A, "b": B}}; `merge` folds them into the base
-params (the model then runs unchanged, and export, generation and quantization take merged params).
+Adapters live in their own tree {kernel path: {"a": A, "b": B}}. Training and evaluation use them
+unmerged (`adapt`): each adapted kernel becomes an `ops.projection.Adapted` (W, A, B) in the params
+the model is applied to, and its projection computes
+
+    x W + (alpha / rank) · (dropout(x) A) B
+
+with dropout on the adapter's input (as in PEFT), drawn from the apply's 'dropout' rng, one mask per
+adapted kernel (and expert), so only training steps drop. The backward pass then never forms a
+frozen kernel's full gradient. Only the kernels the layers project through jaxllm.ops (attention q,
+k, v, o; MLP and expert gate, up, down) can take an adapter unmerged; an adapter on any other
+target (the embedding, say) is merged into its kernel instead, without dropout. `merge` folds every
+adapter into the base params (the model then runs unchanged): export, generation and quantization
+take merged params.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxllm.compression.pruning import layout_from_names
 from jaxllm.config import ConfigError, LoraConfig
+from jaxllm.ops.projection import Adapted
 from jaxllm.training.optim import param_path
 
 
@@ -79,6 +91,26 @@ def merge(params, adapters, cfg: LoraConfig):
         b_flat = b.reshape(*batch, b.shape[n_batch], -1)
         delta = jnp.matmul(a_flat.astype(jnp.float32), b_flat.astype(jnp.float32)).reshape(w.shape)
         return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(visit, params)
+
+
+# Kernels the layers project through jaxllm.ops (dense, qkv, gate_up, the expert FFNs), which take
+# an `Adapted` kernel.
+UNMERGED = re.compile(r"(^|/)(attn/(q|k|v|o)|mlp/(shared/)?(gate|up|down))$")
+
+
+def adapt(params, adapters, cfg: LoraConfig):
+    """`params` with each adapted kernel W replaced by Adapted(W, A, B) (applied unmerged by the
+    layers), or merged where the layers cannot take an adapter (see `UNMERGED`)."""
+    unmerged = {name: ab for name, ab in adapters.items() if UNMERGED.search(name)}
+    params = merge(params, {name: ab for name, ab in adapters.items() if name not in unmerged}, cfg)
+
+    def visit(path, w):
+        ab = unmerged.get(param_path(path))
+        if ab is None:
+            return w
+        return Adapted(w, ab["a"], ab["b"], scale=cfg.alpha / cfg.rank, dropout=cfg.dropout)
 
     return jax.tree_util.tree_map_with_path(visit, params)
 

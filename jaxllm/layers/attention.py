@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
-from jaxllm.layers.base import apply_rotary, compute_dtype, constrain, dense_init, rotary_sin_cos
+from jaxllm.layers.base import adapter_dropout, apply_rotary, compute_dtype, constrain, dense_init, rotary_sin_cos
 from jaxllm.ops.attention import attention_bias
+from jaxllm.ops.projection import unadapted, with_adapter
 from jaxllm.registry import Registry
 from jaxllm.sharding import ACT_EMBED, ACT_HEADS, BATCH, LENGTH
 
@@ -142,11 +143,15 @@ class Attention(nn.Module):
         w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_o = self.param("o", dense_init(out_std, ("heads", "head_dim", "embed")), (H, K, D))
+        w_q, w_k, w_v, w_o = adapter_dropout(self, w_q, w_k, w_v, w_o)  # LoRA; no-op for plain kernels
         if context is None:
             context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
 
-        # x W_q, x W_k, x W_v, query heads grouped by their KV head: q [B, L, N, G, K].
-        q_BLNGK, k_BLNK, v_BLNK = ops.qkv(x_BLD, w_q, w_k, w_v, dtype)
+        # x W_q, x W_k, x W_v, query heads grouped by their KV head: q [B, L, N, G, K]; adapted
+        # kernels add their adapters' terms to the fused projection's outputs.
+        q_BLNGK, k_BLNK, v_BLNK = ops.qkv(x_BLD, *(unadapted(w) for w in (w_q, w_k, w_v)), dtype)
+        q_BLNGK, k_BLNK, v_BLNK = (with_adapter(y, x_BLD, w, 1, dtype)
+                                   for y, w in zip((q_BLNGK, k_BLNK, v_BLNK), (w_q, w_k, w_v)))
         if cfg.qkv_bias:
             b_q = self.param("q_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")), (H, K))
             b_k, b_v = (self.param(f"{n}_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "head_dim")),

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig, RopeScalingConfig
+from jaxllm.ops.projection import Adapted
 from jaxllm.registry import Registry
 from jaxllm.sharding import ACT_EMBED, BATCH, LENGTH
 
@@ -33,6 +34,16 @@ def constrain(x, names):
 
 def dense_init(std: float, names: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def adapter_dropout(module: nn.Module, *kernels):
+    """The kernels, each one with a low-rank adapter that has dropout (ops.projection.Adapted, see
+    compression/lora.py) given its own key from `module`'s 'dropout' rng. Only a training step
+    passes that rng, so evaluation has no dropout."""
+    if not module.has_rng("dropout"):
+        return kernels
+    return tuple(w.with_dropout_key(module.make_rng("dropout")) if isinstance(w, Adapted) and w.dropout > 0 else w
+                 for w in kernels)
 
 
 class Embed(nn.Module):

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig, MoeConfig
-from jaxllm.layers.base import compute_dtype, constrain, dense_init
+from jaxllm.layers.base import adapter_dropout, compute_dtype, constrain, dense_init
 from jaxllm.layers.mlp import MLP_KINDS, Mlp
 from jaxllm.ops.grouped_ffn import rank_within_group, swiglu_ECD
 from jaxllm.registry import Registry
@@ -256,7 +256,7 @@ def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, mo
         sums, dropped = jax.lax.psum((sums, dropped), batch_axes)
         return out_bLD, sums, dropped
 
-    expert_spec = P("expert", None, None)  # a prefix: also covers an int8 kernel's values and scales
+    expert_spec = P("expert")  # a prefix: also covers an int8 kernel's parts and an adapted one's
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(batch_axes, None, None), P(batch_axes, None), P(None, None),
@@ -287,6 +287,8 @@ class MoeMlp(nn.Module):
         w_gate = self.param("gate", dense_init(cfg.init_std, ("expert", "embed", "mlp")), (E, D, F))
         w_up = self.param("up", dense_init(cfg.init_std, ("expert", "embed", "mlp")), (E, D, F))
         w_down = self.param("down", dense_init(out_std, ("expert", "mlp", "embed")), (E, F, D))
+        # LoRA on the experts: one adapter (and dropout key) per expert; no-op for plain kernels.
+        w_gate, w_up, w_down = adapter_dropout(self, w_gate, w_up, w_down)
 
         x_in = x_BLD.astype(dtype)
         if moe.jitter > 0 and self.has_rng("dropout"):

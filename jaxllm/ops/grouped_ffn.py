@@ -10,7 +10,8 @@ S block size.
 
 An expert kernel is a float array or an int8-quantized one ({"int8": values, "scale": scales}, see
 ops.dense): the values enter the matmul in the compute dtype and the per-output-channel scale
-(shape [E, 1, F]) multiplies its output, so no float copy of the weights is made.
+(shape [E, 1, F]) multiplies its output, so no float copy of the weights is made. It may also be
+an adapted kernel (ops.projection.Adapted, LoRA), one adapter per expert, applied unmerged.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops.projection import QUANTIZED_SCALE, QUANTIZED_VALUES, einsum, is_quantized
+from jaxllm.ops.projection import QUANTIZED_SCALE, QUANTIZED_VALUES, Adapted, dropout, einsum, is_quantized
 from jaxllm.registry import Registry
 
 
 def _take_experts(w, index):
-    return jax.tree.map(lambda a: a[index], w)
+    taken = jax.tree.map(lambda a: a[index], w)
+    if isinstance(taken, Adapted) and taken.rng is not None:  # each block its own dropout mask
+        taken = taken.replace(rng=jax.vmap(jax.random.fold_in)(taken.rng, jnp.arange(index.shape[0])))
+    return taken
 
 
 def swiglu_ECD(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -84,6 +88,13 @@ def grouped_swiglu_blocked(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
 
 
 def _ragged_dot(x_RD, w_EDF, sizes_E, expert_sorted_R):
+    if isinstance(w_EDF, Adapted):  # x W + scale · (dropout(x) A) B, a dropout key per row
+        R = x_RD.shape[0]
+        x_in = x_RD if w_EDF.rng is None else dropout(
+            x_RD, jax.vmap(jax.random.fold_in)(w_EDF.rng[expert_sorted_R], jnp.arange(R)), w_EDF.dropout)
+        h = jax.lax.ragged_dot(x_in, w_EDF.a.astype(x_RD.dtype), sizes_E) * jnp.asarray(w_EDF.scale, x_RD.dtype)
+        return (_ragged_dot(x_RD, w_EDF.kernel, sizes_E, expert_sorted_R)
+                + jax.lax.ragged_dot(h, w_EDF.b.astype(x_RD.dtype), sizes_E))
     if is_quantized(w_EDF):
         y = jax.lax.ragged_dot(x_RD, w_EDF[QUANTIZED_VALUES].astype(x_RD.dtype), sizes_E)
         return y * w_EDF[QUANTIZED_SCALE][expert_sorted_R, 0].astype(x_RD.dtype)

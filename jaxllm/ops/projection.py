@@ -1,5 +1,6 @@
 """Weight projections: `dense(x, w)` is `jnp.tensordot(x, w, contract)` for a float or an
-int8-quantized kernel, with a backward pass that picks cheap transposes.
+int8-quantized kernel, or a frozen kernel with a low-rank adapter (`Adapted`), with a backward pass
+that picks cheap transposes.
 
 Layers call `dense` (and the fused variants in this package) and read as plain einsums; what is
 tuned for a backend lives here.
@@ -11,8 +12,10 @@ import math
 from collections.abc import Mapping
 from typing import Callable
 
+import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 # Name of every weight-projection output, for remat policies (see models.transformer): the
@@ -93,14 +96,88 @@ def map_kernels(fn: Callable, *kernels):
     return fn(*kernels)
 
 
+# ---------------------------------------------------------------------------------------------
+# Kernels with a low-rank adapter, applied unmerged (LoRA, see jaxllm.compression.lora)
+
+
+@flax.struct.dataclass
+class Adapted:
+    """A frozen kernel W [batch..., in..., out...] with its adapter A [batch..., in..., r] and
+    B [batch..., r, out...], which a projection applies as
+
+        x W + scale · (dropout(x) A) B
+
+    (Hu et al. 2021; dropout on the adapter's input, as in PEFT). It stands where the kernel
+    stands in the params (the kernel is its first leaf, which is what flax's shape check of
+    `self.param` compares); batch axes ("layers", "expert") lead in all three, so scans slice and
+    shard_map splits them alike. `rng` is None (no dropout: evaluation, or dropout 0) or one
+    dropout key per batch slice, set by the layer in training (`with_dropout_key`)."""
+
+    kernel: jax.Array
+    a: jax.Array
+    b: jax.Array
+    rng: jax.Array | None = None
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.a.shape[: self.a.ndim + self.b.ndim - 2 - self.kernel.ndim]
+
+    def with_dropout_key(self, key):
+        """Itself with dropout keyed by `key` (split into one key per batch slice)."""
+        if self.dropout <= 0:
+            return self
+        return self.replace(rng=jax.random.split(key, self.batch_shape) if self.batch_shape else key)
+
+
+def dropout(x, rng, rate: float):
+    """x with each element zeroed with probability `rate` and the rest scaled by 1 / (1 - rate);
+    `rng` holds one key per slice of x along its leading rng.ndim axes (a single key: one mask)."""
+    keep = 1.0 - rate
+    shape = x.shape[rng.ndim:]
+    draw = lambda key: jax.random.bernoulli(key, keep, shape)  # noqa: E731
+    for _ in range(rng.ndim):
+        draw = jax.vmap(draw)
+    return jnp.where(draw(rng), x / keep, 0).astype(x.dtype)
+
+
+def adapter_input(x, w: Adapted):
+    return x if w.rng is None else dropout(x, w.rng, w.dropout)
+
+
+def lora_delta(x, w: Adapted, contract: int, dtype):
+    """scale · (dropout(x) A) B for a kernel without batch axes: x [..., in...] -> [..., out...].
+    The scale multiplies the rank-r intermediate, the narrowest tensor."""
+    h = project(adapter_input(x, w).astype(dtype), w.a.astype(dtype), contract) * jnp.asarray(w.scale, dtype)
+    return project(h, w.b.astype(dtype), 1)
+
+
+def unadapted(w):
+    """The kernel itself (an `Adapted` kernel's frozen base)."""
+    return w.kernel if isinstance(w, Adapted) else w
+
+
+def with_adapter(y, x, w, contract: int, dtype):
+    """y, the projection of x by `unadapted(w)` (in any layout of the same elements in the same
+    order, e.g. q's heads split into KV groups), plus w's adapter term if w is `Adapted`: for the
+    fused projections (ops.qkv, ops.gate_up), which concatenate the kernels."""
+    if not isinstance(w, Adapted):
+        return y
+    return y + lora_delta(x, w, contract, dtype).reshape(y.shape)
+
+
 def dense(x, w, contract: int, dtype, names: tuple | None = None):
-    """`jnp.tensordot(x, w, contract)` in `dtype` for a float or int8-quantized kernel `w`;
-    `names` are the logical names of w's axes to constrain it to (None: no constraint).
+    """`jnp.tensordot(x, w, contract)` in `dtype` for a float or int8-quantized kernel `w`, plus
+    the adapter's term for an `Adapted` one; `names` are the logical names of w's axes to
+    constrain it to (None: no constraint).
 
     A quantized kernel is converted to `dtype` inside the computation (no float copy outlives the
     call) and its per-output-channel scale multiplies the matmul's output, which is the same as
     scaling the kernel since the scale is constant along the contracted axes. The int8 values are
     constrained before the conversion, so resharding moves a quarter of the float bytes."""
+    if isinstance(w, Adapted):
+        return dense(x, w.kernel, contract, dtype, names) + lora_delta(x, w, contract, dtype)
     if not is_quantized(w):
         kernel = w.astype(dtype)
         return project(x.astype(dtype), kernel if names is None else nn.with_logical_constraint(kernel, names),
@@ -119,8 +196,26 @@ def dense(x, w, contract: int, dtype, names: tuple | None = None):
 
 def einsum(spec: str, x, w):
     """`jnp.einsum(spec, x, w)` for a float or int8-quantized `w` whose scale broadcasts against
-    the output (per-output-channel scales laid out like the output's trailing axes)."""
+    the output (per-output-channel scales laid out like the output's trailing axes), or an
+    `Adapted` one whose batch axes (those of w's letters also in x and the output, e.g. e in
+    "ecd,edf->ecf") lead in x."""
+    if isinstance(w, Adapted):
+        return einsum(spec, x, w.kernel) + _lora_einsum(spec, x, w)
     if is_quantized(w):
         y = jax.numpy.einsum(spec, x, w[QUANTIZED_VALUES].astype(x.dtype))
         return y * w[QUANTIZED_SCALE].astype(x.dtype)
     return jax.numpy.einsum(spec, x, w.astype(x.dtype))
+
+
+def _lora_einsum(spec: str, x, w: Adapted):
+    """scale · (dropout(x) A) B as two einsums: A's letters are w's batch and contracted ones plus
+    a rank letter, B's its batch ones, the rank letter and its output ones."""
+    inputs, out = spec.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    batch = "".join(c for c in ws if c in xs and c in out)
+    contracted = "".join(c for c in ws if c in xs and c not in out)
+    outs = "".join(c for c in ws if c not in xs)
+    r = next(c for c in "rstuvwxyzabcdefghijklmnopq" if c not in spec)
+    h_spec = "".join(c for c in out if c not in outs) + r
+    h = jax.numpy.einsum(f"{xs},{batch}{contracted}{r}->{h_spec}", adapter_input(x, w), w.a.astype(x.dtype))
+    return jax.numpy.einsum(f"{h_spec},{batch}{r}{outs}->{out}", h * jnp.asarray(w.scale, x.dtype), w.b.astype(x.dtype))

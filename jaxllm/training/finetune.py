@@ -5,7 +5,8 @@ params are composed from the trained part and the frozen one.
 - probe: the family's pre-trained part (a classifier's backbone) is frozen; only the new head
   trains (a linear probe).
 - lora: the pre-trained part is frozen; low-rank adapters on its kernels (compression/lora.py)
-  and the new head train.
+  and the new head train. Training and evaluation apply the adapters unmerged (with their
+  dropout); loading the run for use merges them.
 
 In probe and lora runs the train state holds only what trains, and its checkpoints hold only that
 plus, in their config, the reference to the frozen run (`init_from`); the frozen params are read
@@ -52,14 +53,16 @@ class Plan:
         adapters = lora.init_adapters(rng if rng is not None else jax.random.key(0), frozen, self.cfg.finetune.lora)
         return {HEAD: head, ADAPTERS: adapters}, frozen
 
-    def compose(self, trainable, frozen):
-        """The model's params from the trainable and frozen parts (adapters merged into the frozen
-        kernels)."""
+    def compose(self, trainable, frozen, merged: bool = True):
+        """The model's params from the trainable and frozen parts. A lora run's adapters are merged
+        into the frozen kernels (a plain model's params: export, generation, quantization), or with
+        merged=False (training and evaluation) kept apart, applied unmerged by the layers with
+        their dropout (compression/lora.py)."""
         if not self.freezes:
             return trainable
         if self.mode == "probe":
             return {**trainable, self.backbone: frozen}
-        base = lora.merge(frozen, trainable[ADAPTERS], self.cfg.finetune.lora)
+        base = (lora.merge if merged else lora.adapt)(frozen, trainable[ADAPTERS], self.cfg.finetune.lora)
         return base if self.backbone is None else {**trainable[HEAD], self.backbone: base}
 
 
@@ -75,9 +78,8 @@ def plan(cfg: Config, family: ModelFamily) -> Plan:
     if f.mode == "lora":
         if f.lora.rank < 1:
             raise ConfigError(f"finetune.lora.rank must be >= 1, got {f.lora.rank}")
-        if f.lora.dropout:
-            raise ConfigError("finetune.lora.dropout is not supported: the adapters are merged into the "
-                              "kernels each step; set finetune.lora.dropout=0")
+        if not 0 <= f.lora.dropout < 1:
+            raise ConfigError(f"finetune.lora.dropout must be in [0, 1), got {f.lora.dropout}")
     if f.mode != "full" and cfg.distill.enabled:
         raise ConfigError(f"finetune.mode={f.mode} cannot be combined with distillation")
     return Plan(cfg, family.backbone)

@@ -131,7 +131,7 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
         # The optimizer's params are the trainable part; the frozen part comes in as `frozen`.
         model_loss = s.family.loss_fn(s.model, cfg)
         loss_fn = lambda params, batch, frozen: model_loss(  # noqa: E731
-            s.plan.compose(params, jax.lax.stop_gradient(frozen)), batch)
+            s.plan.compose(params, jax.lax.stop_gradient(frozen), merged=False), batch)
         if frozen is None:
             raise ValueError(f"finetune.mode={s.plan.mode} trains with frozen params: pass frozen=")
     loss_fn = loss_fn or s.family.loss_fn(s.model, cfg)
@@ -203,7 +203,7 @@ def make_eval_step(s: Setup, param_shardings=None, frozen=None) -> Callable:
     if frozen is None:
         eval_fn, extra = model_eval, ()
     else:
-        eval_fn, extra = (lambda params, batch, frozen: model_eval(s.plan.compose(params, frozen), batch)), (frozen,)
+        eval_fn, extra = (lambda params, batch, frozen: model_eval(s.plan.compose(params, frozen, merged=False), batch)), (frozen,)
     jitted = jax.jit(
         eval_fn,
         in_shardings=(
