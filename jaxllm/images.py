@@ -300,6 +300,9 @@ class ImageBatches(labelled.ExampleBatches):
         if d.augment_shift < 0 or d.augment_rotate < 0:
             raise ConfigError(f"data.augment_shift={d.augment_shift} and data.augment_rotate={d.augment_rotate} "
                               "must be >= 0 (0 turns augmentation off)")
+        if d.augment_shift >= cfg.vision.image_size:
+            raise ConfigError(f"data.augment_shift={d.augment_shift} would move images of {cfg.vision.image_size} "
+                              "pixels out of the picture; use a shift below vision.image_size")
         self.augmenting = shuffle and (d.augment_shift > 0 or d.augment_rotate > 0)
         self.max_shift, self.max_degrees = d.augment_shift, d.augment_rotate
         self.tok = tokenizer
@@ -321,7 +324,8 @@ class ImageBatches(labelled.ExampleBatches):
     def batch_rows(self, step: int, lo: int, hi: int) -> dict:
         return self.pack(self.examples(step, lo, hi), step, lo)
 
-    def pack(self, indices: np.ndarray, step: int = 0, lo: int = 0) -> dict:
+    def pack(self, indices: np.ndarray, step: int, lo: int) -> dict:
+        """Rows of example `indices`, which are rows lo.. of batch `step` (augmentation draws from both)."""
         R, L, v = len(indices), self.seq_len, self.vision
         pad = self.tok.pad_or_eos
         bos = [] if self.tok.bos_id is None else [self.tok.bos_id]

@@ -170,12 +170,16 @@ def test_two_processes_each_read_their_own_shards(tmp_path):
         assert rows and all(rng is not None and rng[1] - rng[0] < files.shape(gate)[0] for rng in rows), rows
 
 
-def test_transposes_are_exact_for_every_layout():
-    """transpose_into's fast path (16/32-bit elements moved as 64-bit words) and its fallbacks (odd
-    shapes, 8-bit and 64-bit elements, strided rows, converting dtypes) all give x.T bit for bit."""
+def test_transposes_are_exact_for_every_layout(monkeypatch):
+    """transpose_into's fast path (16/32-bit elements moved as 64-bit words, in blocks of 128 rows
+    and a partial last one) and its fallbacks (odd shapes, 8-bit and 64-bit elements, strided rows,
+    converting dtypes) all give x.T bit for bit."""
+    fast_blocks = []
+    real = hf._transpose_words
+    monkeypatch.setattr(hf, "_transpose_words", lambda *a: fast_blocks.append(a[0].shape) or real(*a))
     rng = np.random.default_rng(0)
     for dtype in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64, np.int8):
-        for shape in ((8, 4), (4, 8), (12, 20), (7, 3), (6, 10), (256, 1028), (1, 1)):
+        for shape in ((8, 4), (4, 8), (12, 20), (7, 3), (6, 10), (256, 1028), (260, 1028), (1, 1)):
             x = rng.standard_normal(shape).astype(dtype)
             for source in (x, x[:, 2:] if shape[1] > 4 else x, x[::2]):
                 out = np.empty(source.shape[::-1], dtype)
@@ -184,9 +188,12 @@ def test_transposes_are_exact_for_every_layout():
             converted = np.empty(shape[::-1], np.float32)
             hf.transpose_into(x, converted)
             np.testing.assert_array_equal(converted, x.T.astype(np.float32))
+    # The fast path ran, on full blocks and on the 260-row matrices' partial last block (4 rows of
+    # 64-bit words: 4 16-bit or 2 32-bit elements each).
+    assert {(128, 1028 // 4), (4, 1028 // 4), (4, 1028 // 2)} <= set(fast_blocks)
 
 
-def test_shard_buffers_reach_a_cpu_device_without_a_copy():
+def test_aligned_buffers_reach_a_cpu_device_without_a_copy():
     for shape in ((3, 5), (1024, 1024)):  # numpy-allocated and mapped
         host = hf.aligned_empty(shape, ml_dtypes.bfloat16)
         host[...] = 1
@@ -222,6 +229,11 @@ def _broken_copy(name, tmp_path, edit):
     return directory
 
 
+def _overwrite_start(path, data: bytes):
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
 def _edit_config(**changes):
     def edit(directory):
         path = os.path.join(directory, "config.json")
@@ -243,6 +255,10 @@ def _edit_config(**changes):
     (lambda d: os.truncate(os.path.join(d, "model-00001-of-00003.safetensors"),
                            os.path.getsize(os.path.join(d, "model-00001-of-00003.safetensors")) - 100),
      r"model-00001-of-00003.safetensors is truncated: tensor \S+ ends at byte \d+ of \d+"),
+    (lambda d: _overwrite_start(os.path.join(d, "model-00001-of-00003.safetensors"), b"\xff" * 8),
+     r"model-00001-of-00003.safetensors is not a readable safetensors file \(ValueError: a header of"),
+    (lambda d: _overwrite_start(os.path.join(d, "model-00001-of-00003.safetensors"), b"\x10" + b"\0" * 7 + b"{not json"),
+     r"model-00001-of-00003.safetensors is not a readable safetensors file \(JSONDecodeError"),
 ])
 def test_what_cannot_be_imported_is_a_one_line_error(edit, message, tmp_path, capsys):
     hf_dir = _broken_copy("llama", tmp_path, edit)

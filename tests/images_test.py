@@ -136,6 +136,8 @@ def test_augmentation_is_a_pure_function_of_seed_step_and_row():
     # Evaluation images are never augmented.
     np.testing.assert_array_equal(images.batches(augmented, "eval", "vlm").global_batch(0)["images"],
                                   images.batches(plain, "eval", "vlm").global_batch(0)["images"])
+    with pytest.raises(C.ConfigError, match="augment_shift=8 would move images of 8 pixels"):
+        images.batches(dataclasses.replace(plain, data=dataclasses.replace(plain.data, augment_shift=8)), "train", "vlm")
     with pytest.raises(C.ConfigError, match="augment_shift=-1"):
         images.batches(dataclasses.replace(plain, data=dataclasses.replace(plain.data, augment_shift=-1)), "train", "vlm")
 

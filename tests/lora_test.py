@@ -11,11 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxllm import config as C
 from jaxllm import restore, sharding
 from jaxllm.compression import lora
 from jaxllm.models import Transformer
+from jaxllm.ops import grouped_ffn
 from jaxllm.ops.projection import Adapted
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import train
@@ -87,6 +89,30 @@ def test_unmerged_adapters_equal_merged_ones_dense_and_moe_experts():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()),
                  grads, want_grads)
+
+
+@pytest.mark.parametrize("kind", ["blocked", "ragged_dot", "dense"])
+def test_every_grouped_ffn_applies_expert_adapters_like_merged_kernels(kind):
+    """The expert FFN implementations (blocked on CPU, ragged_dot on accelerators, dense) with
+    adapted expert kernels equal the same FFN on the merged kernels."""
+    E, D, F, R, r = 4, 8, 16, 24, 2
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    x_RD, group_R = normal(R, D), jnp.asarray(np.sort(rng.integers(0, E, R)), jnp.int32)
+    kernels = (normal(E, D, F), normal(E, D, F), normal(E, F, D))
+    adapters = [(normal(E, D, r), normal(E, r, F)), (normal(E, D, r), normal(E, r, F)), (normal(E, F, r), normal(E, r, D))]
+    scale = 0.5
+    adapted = [Adapted(w, a, b, scale=scale) for w, (a, b) in zip(kernels, adapters)]
+    merged = [w + scale * jnp.einsum("eir,ero->eio", a, b) for w, (a, b) in zip(kernels, adapters)]
+    ffn = grouped_ffn.grouped_swiglu(kind)
+    np.testing.assert_allclose(ffn(x_RD, group_R, *adapted), ffn(x_RD, group_R, *merged), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_on_an_adapter_that_is_merged_is_a_clear_error():
+    cfg = tiny_config().model
+    with_embedding = dataclasses.replace(LORA, dropout=0.1, targets=LORA.targets + (r"embed/embedding$",))
+    with pytest.raises(C.ConfigError, match="embed/embedding is merged without it"):
+        lora.init_adapters(jax.random.key(1), _boxed(cfg), with_embedding)
 
 
 def _base_run(tmp_path, cfg=None):

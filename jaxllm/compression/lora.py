@@ -14,8 +14,9 @@ the model is applied to, and its projection computes
 
     x W + (alpha / rank) · (dropout(x) A) B
 
-with dropout on the adapter's input (as in PEFT), drawn from the apply's 'dropout' rng, one mask per
-adapted kernel (and expert), so only training steps drop. The backward pass then never forms a
+with dropout on the adapter's input (as in PEFT), drawn from the apply's 'dropout' rng (so only
+training steps drop): a key per adapted kernel, and on expert kernels per device shard of the batch
+and per block of tokens (or per token, with ragged_dot). The backward pass then never forms a
 frozen kernel's full gradient. Only the kernels the layers project through jaxllm.ops (attention q,
 k, v, o; MLP and expert gate, up, down) can take an adapter unmerged; an adapter on any other
 target (the embedding, say) is merged into its kernel instead, without dropout. `merge` folds every
@@ -58,8 +59,14 @@ def _targets(boxed_params, cfg: LoraConfig) -> dict[str, Any]:
 def init_adapters(rng, boxed_params, cfg: LoraConfig):
     """Boxed adapters (with logical names) for the target kernels of `boxed_params` (boxed
     abstract or real params): A ~ normal(0, 1/sqrt(fan-in)), B = 0."""
+    targets = _targets(boxed_params, cfg)
+    merged = [name for name in targets if not UNMERGED.search(name)]
+    if cfg.dropout and merged:
+        raise ConfigError(f"finetune.lora.dropout applies to adapters the layers apply unmerged (attention q, k, "
+                          f"v, o; MLP and expert gate, up, down), and {merged[0]} is merged without it: set "
+                          "finetune.lora.dropout=0 or leave it out of finetune.lora.targets")
     adapters = {}
-    for k, (name, (leaf, layout)) in enumerate(sorted(_targets(boxed_params, cfg).items())):
+    for k, (name, (leaf, layout)) in enumerate(sorted(targets.items())):
         shape, names = leaf.value.shape, tuple(leaf.names)
         batch, contracting = layout.batch_axes, layout.contracting_axes
         out = tuple(i for i in range(len(shape)) if i not in batch and i not in contracting)
@@ -110,7 +117,7 @@ def adapt(params, adapters, cfg: LoraConfig):
         ab = unmerged.get(param_path(path))
         if ab is None:
             return w
-        return Adapted(w, ab["a"], ab["b"], scale=cfg.alpha / cfg.rank, dropout=cfg.dropout)
+        return Adapted(w, ab["a"], ab["b"], scale=cfg.alpha / cfg.rank, dropout_rate=cfg.dropout)
 
     return jax.tree_util.tree_map_with_path(visit, params)
 

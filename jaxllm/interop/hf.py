@@ -5,8 +5,8 @@ Import builds the target param tree with `jax.eval_shape` on the destination mes
 array with `jax.make_array_from_callback`: each device's shard is read from the safetensors files
 as a slice of the one Hugging Face tensor it comes from, one tensor at a time, so no host holds the
 whole model and a process of a multi-host job reads only what its devices hold. A shard's rows are
-mapped straight from the file and copied (transposed, for kernels) once, into a 64-byte-aligned
-buffer that a CPU device then holds without another copy. Export writes one tensor at a time the
+mapped straight from the file and copied (transposed, for kernels) into a 64-byte-aligned buffer
+that a CPU device then holds without another copy. Export writes one tensor at a time the
 other way.
 
 Layouts: a Hugging Face linear weight is [out, in]; a jaxllm kernel is [in..., out...] (q [D, H, K],
@@ -112,6 +112,7 @@ ST_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f
              "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
              "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
 _ALIGN = 64  # XLA's CPU client takes a host buffer without copying it when it is this aligned
+_MAPPED_BYTES = 1 << 20  # buffers this large are fresh mapped pages (see aligned_empty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +127,19 @@ class _Entry:
 def _header(path: str) -> dict[str, _Entry]:
     """The tensors of one safetensors file, from its header: an 8-byte little-endian length, then
     that many bytes of JSON {name: {dtype, shape, data_offsets}} relative to the end of the header."""
+    length = os.path.getsize(path)
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    entries, length = {}, os.path.getsize(path)
+        try:
+            if not 0 < size <= length - 8:
+                raise ValueError(f"a header of {size} bytes in a file of {length}")
+            header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    info["dtype"], info["shape"], info["data_offsets"]  # noqa: B018  (present)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HFError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -144,12 +154,9 @@ def _header(path: str) -> dict[str, _Entry]:
 
 def aligned_empty(shape, dtype) -> np.ndarray:
     """np.empty with its data _ALIGN-byte aligned, so that jax.device_put onto a CPU device uses
-    the buffer as it is (numpy's own allocations are 16-byte aligned, which XLA copies). A large
-    one is fresh pages mapped all at once (MAP_POPULATE): first touching them one page fault at a
-    time, in the scattered order a transposing copy writes, costs more than the copy itself
-    (sixteen [2048, 8192] bfloat16 kernels: 2.0 s, against 0.2 s mapping + 0.6 s copying).
-    Transparent huge pages (MADV_HUGEPAGE + MADV_POPULATE_WRITE) were 3x faster to map in a
-    fresh process but 4-7 s for the whole model once memory was fragmented (compaction)."""
+    the buffer as it is (numpy aligns to 16 bytes, which XLA copies). A large one is fresh pages
+    mapped at once (MAP_POPULATE): page faults in a transposing copy's scattered write order cost
+    more than the copy (benchmarks/README.md, "Hugging Face import")."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= _MAPPED_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
@@ -159,8 +166,6 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     offset = -raw.ctypes.data % _ALIGN
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
-
-_MAPPED_BYTES = 1 << 20
 
 
 class SafetensorsFiles:
@@ -201,14 +206,17 @@ class SafetensorsFiles:
         so far resident in this process."""
         e = self._entry(name)
         shape = e.shape or (1,)
-        rows = slice(*(rows or slice(None)).indices(shape[0]))
+        start, stop, step = (rows if rows is not None else slice(None)).indices(shape[0])
+        if step != 1:
+            raise ValueError(f"rows of {name}: only a contiguous slice (step 1) maps, got {rows}")
+        count = max(stop - start, 0)
         row_bytes = e.dtype.itemsize * math.prod(shape[1:])
-        lo, hi = e.start + rows.start * row_bytes, e.start + rows.stop * row_bytes
-        count = _length(rows)
-        if hi > e.stop or count < 0:
+        lo = e.start + start * row_bytes
+        hi = lo + count * row_bytes
+        if hi > e.stop:
             raise HFError(f"tensor {name} in {e.file} is shorter than its header says")
         if count == 0 or row_bytes == 0:
-            return np.empty((max(count, 0), *shape[1:]), e.dtype)
+            return np.empty((count, *shape[1:]), e.dtype)
         base = lo - lo % mmap.ALLOCATIONGRANULARITY
         with open(e.file, "rb") as f:
             # MAP_POPULATE maps every page in one call instead of one page fault at a time.
@@ -221,6 +229,8 @@ class SafetensorsFiles:
         """Tensor `name` (or its block `index`, a tuple of slices), copied into memory."""
         if index is None or not index:
             return np.array(self.rows(name))
+        if not all(isinstance(i, slice) for i in index):
+            raise TypeError(f"read({name!r}, index): index must be a tuple of slices, got {index}")
         return np.array(self.rows(name, index[0])[(slice(None), *index[1:])])
 
 
@@ -254,7 +264,9 @@ def _read_block_into(files: SafetensorsFiles, name: str, m: TensorMap, shape, in
         source = files.rows(name, rows)[:, cols]  # [flat out, flat in], on the file's pages
         blocked = (_length(index[0]), *in_shape[1:], _length(index[m.kernel]), *out_shape[1:])
         if _whole(rest_in[1:], in_shape[1:]) and _whole(rest_out[1:], out_shape[1:]):
-            transpose_into(source, out.reshape(source.shape[::-1]))  # straight into place
+            into = out.view()
+            into.shape = source.shape[::-1]  # a view or an error, never a copy the result would miss
+            transpose_into(source, into)  # straight into place
         else:
             block = np.empty(source.shape[::-1], source.dtype)
             transpose_into(source, block)
@@ -267,10 +279,9 @@ def _read_block_into(files: SafetensorsFiles, name: str, m: TensorMap, shape, in
 
 
 def transpose_into(x: np.ndarray, out: np.ndarray) -> None:
-    """out[...] = x.T for 2-D arrays. numpy's own transposing copy moves one element at a time and
-    misses the cache on nearly every one (an [8192, 2048] bfloat16 kernel: 180 ms; 60 ms tiled,
-    39 ms as an XLA transpose); here 16- and 32-bit elements move as 64-bit words holding 4x4
-    (2x2) blocks transposed with shifts and masks (21 ms)."""
+    """out[...] = x.T for 2-D arrays. numpy's transposing copy misses the cache on nearly every
+    element; 16- and 32-bit elements move here as 64-bit words holding 4x4 (2x2) blocks, transposed
+    with shifts and masks (~3x faster than tiles; benchmarks/README.md, "Hugging Face import")."""
     size = x.dtype.itemsize
     lanes = 8 // size if size in (2, 4) else 0
     if (lanes and x.dtype == out.dtype and sys.byteorder == "little" and x.shape[0] % lanes == 0
@@ -300,7 +311,7 @@ _S16, _S32 = np.uint64(16), np.uint64(32)
 def _transpose_words(words: np.ndarray, columns: np.ndarray, lanes: int) -> None:
     """`words`: rows of 64-bit words, each `lanes` elements of a row (little-endian); writes
     columns[c, j, r] = the word of elements (lanes·r .. lanes·r + lanes - 1, lanes·c + j), that is
-    word c of the transposed block's row lanes·c + j."""
+    word r of the transposed block's row lanes·c + j."""
     rows = [words[i::lanes] for i in range(lanes)]
     if lanes == 4:  # swap 16-bit lanes between rows 0-1 and 2-3, then 32-bit halves between 01 and 23
         even, odd = _M16

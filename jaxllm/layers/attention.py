@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
-from jaxllm.layers.base import adapter_dropout, apply_rotary, compute_dtype, constrain, dense_init, rotary_sin_cos
+from jaxllm.layers.base import apply_rotary, compute_dtype, constrain, dense_init, rotary_sin_cos, with_dropout_keys
 from jaxllm.ops.attention import attention_bias
 from jaxllm.ops.projection import unadapted, with_adapter
 from jaxllm.registry import Registry
@@ -143,7 +143,7 @@ class Attention(nn.Module):
         w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_o = self.param("o", dense_init(out_std, ("heads", "head_dim", "embed")), (H, K, D))
-        w_q, w_k, w_v, w_o = adapter_dropout(self, w_q, w_k, w_v, w_o)  # LoRA; no-op for plain kernels
+        w_q, w_k, w_v, w_o = with_dropout_keys(self, w_q, w_k, w_v, w_o)  # LoRA; no-op for plain kernels
         if context is None:
             context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
 

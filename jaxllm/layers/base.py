@@ -36,13 +36,13 @@ def dense_init(std: float, names: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
 
 
-def adapter_dropout(module: nn.Module, *kernels):
+def with_dropout_keys(module: nn.Module, *kernels):
     """The kernels, each one with a low-rank adapter that has dropout (ops.projection.Adapted, see
-    compression/lora.py) given its own key from `module`'s 'dropout' rng. Only a training step
+    compression/lora.py) given its own dropout key from `module`'s 'dropout' rng. Only a training step
     passes that rng, so evaluation has no dropout."""
     if not module.has_rng("dropout"):
         return kernels
-    return tuple(w.with_dropout_key(module.make_rng("dropout")) if isinstance(w, Adapted) and w.dropout > 0 else w
+    return tuple(w.with_dropout_key(module.make_rng("dropout")) if isinstance(w, Adapted) and w.dropout_rate > 0 else w
                  for w in kernels)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig
-from jaxllm.layers.base import adapter_dropout, compute_dtype, constrain, dense_init
+from jaxllm.layers.base import compute_dtype, constrain, dense_init, with_dropout_keys
 from jaxllm.ops.projection import Adapted, unadapted, with_adapter
 from jaxllm.registry import Registry
 from jaxllm.sharding import ACT_EMBED, ACT_MLP, BATCH, LENGTH
@@ -39,7 +39,7 @@ class Mlp(nn.Module):
         w_gate = self.param("gate", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
         w_up = self.param("up", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
         w_down = self.param("down", dense_init(out_std, ("mlp", "embed")), (F, D))
-        w_gate, w_up, w_down = adapter_dropout(self, w_gate, w_up, w_down)  # LoRA; no-op for plain kernels
+        w_gate, w_up, w_down = with_dropout_keys(self, w_gate, w_up, w_down)  # LoRA; no-op for plain kernels
         gate_up_BLJF = ops.gate_up(x_BLD, unadapted(w_gate), unadapted(w_up), dtype)
         if isinstance(w_gate, Adapted) or isinstance(w_up, Adapted):  # adapters' terms on the fused output
             gate_up_BLJF = jnp.stack([with_adapter(gate_up_BLJF[..., j, :], x_BLD, w, 1, dtype)

@@ -30,9 +30,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm import ops
 from jaxllm.config import ModelConfig, MoeConfig
-from jaxllm.layers.base import adapter_dropout, compute_dtype, constrain, dense_init
+from jaxllm.layers.base import compute_dtype, constrain, dense_init, with_dropout_keys
 from jaxllm.layers.mlp import MLP_KINDS, Mlp
 from jaxllm.ops.grouped_ffn import rank_within_group, swiglu_ECD
+from jaxllm.ops.projection import Adapted
 from jaxllm.registry import Registry
 from jaxllm.sharding import ACT_EMBED, BATCH, BATCH_AXES, LENGTH
 
@@ -250,6 +251,9 @@ def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, mo
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
 
     def body(x_bLD, valid_bL, router_DE, w_gate, w_up, w_down):
+        if batch_axes:  # LoRA dropout: devices holding other sequences draw other masks
+            shard = jax.lax.axis_index(batch_axes)
+            w_gate, w_up, w_down = (w.fold_in(shard) if isinstance(w, Adapted) else w for w in (w_gate, w_up, w_down))
         out_bLD, sums, dropped = moe_tokens(
             x_bLD, valid_bL, router_DE, w_gate, w_up, w_down, moe,
             expert_axis="expert" if X > 1 else None, num_shards=X)
@@ -288,7 +292,7 @@ class MoeMlp(nn.Module):
         w_up = self.param("up", dense_init(cfg.init_std, ("expert", "embed", "mlp")), (E, D, F))
         w_down = self.param("down", dense_init(out_std, ("expert", "mlp", "embed")), (E, F, D))
         # LoRA on the experts: one adapter (and dropout key) per expert; no-op for plain kernels.
-        w_gate, w_up, w_down = adapter_dropout(self, w_gate, w_up, w_down)
+        w_gate, w_up, w_down = with_dropout_keys(self, w_gate, w_up, w_down)
 
         x_in = x_BLD.astype(dtype)
         if moe.jitter > 0 and self.has_rng("dropout"):

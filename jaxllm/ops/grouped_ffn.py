@@ -91,7 +91,7 @@ def _ragged_dot(x_RD, w_EDF, sizes_E, expert_sorted_R):
     if isinstance(w_EDF, Adapted):  # x W + scale · (dropout(x) A) B, a dropout key per row
         R = x_RD.shape[0]
         x_in = x_RD if w_EDF.rng is None else dropout(
-            x_RD, jax.vmap(jax.random.fold_in)(w_EDF.rng[expert_sorted_R], jnp.arange(R)), w_EDF.dropout)
+            x_RD, jax.vmap(jax.random.fold_in)(w_EDF.rng[expert_sorted_R], jnp.arange(R)), w_EDF.dropout_rate)
         h = jax.lax.ragged_dot(x_in, w_EDF.a.astype(x_RD.dtype), sizes_E) * jnp.asarray(w_EDF.scale, x_RD.dtype)
         return (_ragged_dot(x_RD, w_EDF.kernel, sizes_E, expert_sorted_R)
                 + jax.lax.ragged_dot(h, w_EDF.b.astype(x_RD.dtype), sizes_E))

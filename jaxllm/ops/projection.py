@@ -118,15 +118,25 @@ class Adapted:
     b: jax.Array
     rng: jax.Array | None = None
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
-    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    dropout_rate: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
         return self.a.shape[: self.a.ndim + self.b.ndim - 2 - self.kernel.ndim]
 
+    def fold_in(self, data):
+        """Itself with `data` folded into every dropout key: the shards of a batch split over
+        devices each draw their own masks."""
+        if self.rng is None:
+            return self
+        fold = lambda key: jax.random.fold_in(key, data)  # noqa: E731
+        for _ in range(self.rng.ndim):
+            fold = jax.vmap(fold)
+        return self.replace(rng=fold(self.rng))
+
     def with_dropout_key(self, key):
         """Itself with dropout keyed by `key` (split into one key per batch slice)."""
-        if self.dropout <= 0:
+        if self.dropout_rate <= 0:
             return self
         return self.replace(rng=jax.random.split(key, self.batch_shape) if self.batch_shape else key)
 
@@ -143,7 +153,7 @@ def dropout(x, rng, rate: float):
 
 
 def adapter_input(x, w: Adapted):
-    return x if w.rng is None else dropout(x, w.rng, w.dropout)
+    return x if w.rng is None else dropout(x, w.rng, w.dropout_rate)
 
 
 def lora_delta(x, w: Adapted, contract: int, dtype):
