@@ -3,7 +3,8 @@
     python experiments/classify_stdlib_lora.py [key=value ...]
 
 Result (same steps and batches as classify_stdlib): accuracy 0.485, macro-F1 0.153 with 67.6k
-trainable params (2.0 % of 3.31M); full fine-tuning 0.490 / 0.185.
+trainable params (2.0 % of 3.31M); full fine-tuning 0.490 / 0.185. With finetune.lora.dropout=0.1
+(dropout on the adapters' input): 0.497 / 0.185.
 """
 
 import dataclasses
