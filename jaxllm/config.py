@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import json
+import os
 import typing
 from typing import Any, Sequence
 
@@ -456,3 +457,15 @@ def from_dict(cls, values: dict) -> Any:
 
 def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def read_config_json(workdir: str) -> dict:
+    """The config a run was started with (written to <workdir>/config.json at start)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a jaxllm run directory (run an experiment with "
+            f"workdir={workdir} first)"
+        )
+    with open(path) as f:
+        return json.load(f)

@@ -59,13 +59,14 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     eval_fraction: float = 0.05
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
+    """A string's stable place in [0, 1) (sha256): splits by it survive other items coming and going."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
 
 
 def split_files(files: Sequence[str], eval_fraction: float) -> dict[str, list[str]]:
     """Train/validation split by a hash of each relative path: stable when files come and go."""
-    scored = sorted((_unit_hash(f), f) for f in files)
+    scored = sorted((unit_hash(f), f) for f in files)
     num_eval = sum(u < eval_fraction for u, _ in scored)
     if eval_fraction > 0 and len(scored) >= 2:  # TFDS cannot write an empty split
         num_eval = min(max(num_eval, 1), len(scored) - 1)
@@ -228,6 +229,8 @@ def prepare_text_files(
 class Documents(Sequence[str]):
     """Random-access view of one text feature of a TFDS data source, as str."""
 
+    cache_key = ""  # what, besides the source, the text depends on (a transform's key)
+
     def __init__(self, source: Sequence[dict], feature: str, description: str = ""):
         self.source, self.feature, self.description = source, feature, description
 
@@ -263,6 +266,9 @@ class Transform:
     key: str
 
 
+# Text datasets built here from local files rather than read from a prepared TFDS dataset.
+LOCAL_TEXT_SOURCES = ("python_stdlib", "text_files")
+
 # name -> factory(DataConfig) -> Transform; jaxllm.knowledge registers kg_facts.
 DOCUMENT_TRANSFORMS = Registry("data.transform")
 
@@ -273,6 +279,7 @@ class TransformedDocuments(Documents):
     def __init__(self, docs: Documents, transform: Transform):
         super().__init__(docs.source, docs.feature, f"{docs.description}|{transform.key}")
         self.transform = transform
+        self.cache_key = f"/{transform.key}"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -302,7 +309,7 @@ def _prepare_hint(name: str, data_dir: str) -> str:
             f"data.data_dir to the directory where it is prepared")
 
 
-def named_builder(cfg: DataConfig, data_dir: str, local_sources: Sequence[str] = ("python_stdlib", "text_files")):
+def named_builder(cfg: DataConfig, data_dir: str, local_sources: Sequence[str] = LOCAL_TEXT_SOURCES):
     """The TFDS builder of data.dataset, or a clear error that also names the caller's own
     (`local_sources`) dataset names."""
     try:
@@ -351,16 +358,21 @@ def named_source(cfg: DataConfig, split: str, data_dir: str, feature_key: str = 
     return source, cache
 
 
+def stdlib_builder(data_dir: str, eval_fraction: float):
+    """The TFDS builder of this Python's standard-library corpus, prepared on first use."""
+    root, files = stdlib_files()
+    name = f"python_stdlib-{sys.version_info.major}.{sys.version_info.minor}"
+    return prepare_text_files(data_dir, name, root, files, eval_fraction)
+
+
 def _open(cfg: DataConfig, split: str) -> tuple[Documents, str | None]:
     data_dir = resolve_data_dir(cfg)
-    if cfg.dataset in ("python_stdlib", "text_files"):
+    if cfg.dataset in LOCAL_TEXT_SOURCES:
         if cfg.dataset == "python_stdlib":
-            root, files = stdlib_files()
-            name = f"python_stdlib-{sys.version_info.major}.{sys.version_info.minor}"
+            builder = stdlib_builder(data_dir, cfg.eval_fraction)
         else:
             root, files = glob_files(cfg.text_files)
-            name = "text_files"
-        builder = prepare_text_files(data_dir, name, root, files, cfg.eval_fraction)
+            builder = prepare_text_files(data_dir, "text_files", root, files, cfg.eval_fraction)
         try:
             source = builder.as_data_source(split=split)
         except Exception as e:
@@ -427,8 +439,7 @@ def token_stream(cfg: DataConfig, split: str, tok: Tokenizer = BYTES) -> tuple[n
         return tokens, np.cumsum(lengths) - lengths
     # The byte tokenizer's streams keep their names; another tokenizer's carry its file's digest.
     tokenizer_key = "" if tok is BYTES else "/" + file_digest(tok.name)
-    transform_key = f"/{docs.transform.key}" if isinstance(docs, TransformedDocuments) else ""
-    digest = hashlib.sha256(f"{split}/{docs.feature}{tokenizer_key}{transform_key}".encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{split}/{docs.feature}{tokenizer_key}{docs.cache_key}".encode()).hexdigest()[:8]
     key = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}-{digest}"
     tokens_path = os.path.join(cache_dir, f"jaxllm_tokens-{key}.npy")
     starts_path = os.path.join(cache_dir, f"jaxllm_starts-{key}.npy")

@@ -243,8 +243,7 @@ class Generator:
         prefix = None
         if I:
             prefix_embeds = jnp.pad(prefix_embeds, ((0, B - n_prompts), (0, 0), (0, 0)))
-            segment_ids = np.concatenate([np.ones((B, I), np.int32), segment_ids], 1)
-            positions = np.concatenate([np.broadcast_to(np.arange(I, dtype=np.int32), (B, I)), positions + I], 1)
+            segment_ids, positions = vlm.image_prefix_layout(I, segment_ids, positions)
             prefix = segment_ids != 0
         T = I + P + sampling.max_new_tokens
         last_slot = I + np.where(padding == "left", P - 1, lengths - 1).astype(np.int32)

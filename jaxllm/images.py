@@ -68,6 +68,13 @@ class ImageSet:
     names: tuple[str, ...]  # class names (labels index them); () when the source has none
     examples: Sequence[Example]
 
+    def labelled(self) -> Sequence[Example]:
+        """The examples that have a label. A TFDS dataset's records all have one or none, so it is
+        not read (and its images not decoded) to find out."""
+        if isinstance(self.examples, _TfdsExamples):
+            return self.examples if self.examples.label else []
+        return [e for e in self.examples if e.label >= 0]
+
 
 # ---------------------------------------------------------------------------------------------
 # Decoding
@@ -160,29 +167,20 @@ def _image_files(folder: str) -> list[str]:
                   for root, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def _require_path(cfg: DataConfig, kind: str) -> str:
-    if not cfg.path:
-        raise ConfigError(f"data.dataset={cfg.dataset} needs data.path, the {kind} of images")
-    path = os.path.realpath(os.path.expanduser(cfg.path))
-    if not os.path.exists(path) or os.path.isdir(path) != (kind == "folder"):
-        raise ConfigError(f"data.path={cfg.path!r} is not an existing {kind} (relative to {os.getcwd()})")
-    return path
-
-
 def _image_folder(cfg: DataConfig, split: str) -> ImageSet:
-    root = _require_path(cfg, "folder")
+    root = labelled.require_path(cfg, "folder", "images")
     subdirs = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
     split_dirs = {"train", "validation", "test"} & set(subdirs)
     if split_dirs:
         folder = os.path.join(root, split)
         if split not in split_dirs:
             raise ConfigError(f"data.path={cfg.path!r} has no {split}/ folder (it has {sorted(split_dirs)})")
-        files = _image_files(folder)
+        every_file = files = _image_files(folder)
     else:
         folder = root
-        files = data.split_files(_image_files(root), cfg.eval_fraction).get(
-            "train" if split == "train" else "validation", [])
-    found = sorted({os.path.normpath(f).split(os.sep)[0] for f in _image_files(folder) if os.sep in f})
+        every_file = _image_files(root)
+        files = data.split_files(every_file, cfg.eval_fraction).get("train" if split == "train" else "validation", [])
+    found = sorted({os.path.normpath(f).split(os.sep)[0] for f in every_file if os.sep in f})
     names, index = labelled.class_index(found, cfg.classes, f"data.path={cfg.path!r}")
     examples = [Example(os.path.join(folder, f), "", name, index[name])
                 for f in files if os.sep in f for name in [os.path.normpath(f).split(os.sep)[0]]]
@@ -190,7 +188,7 @@ def _image_folder(cfg: DataConfig, split: str) -> ImageSet:
 
 
 def _image_jsonl(cfg: DataConfig, split: str) -> ImageSet:
-    path = _require_path(cfg, "file")
+    path = labelled.require_path(cfg, "file", "images")
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -226,6 +224,9 @@ class _TfdsExamples(Sequence):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def __iter__(self):  # the data source raises ValueError, not IndexError, past its end
+        return (self[i] for i in range(len(self)))
 
     def __getitem__(self, i: int) -> Example:
         record = self.source[int(i)]
@@ -310,7 +311,7 @@ class ImageBatches(labelled.ExampleBatches):
         self.class_names = found.names
         self.items = found.examples
         if layout == "late_fusion":
-            self.items = [e for e in found.examples if e.label >= 0]
+            self.items = found.labelled()
         if not len(self.items):
             raise ConfigError(f"{cfg.data.dataset}[{split}] has no examples" +
                               (" with a label" if layout == "late_fusion" else ""))

@@ -123,10 +123,10 @@ def label_index(raw: Any, names: Sequence[str], where: str) -> int:
     raise ConfigError(f"{where}: unknown label {text!r}: not one of data.classes={list(names)} nor an index")
 
 
-def _require_path(cfg: DataConfig) -> str:
-    kind = "folder" if cfg.dataset == "folder" else "file"
+def require_path(cfg: DataConfig, kind: str, holding: str) -> str:
+    """data.path resolved, if it is an existing `kind` ("folder" or "file") of `holding`."""
     if not cfg.path:
-        raise ConfigError(f"data.dataset={cfg.dataset} needs data.path, the {kind} of labelled text")
+        raise ConfigError(f"data.dataset={cfg.dataset} needs data.path, the {kind} of {holding}")
     path = os.path.realpath(os.path.expanduser(cfg.path))
     if not os.path.exists(path):
         raise ConfigError(f"data.path={cfg.path!r} does not exist (relative to {os.getcwd()})")
@@ -152,7 +152,7 @@ def _stats(root: str, files: Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 def _folder(cfg: DataConfig):
-    root = _require_path(cfg)
+    root = require_path(cfg, "folder", "labelled text")
 
     def holds_only_folders(d: str) -> bool:
         entries = os.listdir(os.path.join(root, d))
@@ -210,7 +210,7 @@ def _read_table(cfg: DataConfig, path: str) -> list[tuple[str, str, Any, Any]]:
 
 
 def _table(cfg: DataConfig):
-    path = _require_path(cfg)
+    path = require_path(cfg, "file", "labelled text")
 
     def make():
         rows, where = _read_table(cfg, path), f"data.path={cfg.path!r}"
@@ -378,7 +378,11 @@ def _dataset(cfg: DataConfig) -> _Dataset:
 
 def class_names(cfg: Config) -> tuple[str, ...]:
     """The class names in label order; classifier.num_classes must be their number."""
-    names = _dataset(cfg.data).names
+    return check_class_count(cfg, _dataset(cfg.data).names)
+
+
+def check_class_count(cfg: Config, names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names`, if classifier.num_classes is their number; else a clear error."""
     if cfg.classifier.num_classes != len(names):
         raise ConfigError(f"classifier.num_classes={cfg.classifier.num_classes} but data.dataset="
                           f"{cfg.data.dataset} has {len(names)} classes {list(names)}: "

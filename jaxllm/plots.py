@@ -17,8 +17,7 @@ matplotlib.use("Agg")  # headless: no display on a training host
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jaxllm.config import ConfigError  # noqa: E402
-from jaxllm.training import checkpoint as ckpt  # noqa: E402
+from jaxllm.config import ConfigError, read_config_json  # noqa: E402
 
 X_AXES = ("step", "tokens")
 
@@ -38,7 +37,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def tokens_per_step(workdir: str) -> int:
-    train = ckpt.read_config_json(workdir).get("train", {})
+    train = read_config_json(workdir).get("train", {})
     return int(train.get("batch_size", 0)) * int(train.get("seq_len", 0))
 
 

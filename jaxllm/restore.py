@@ -147,7 +147,12 @@ def inference_config(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
 
 def load_config(workdir: str) -> Config:
     """The config a run was started with (its config.json), made portable to this machine."""
-    return portable_config(config_lib.from_dict(Config, ckpt.read_config_json(workdir)))
+    return portable_config(config_lib.from_dict(Config, config_lib.read_config_json(workdir)))
+
+
+def check_mesh(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    """The family's sharded dimensions (the vision tower's too, if it has one) divide over `mesh`."""
+    sharding.check_divisibility(cfg, mesh, vision=MODELS.get(cfg.family).images)
 
 
 def load_params(workdir: str, return_step: bool = False, tensor: int = 1, step: int | None = None) -> Any:
@@ -159,8 +164,6 @@ def load_params(workdir: str, return_step: bool = False, tensor: int = 1, step: 
     mesh = sharding.make_mesh(sharding.params_mesh_config(cfg.model, tensor))
     cfg = inference_config(cfg, mesh)
     validation.validate(cfg)
-    sharding.check_divisibility(cfg, mesh)
-    if MODELS.get(cfg.family).images:
-        sharding.check_vision_divisibility(cfg.vision, mesh)
+    check_mesh(cfg, mesh)
     params, step, _ = restore_params(ckpt.checkpoint_dir(workdir), cfg, mesh, step)
     return (cfg, params, step) if return_step else (cfg, params)

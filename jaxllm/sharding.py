@@ -104,8 +104,9 @@ def axis_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def check_divisibility(cfg: Config, mesh: Mesh) -> None:
-    """Every dimension that a rule shards must divide by that mesh axis; say which one does not."""
+def check_divisibility(cfg: Config, mesh: Mesh, vision: bool = False) -> None:
+    """Every dimension that a rule shards must divide by that mesh axis; say which one does not.
+    `vision`: the model has the vision tower of config `vision` too (restore.check_mesh knows)."""
     m, t = cfg.model, cfg.train
     tensor, fsdp, expert = mesh.shape["tensor"], mesh.shape["fsdp"], mesh.shape["expert"]
     checks = [
@@ -123,6 +124,10 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
         if moe.num_shared:
             checks.append(("model.moe.num_shared * shared_dim", moe.num_shared * (moe.shared_dim or expert_dim),
                            "tensor", tensor))
+    if vision:
+        checks += [("vision.num_heads", cfg.vision.num_heads, "tensor", tensor),
+                   ("vision.mlp_dim", cfg.vision.mlp_dim, "tensor", tensor),
+                   ("vision.d_model", cfg.vision.d_model, "fsdp", fsdp)]
     batch_shards = axis_size(mesh, BATCH_AXES)
     micro_batch = t.batch_size // t.grad_accum
     checks.append(("train.batch_size / train.grad_accum", micro_batch, "data*fsdp*expert", batch_shards))
@@ -133,17 +138,6 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
                 f"{name} or the mesh"
             )
     check_attention_backend(m, mesh)
-
-
-def check_vision_divisibility(vision, mesh: Mesh) -> None:
-    """The vision tower's sharded dimensions (config `vision`) against the mesh."""
-    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    for name, value, axis, size in (("vision.num_heads", vision.num_heads, "tensor", tensor),
-                                    ("vision.mlp_dim", vision.mlp_dim, "tensor", tensor),
-                                    ("vision.d_model", vision.d_model, "fsdp", fsdp)):
-        if value % size:
-            raise ConfigError(f"{name}={value} is not divisible by the {axis} mesh axis ({size}); change "
-                              f"{name} or the mesh")
 
 
 def check_attention_backend(model_cfg, mesh: Mesh) -> None:

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import losses, sharding
+from jaxllm import losses
 from jaxllm.models import MODELS, ModelFamily, Transformer
 from jaxllm.models import causal_lm
 from jaxllm.training import train
-from helpers import packed_batch, tiny_config
+from helpers import packed_batch, tiny_config, two_train_steps
 
 
 def _copy_family() -> ModelFamily:
@@ -51,26 +51,15 @@ def copy_family():
     del MODELS["copy_test"]
 
 
-def _steps(cfg, devices):
-    s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
-    state = train.init_state(s, jax.random.key(0))
-    step = train.make_train_step(s)
-    history = []
-    for seed in range(3):
-        state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
-        history.append(jax.device_get(metrics))
-    return s, state, history
-
-
 def test_a_registered_family_trains_evaluates_and_shards_without_edits_to_training(copy_family):
     cfg = dataclasses.replace(tiny_config(), family=copy_family, opt=dataclasses.replace(tiny_config().opt, learning_rate=1e-2))
-    s, state, history = _steps(cfg, jax.devices())
+    s, state, history = two_train_steps(cfg, jax.devices(), steps=3)
     assert isinstance(s.model, Transformer) and s.model.cfg.attention_kind == "bidirectional"
     assert "copy_perplexity" in history[0] and "bits_per_byte" not in history[0]
     np.testing.assert_allclose(history[0]["copy_perplexity"], np.exp(history[0]["loss"]), rtol=1e-5)
     assert history[-1]["loss"] < history[0]["loss"]
     # Sharded over 8 devices equals one device.
-    _, single_state, single_history = _steps(cfg, jax.devices()[:1])
+    _, single_state, single_history = two_train_steps(cfg, jax.devices()[:1], steps=3)
     for got, want in zip(history, single_history):
         np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

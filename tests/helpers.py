@@ -48,15 +48,17 @@ def packed_batch(batch_size=8, seq_len=32, seed=0, vocab=259) -> dict[str, np.nd
             "positions": positions, "weights": weights}
 
 
-def two_train_steps(cfg: C.Config, devices=None):
-    """(setup, state, per-step metrics) after two train steps on packed batches 0 and 1, on a mesh
-    of `devices` (default: all); the common core of the sharded-equals-single-device tests."""
+def two_train_steps(cfg: C.Config, devices=None, steps: int = 2, batch=None):
+    """(setup, state, per-step metrics) after `steps` train steps on batches `batch(k)` (default:
+    packed batches 0, 1, ...), on a mesh of `devices` (default: all); the common core of the
+    sharded-equals-single-device tests."""
+    batch = batch or (lambda k: packed_batch(seed=k))
     s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
     state = train.init_state(s, jax.random.key(0))
     step = train.make_train_step(s)
     history = []
-    for seed in range(2):
-        state, metrics = step(state, sharding.place_batch(packed_batch(seed=seed), s.mesh))
+    for k in range(steps):
+        state, metrics = step(state, sharding.place_batch(batch(k), s.mesh))
         history.append(jax.device_get(metrics))
     return s, state, history
 

@@ -119,7 +119,7 @@ def test_a_run_with_gradient_accumulation_loads_for_sampling_and_evaluation(tmp_
     loaded, params = restore.load_params(cfg.workdir)
     assert loaded.train.grad_accum == 1 and loaded.train.batch_size == 32
     assert np.isfinite(quantize_cli.evaluate_workdir(cfg.workdir, 1)["eval_loss"])
-    assert C.from_dict(C.Config, ckpt.read_config_json(cfg.workdir)).train.grad_accum == 4
+    assert C.from_dict(C.Config, C.read_config_json(cfg.workdir)).train.grad_accum == 4
 
 
 def test_gradient_accumulation_equals_one_large_batch():
@@ -187,7 +187,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, data_dir):
     assert [r["step"] for r in resumed_records] == list(range(1, steps + 1))
     np.testing.assert_array_equal([r["loss"] for r in resumed_records], [r["loss"] for r in full_records])
 
-    cfg = C.from_dict(C.Config, ckpt.read_config_json(full))
+    cfg = C.from_dict(C.Config, C.read_config_json(full))
     s = train.setup(cfg)
     a, _ = ckpt.Checkpointer(ckpt.checkpoint_dir(full)).restore(s.abstract_state)
     b, _ = ckpt.Checkpointer(ckpt.checkpoint_dir(killed)).restore(s.abstract_state)

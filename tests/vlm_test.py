@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from jaxllm import config as C
-from jaxllm import decoding, images, sharding
+from jaxllm import decoding, images
 from jaxllm.layers.attention import ATTENTION_KINDS, Tokens
 from jaxllm.models import MODELS
 from jaxllm.training import train
 
-from helpers import save_fresh_run, tiny_config
+from helpers import save_fresh_run, tiny_config, two_train_steps
 
 VISION = C.VisionConfig(image_size=8, patch_size=4, channels=1, d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
 
@@ -131,13 +131,7 @@ def test_cached_generation_with_an_image_prefix_equals_full_recompute():
 
 
 def _two_steps(cfg, devices):
-    s = train.setup(cfg, sharding.make_mesh(cfg.mesh, devices))
-    state = train.init_state(s, jax.random.key(0))
-    step = train.make_train_step(s)
-    history = []
-    for k in range(2):
-        state, metrics = step(state, sharding.place_batch(digits_batch(cfg, k), s.mesh))
-        history.append(jax.device_get(metrics))
+    _, state, history = two_train_steps(cfg, devices, batch=lambda k: digits_batch(cfg, k))
     return state, history
 
 

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        ensemble.batch_indices(args.eval_batches, args.first_batch, args.batch_stride)  # checked before loading
+        indices = ensemble.batch_indices(args.eval_batches, args.first_batch, args.batch_stride)  # before loading
         ens = ensemble.load(args.workdir, args.rule, args.weights)
         if args.prompt:
             cfg = ens.cfgs[0]
@@ -50,7 +50,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             for prompt, generated in zip(args.prompt, outputs):
                 print(json.dumps({"prompt": prompt, "text": prompt + tok.decode(generated)}))
             return
-        indices = ensemble.batch_indices(args.eval_batches, args.first_batch, args.batch_stride)
         report = ensemble.evaluate(ens, indices)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     tok = tokenizer_lib.load(cfg.model.tokenizer)
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     try:
+        if not MODELS.get(cfg.family).generates and cfg.family != "vlm":
+            raise ConfigError(f"{args.workdir} is a {cfg.family} run, which does not generate text; "
+                              "sample from a causal_lm or vlm run")
         if MODELS.get(cfg.family).images != bool(args.image):
             raise ConfigError(f"{args.workdir} is a {cfg.family} run: " + (
                 "give it --image FILE" if not args.image else "it reads no images; drop --image"))

@@ -35,7 +35,7 @@ def quantize_workdir(workdir: str, out: str) -> dict:
         raise QuantizationError("--out must differ from --workdir (the float checkpoint is kept)")
     if ckpt.holds_checkpoints(out):
         raise QuantizationError(f"{out} already holds checkpoints; choose an empty --out")
-    ckpt.read_config_json(workdir)  # a clear error if workdir is not a run directory
+    config_lib.read_config_json(workdir)  # a clear error if workdir is not a run directory
     if checkpoint_quantization(workdir) is not None:
         raise QuantizationError(f"{workdir} already holds an int8-quantized checkpoint")
     cfg, params, step = restore.load_params(workdir, return_step=True)

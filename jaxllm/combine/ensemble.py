@@ -144,7 +144,7 @@ def load(workdirs: Sequence[str], rule: str = "mean_prob", weights: Sequence[flo
     params = []
     for workdir, cfg in zip(workdirs, cfgs):
         validation.validate(cfg)
-        sharding.check_divisibility(cfg, mesh)
+        restore.check_mesh(cfg, mesh)
         params.append(restore.restore_params(ckpt.checkpoint_dir(workdir), cfg, mesh)[0])
     models = tuple(MODELS.get(c.family).build(c) for c in cfgs)
     return Ensemble(tuple(workdirs), tuple(cfgs), models, tuple(params), mesh, rule, weights)

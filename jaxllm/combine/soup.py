@@ -79,7 +79,7 @@ def load_ingredients(workdirs: Sequence[str], steps: Sequence[int | None] | None
             raise ConfigError(f"{workdir} holds an int8-quantized checkpoint; soup the float runs and "
                               "quantize the soup")
         validation.validate(cfg)
-        sharding.check_divisibility(cfg, mesh)
+        restore.check_mesh(cfg, mesh)
         params.append(restore.restore_params(ckpt.checkpoint_dir(workdir), cfg, mesh, step)[0])
     check_compatible(workdirs, cfgs, params)
     return cfgs, params, mesh
@@ -139,7 +139,7 @@ def write(out: str, source: str, cfg: Config, params, step: int, record: dict) -
     if ckpt.holds_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; choose an empty --out")
     os.makedirs(out, exist_ok=True)
-    saved = soup_config(config_lib.from_dict(Config, ckpt.read_config_json(source)))
+    saved = soup_config(config_lib.from_dict(Config, config_lib.read_config_json(source)))
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(config_lib.to_json(dataclasses.replace(saved, workdir=os.path.abspath(out))))
     meta = {"data_step": step, "config": config_lib.to_dict(soup_config(cfg)), META_KEY: record}

@@ -18,7 +18,6 @@ and `parse`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -44,8 +43,7 @@ class Triple(NamedTuple):
 
 def unit_hash(triple: Triple) -> float:
     """A triple's place in [0, 1): held-out splits by it are stable when other triples change."""
-    digest = hashlib.sha256("\t".join(triple).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return data.unit_hash("\t".join(triple))
 
 
 def is_held_out(triple: Triple, fraction: float) -> bool:

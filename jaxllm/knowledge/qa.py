@@ -45,7 +45,7 @@ import numpy as np
 from jaxllm import data, restore
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config, ConfigError, DataConfig
-from jaxllm.decoding import Generator, SamplingConfig
+from jaxllm.decoding import Generator, SamplingConfig, pad_prompts
 from jaxllm.knowledge.fusion import FACT_PREFIX, fused_graph, graph_triples, render, select_facts
 from jaxllm.knowledge.graph import VALUE_RELATIONS, KnowledgeGraph, Triple, is_held_out, unit_hash
 from jaxllm.models import MODELS
@@ -145,12 +145,7 @@ def answer_bits_per_byte(cfg: Config, params, prompts: Sequence[str], answers: S
     graded view of what exact match sees as right or wrong."""
     tok = tokenizer_lib.load(cfg.model.tokenizer)
     rows = [(tokenizer_lib.prompt_ids(tok, p), tok.encode(a).tolist()) for p, a in zip(prompts, answers)]
-    L = max(len(p) + len(a) for p, a in rows)
-    inputs = np.full((len(rows), L), tok.pad_or_eos, np.int32)
-    segment_ids = np.zeros((len(rows), L), np.int32)
-    for i, (p, a) in enumerate(rows):
-        inputs[i, :len(p) + len(a)], segment_ids[i, :len(p) + len(a)] = p + a, 1
-    positions = np.where(segment_ids > 0, np.arange(L), 0).astype(np.int32)
+    inputs, segment_ids, positions, _ = pad_prompts([p + a for p, a in rows], "right", tok.pad_or_eos)
     model = MODELS.get(cfg.family).build(cfg)
     logits = jax.jit(model.apply)({"params": params}, inputs, segment_ids, positions)
     logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))

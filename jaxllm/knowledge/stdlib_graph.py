@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import os
-import sys
 import warnings
 
 from jaxllm import data
@@ -86,10 +85,7 @@ def corpus_triples(documents: list[tuple[str, str]]) -> list[Triple]:
 def stdlib_triples_path(cfg: DataConfig) -> str:
     """The embedded graph's JSONL file, built on first use next to the stdlib corpus (which is built
     first if needed); concurrent builders wait for one another."""
-    root, files = data.stdlib_files()
-    name = f"python_stdlib-{sys.version_info.major}.{sys.version_info.minor}"
-    data_dir = data.resolve_data_dir(cfg)
-    builder = data.prepare_text_files(data_dir, name, root, files, cfg.eval_fraction)
+    builder = data.stdlib_builder(data.resolve_data_dir(cfg), cfg.eval_fraction)
     path = os.path.join(str(builder.data_path), f"jaxllm_triples-v{FORMAT}.jsonl")
     if not os.path.exists(path):
         with data.file_lock(path + ".lock"):

@@ -27,14 +27,18 @@ def init_inputs(cfg: Config) -> tuple:
     return (jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32),)
 
 
-def forward(model, params, batch, mutable: tuple[str, ...] = ()):
+def text_inputs(batch) -> tuple:
+    """The module's positional inputs in a batch of text (other families pass their own)."""
+    return batch["inputs"], batch["segment_ids"], batch["positions"]
+
+
+def forward(model, params, batch, mutable: tuple[str, ...] = (), model_inputs=text_inputs):
     """Logits, the MoE layers' weighted router loss (0 for a dense model), their per-layer metrics
     and the mutated collections (`mutable` plus the MoE ones). A batch carrying an "rng" key
-    (training) gives it to the layers that want randomness (MoE router jitter)."""
+    (training) gives it to the layers that want randomness (MoE router jitter, LoRA dropout)."""
     rngs = {"dropout": batch["rng"]} if "rng" in batch else None
     logits, variables = model.apply(
-        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-        rngs=rngs, mutable=[*mutable, *AUX_COLLECTIONS],
+        {"params": params}, *model_inputs(batch), rngs=rngs, mutable=[*mutable, *AUX_COLLECTIONS],
     )
     router_loss, router_metrics = moe.collect(variables)
     return logits, router_loss, router_metrics, variables
@@ -48,11 +52,12 @@ def router_extras(router_loss, router_metrics, weight_sum) -> dict:
     return {name: value * weight_sum for name, value in {"moe/loss": router_loss, **router_metrics}.items()}
 
 
-def loss_fn(model, cfg: Config):
-    """Next-token cross entropy (+ z-loss, + the MoE router losses) as token sums."""
+def loss_fn(model, cfg: Config, model_inputs=text_inputs):
+    """Next-token cross entropy (+ z-loss, + the MoE router losses) as token sums, over the
+    positions the batch's weights select."""
 
     def fn(params, batch):
-        logits, router_loss, router_metrics, _ = forward(model, params, batch)
+        logits, router_loss, router_metrics, _ = forward(model, params, batch, model_inputs=model_inputs)
         loss_sum, z_sum, weight_sum = losses.cross_entropy(
             logits, batch["targets"], batch["weights"], cfg.train.z_loss
         )
@@ -76,11 +81,11 @@ def eval_sums(logits, batch, token_bytes_V) -> dict:
     return {"loss_sum": loss_sum, "weight_sum": weight_sum, "byte_sum": byte_sum}
 
 
-def eval_fn(model, cfg: Config):
+def eval_fn(model, cfg: Config, model_inputs=text_inputs):
     token_bytes_V = token_bytes(cfg)
 
     def fn(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+        logits = model.apply({"params": params}, *model_inputs(batch))
         return eval_sums(logits, batch, token_bytes_V)
 
     return fn

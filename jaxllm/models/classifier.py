@@ -25,6 +25,7 @@ from jaxllm import labelled
 from jaxllm.config import ClassifierConfig, Config, ModelConfig
 from jaxllm.layers import moe
 from jaxllm.layers.base import dense_init
+from jaxllm.models.causal_lm import text_inputs
 from jaxllm.models.family import MODELS, ModelFamily
 from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer
 from jaxllm.registry import Registry
@@ -70,11 +71,6 @@ def build(cfg: Config) -> SequenceClassifier:
 
 def init_inputs(cfg: Config) -> tuple:
     return (jnp.zeros((1, min(cfg.train.seq_len, 8)), jnp.int32),)
-
-
-def text_inputs(batch) -> tuple:
-    """The module's positional inputs in a batch of labelled text."""
-    return batch["inputs"], batch["segment_ids"], batch["positions"]
 
 
 def forward(model, params, batch, model_inputs=text_inputs):

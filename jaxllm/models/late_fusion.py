@@ -20,8 +20,8 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxllm import images
-from jaxllm.config import ClassifierConfig, Config, ConfigError, ModelConfig, VisionConfig
+from jaxllm import images, labelled
+from jaxllm.config import ClassifierConfig, Config, ModelConfig, VisionConfig
 from jaxllm.layers.base import dense_init
 from jaxllm.models.classifier import POOLINGS, eval_fn as classifier_eval_fn
 from jaxllm.models.classifier import eval_metrics as classifier_eval_metrics, loss_fn as classifier_loss_fn
@@ -64,10 +64,7 @@ def image_text_inputs(batch) -> tuple:
 
 def finalize(cfg: Config) -> Config:
     """The class names of the data, kept with the run."""
-    names = images.image_set(cfg.data, cfg.data.train_split).names
-    if cfg.classifier.num_classes != len(names):
-        raise ConfigError(f"classifier.num_classes={cfg.classifier.num_classes} but data.dataset={cfg.data.dataset} "
-                          f"has {len(names)} classes {list(names)}: set classifier.num_classes={len(names)}")
+    names = labelled.check_class_count(cfg, images.image_set(cfg.data, cfg.data.train_split).names)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=names))
 
 

@@ -17,15 +17,18 @@ positions 0..I-1, and shifts the text's by I); weights float32 [B, L] on the ans
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
-from jaxllm import images, losses
+from jaxllm import images
 from jaxllm.config import Config, ModelConfig, VisionConfig
-from jaxllm.layers import moe
-from jaxllm.models.causal_lm import eval_metrics as lm_eval_metrics, eval_sums, router_extras, token_bytes
+from jaxllm.models import causal_lm
+from jaxllm.models.causal_lm import eval_metrics as lm_eval_metrics, eval_sums, token_bytes
 from jaxllm.models.family import MODELS, ModelFamily
-from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer
+from jaxllm.models.transformer import Transformer
 from jaxllm.models.vit import PROJECTORS, VisionTower
 
 
@@ -46,11 +49,20 @@ class VisionLanguageModel(nn.Module):
         """float32 logits [B, L, V] of the text positions."""
         image_BID = self.embed_images(images)
         B, I = image_BID.shape[:2]
-        segment_ids = jnp.concatenate([jnp.ones((B, I), jnp.int32), segment_ids_BL], axis=1)
-        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(I, dtype=jnp.int32), (B, I)), positions_BL + I], axis=1)
+        segment_ids, positions = image_prefix_layout(I, segment_ids_BL, positions_BL, jnp)
         prefix = jnp.concatenate([jnp.ones((B, I), bool), prefix_BL.astype(bool)], axis=1)
         logits = self.language_model(tokens_BL, segment_ids, positions, prefix_BL=prefix, prefix_embeds_BID=image_BID)
         return logits[:, I:]
+
+
+def image_prefix_layout(I: int, segment_ids_BL, positions_BL, xp=np):
+    """Segment ids and positions of I image tokens followed by the text (numpy or jax.numpy as
+    `xp`): the images are segment 1 at positions 0..I-1 and the text's positions move up by I. Both
+    training and cached decoding lay sequences out with it, so the two cannot disagree."""
+    B = segment_ids_BL.shape[0]
+    segment_ids = xp.concatenate([xp.ones((B, I), xp.int32), segment_ids_BL], axis=1)
+    positions = xp.concatenate([xp.broadcast_to(xp.arange(I, dtype=xp.int32), (B, I)), positions_BL + I], axis=1)
+    return segment_ids, positions
 
 
 def build(cfg: Config) -> VisionLanguageModel:
@@ -63,25 +75,13 @@ def init_inputs(cfg: Config) -> tuple:
     return jnp.zeros((1, v.image_size, v.image_size, v.channels), jnp.float32), text, text + 1, text, text
 
 
-def forward(model, params, batch):
-    rngs = {"dropout": batch["rng"]} if "rng" in batch else None
-    logits, variables = model.apply(
-        {"params": params}, batch["images"], batch["inputs"], batch["segment_ids"], batch["positions"],
-        batch["prefix"], rngs=rngs, mutable=list(AUX_COLLECTIONS))
-    router_loss, router_metrics = moe.collect(variables)
-    return logits, router_loss, router_metrics
+def model_inputs(batch) -> tuple:
+    """The module's positional inputs in a batch of images with text."""
+    return batch["images"], batch["inputs"], batch["segment_ids"], batch["positions"], batch["prefix"]
 
 
-def loss_fn(model, cfg: Config):
-    """Cross entropy on the answer tokens (+ z-loss, + the language model's router losses)."""
-
-    def fn(params, batch):
-        logits, router_loss, router_metrics = forward(model, params, batch)
-        loss_sum, z_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"], cfg.train.z_loss)
-        return loss_sum + z_sum + router_loss * weight_sum, (
-            loss_sum, weight_sum, router_extras(router_loss, router_metrics, weight_sum))
-
-    return fn
+# Cross entropy on the answer tokens (the batch's weights; + z-loss, + the router losses).
+loss_fn = functools.partial(causal_lm.loss_fn, model_inputs=model_inputs)
 
 
 def eval_fn(model, cfg: Config):
@@ -90,8 +90,7 @@ def eval_fn(model, cfg: Config):
     token_bytes_V = token_bytes(cfg)
 
     def fn(params, batch):
-        logits = model.apply({"params": params}, batch["images"], batch["inputs"], batch["segment_ids"],
-                             batch["positions"], batch["prefix"])
+        logits = model.apply({"params": params}, *model_inputs(batch))
         sums = eval_sums(logits, batch, token_bytes_V)
         answered_B = jnp.any(batch["weights"] > 0, axis=1)
         wrong_B = jnp.any((jnp.argmax(logits, -1) != batch["targets"]) & (batch["weights"] > 0), axis=1)

@@ -222,13 +222,3 @@ def holds_checkpoints(workdir: str) -> bool:
     return os.path.isdir(directory) and bool(os.listdir(directory))
 
 
-def read_config_json(workdir: str) -> dict:
-    """The config a run was started with (written to <workdir>/config.json at start)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a jaxllm run directory (run an experiment with "
-            f"workdir={workdir} first)"
-        )
-    with open(path) as f:
-        return json.load(f)

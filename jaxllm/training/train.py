@@ -86,10 +86,8 @@ def setup(cfg: Config, mesh: jax.sharding.Mesh | None = None, model: nn.Module |
     hidden-state projection)."""
     validation.validate(cfg)
     mesh = mesh if mesh is not None else sharding.make_mesh(cfg.mesh)
-    sharding.check_divisibility(cfg, mesh)
+    restore.check_mesh(cfg, mesh)
     family = MODELS.get(cfg.family)
-    if family.images:
-        sharding.check_vision_divisibility(cfg.vision, mesh)
     model = model if model is not None else family.build(cfg)
     plan = finetune.plan(cfg, family)
     tx = pruning.maybe_wrap(optim.make_optimizer(cfg.opt, cfg.train.steps), cfg.prune)
@@ -136,6 +134,15 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
             raise ValueError(f"finetune.mode={s.plan.mode} trains with frozen params: pass frozen=")
     loss_fn = loss_fn or s.family.loss_fn(s.model, cfg)
     objective = loss_fn if frozen is not None else (lambda params, batch, _: loss_fn(params, batch))
+    if cfg.opt.freeze:
+        # Params frozen by opt.freeze take no update: stopping their gradient lets XLA drop their
+        # backward pass (a frozen vision tower's, say) instead of computing it to throw it away.
+        unfrozen_objective = objective
+
+        def objective(params, batch, frozen):
+            stopped = jax.tree.map(lambda p, is_frozen: jax.lax.stop_gradient(p) if is_frozen else p,
+                                   params, optim.path_mask(params, cfg.opt.freeze))
+            return unfrozen_objective(stopped, batch, frozen)
     grad_fn = jax.grad(objective, has_aux=True)  # with respect to the params only
 
     def step_fn(state: TrainState, batch, frozen):
@@ -296,7 +303,7 @@ def _check_same_backbone(cfg: Config, source: str) -> None:
     """The run `init_from` names must have this run's architecture and tokenizer (layout and
     kernel choices aside), or its params would not mean what this model expects."""
     try:
-        saved = config_lib.from_dict(Config, ckpt.read_config_json(source)).model
+        saved = config_lib.from_dict(Config, config_lib.read_config_json(source)).model
     except FileNotFoundError as e:
         raise config_lib.ConfigError(f"init_from={source}: {e}") from None
     # The attention kind changes no params: a causal LM may start a prefix-LM or a classifier.
