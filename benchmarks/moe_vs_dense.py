@@ -27,18 +27,12 @@ import tiny_lm  # noqa: E402
 from train_throughput import machine_info  # noqa: E402
 
 from jaxllm import config as config_lib  # noqa: E402
-from jaxllm.training import flops, train  # noqa: E402
+from jaxllm.training import flops, metrics_file, train  # noqa: E402
 from jaxllm.models import count_params  # noqa: E402
 
 
 def last_record_with(path: str, key: str) -> dict:
-    found = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if key in record:
-                found = record
-    return found
+    return next((r for r in reversed(metrics_file.read_records(path)) if key in r), {})
 
 
 def main(argv=None) -> None:

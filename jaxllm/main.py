@@ -19,7 +19,7 @@ from jaxllm import decoding, distributed  # noqa: E402
 from jaxllm.compression import distill  # noqa: E402
 from jaxllm.config import Config, ConfigError, override, valid_keys  # noqa: E402
 from jaxllm.models import MODELS  # noqa: E402
-from jaxllm.training import train  # noqa: E402
+from jaxllm.training import train, workdir_lock  # noqa: E402
 
 
 def parse(get_config: Callable[[], Config], argv: Sequence[str]) -> Config:
@@ -29,6 +29,30 @@ def parse(get_config: Callable[[], Config], argv: Sequence[str]) -> Config:
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _train_and_sample(cfg: Config) -> None:
+    if cfg.distill.enabled:
+        distill.train(cfg)
+    else:
+        train.train(cfg)
+    if not MODELS.get(cfg.family).generates:
+        pass  # a classifier's run ends with its evaluation
+    elif cfg.sample_tokens > 0 and cfg.checkpoint.every <= 0:
+        # The sample is drawn from the saved checkpoint, exactly as `python -m jaxllm.generate`
+        # would; with saving off there is none.
+        print("no sample: checkpoint.every=0 wrote no checkpoint to sample from", file=sys.stderr)
+    elif cfg.sample_tokens > 0 and jax.process_count() > 1:
+        # Sampling loads the params onto one process's devices; run it as its own job.
+        if jax.process_index() == 0:
+            print(f"no sample in a multi-process run: sample with `python -m jaxllm.generate "
+                  f"--workdir {cfg.workdir}` on one host", file=sys.stderr)
+    elif cfg.sample_tokens > 0:
+        text = decoding.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
+        if jax.process_index() == 0:
+            with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:
+                f.write(text)
+            print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
 
 
 def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> None:
@@ -48,26 +72,8 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
         _fail(str(e))
 
     try:
-        if cfg.distill.enabled:
-            distill.train(cfg)
-        else:
-            train.train(cfg)
-        if not MODELS.get(cfg.family).generates:
-            pass  # a classifier's run ends with its evaluation
-        elif cfg.sample_tokens > 0 and cfg.checkpoint.every <= 0:
-            # The sample is drawn from the saved checkpoint, exactly as `python -m jaxllm.generate`
-            # would; with saving off there is none.
-            print("no sample: checkpoint.every=0 wrote no checkpoint to sample from", file=sys.stderr)
-        elif cfg.sample_tokens > 0 and jax.process_count() > 1:
-            # Sampling loads the params onto one process's devices; run it as its own job.
-            if jax.process_index() == 0:
-                print(f"no sample in a multi-process run: sample with `python -m jaxllm.generate "
-                      f"--workdir {cfg.workdir}` on one host", file=sys.stderr)
-        elif cfg.sample_tokens > 0:
-            text = decoding.sample_from_workdir(cfg.workdir, cfg.sample_prompt, cfg.sample_tokens)
-            if jax.process_index() == 0:
-                with open(os.path.join(cfg.workdir, "sample.txt"), "w") as f:
-                    f.write(text)
-                print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
+        # The lock covers the sample too: it is written into the workdir after training.
+        with workdir_lock.hold(cfg.workdir):
+            _train_and_sample(cfg)
     except (ConfigError, train.TrainingError, FileNotFoundError) as e:
         _fail(str(e))

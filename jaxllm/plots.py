@@ -7,7 +7,6 @@ config.json), one line per run, written as a PNG with matplotlib's headless Agg 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -18,21 +17,18 @@ matplotlib.use("Agg")  # headless: no display on a training host
 import matplotlib.pyplot as plt  # noqa: E402
 
 from jaxllm.config import ConfigError, read_config_json  # noqa: E402
+from jaxllm.training import metrics_file  # noqa: E402
 
 X_AXES = ("step", "tokens")
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The run's logged records, one per step (the last one where a step appears twice)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    """The run's logged records, one per step (the last one where a step appears twice); a line
+    cut short by a killed run is skipped with a warning."""
+    path = metrics_file.metrics_path(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a jaxllm run directory with metrics")
-    by_step: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_step[int(record["step"])] = record
+    by_step = {int(record["step"]): record for record in metrics_file.read_records(path) if "step" in record}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -29,7 +29,7 @@ from jaxllm import restore, sharding, validation
 from jaxllm.compression import pruning
 from jaxllm.config import Config, ConfigError
 from jaxllm.training import checkpoint as ckpt
-from jaxllm.training import train
+from jaxllm.training import train, workdir_lock
 
 
 def prune_config(saved: Config, args: Sequence[str]) -> Config:
@@ -62,6 +62,7 @@ def table(before: dict, after: dict, params_after, layouts) -> str:
     return "\n".join(lines)
 
 
+@workdir_lock.holding("out")
 def prune_checkpoint(workdir: str, out: str, args: Sequence[str], eval_batches: int | None = None) -> dict:
     """Does the work of the command; returns the losses and the sparsity reached."""
     cfg = prune_config(restore.load_config(workdir), args)

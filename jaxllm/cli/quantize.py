@@ -20,7 +20,7 @@ from jaxllm.compression.quantize import (FORMAT, META_KEY, QUANTIZED_KERNELS, Qu
                                          quantize_params, weight_bytes)
 from jaxllm.config import ConfigError
 from jaxllm.training import checkpoint as ckpt
-from jaxllm.training import train
+from jaxllm.training import train, workdir_lock
 
 
 def checkpoint_quantization(workdir: str) -> dict | None:
@@ -28,6 +28,7 @@ def checkpoint_quantization(workdir: str) -> dict | None:
     return restore.checkpoint_meta(workdir).get(META_KEY)
 
 
+@workdir_lock.holding("out")
 def quantize_workdir(workdir: str, out: str) -> dict:
     """Writes the int8 version of `workdir`'s latest params to a new run directory `out`
     (config.json plus a params-only checkpoint at the same step). Returns its meta."""

@@ -26,7 +26,7 @@ from jaxllm.compression import quantize
 from jaxllm.config import Config, ConfigError, FinetuneConfig
 from jaxllm.models import MODELS
 from jaxllm.training import checkpoint as ckpt
-from jaxllm.training import finetune, train
+from jaxllm.training import finetune, train, workdir_lock
 
 META_KEY = "soup"
 
@@ -161,6 +161,7 @@ def last_checkpoints(workdir: str, k: int) -> list[int]:
     return steps[-k:]
 
 
+@workdir_lock.holding("out")
 def make_soup(workdirs: Sequence[str], out: str, greedy_soup: bool = False, held_out: Sequence[int] = (0, 1, 2, 3),
               devices=None) -> dict:
     """Writes the uniform (or greedy) soup of `workdirs` to `out`; returns its record (with each
@@ -182,6 +183,7 @@ def make_soup(workdirs: Sequence[str], out: str, greedy_soup: bool = False, held
     return record
 
 
+@workdir_lock.holding("out")
 def average_last(workdir: str, out: str, k: int, devices=None) -> dict:
     """Writes the mean of `workdir`'s last `k` checkpoints to `out`."""
     if os.path.abspath(out) == os.path.abspath(workdir):

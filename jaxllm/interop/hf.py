@@ -39,6 +39,7 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config
 from jaxllm.interop.hf_config import HFError, hf_architecture, hf_config, model_config
 from jaxllm.training import checkpoint as ckpt
+from jaxllm.training import workdir_lock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -382,6 +383,7 @@ def read_params(hf_dir: str, cfg: Config, mesh: jax.sharding.Mesh):
     return jax.tree_util.tree_map_with_path(load, abstract)
 
 
+@workdir_lock.holding("workdir")
 def import_checkpoint(hf_dir: str, workdir: str, base: Config = Config()) -> Config:
     """Writes a jaxllm run directory for the Hugging Face checkpoint in `hf_dir`: config.json, the
     tokenizer files and a params-only checkpoint at step 0 that every tool restores. `base` gives
@@ -436,6 +438,7 @@ def _hf_tensors(arch: str, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
             yield m.name(*idx), np.ascontiguousarray(block).astype(dtype)
 
 
+@workdir_lock.holding("out")
 def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_bytes: int = 2 << 30,
                       step: int | None = None) -> dict:
     """Writes `workdir`'s params (checkpoint `step`, default the latest) as a Hugging Face checkpoint

@@ -13,20 +13,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jaxllm.config import Config
-
-
-def _truncate_after(path: str, step: int) -> None:
-    """Drops records past `step`: a resumed run rewrites them, so the file keeps one per step."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+from jaxllm.training import metrics_file
 
 
 class MetricsLogger:
@@ -36,8 +23,9 @@ class MetricsLogger:
         self.jsonl = self.tensorboard = self.bar = None
         if not self.is_writer:
             return
-        path = os.path.join(cfg.workdir, "metrics.jsonl")
-        _truncate_after(path, start_step)
+        path = metrics_file.metrics_path(cfg.workdir)
+        # A resumed run writes the steps past its checkpoint again, after any line cut short.
+        metrics_file.keep_through(path, start_step)
         self.jsonl = open(path, "a")
         self.tensorboard = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
         if cfg.train.progress_bar:

@@ -29,7 +29,7 @@ from jaxllm.config import Config
 from jaxllm.models import MODELS, ModelFamily, count_params
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import ema as ema_lib
-from jaxllm.training import finetune, flops, optim
+from jaxllm.training import finetune, flops, optim, workdir_lock
 from jaxllm.training.logger import MetricsLogger
 
 
@@ -338,8 +338,13 @@ def train(
 ) -> TrainState:
     """The training loop. `log` receives every metrics dict (used by tests and main); `make_step`
     builds the train step from the Setup (default `make_train_step`; distillation passes its own,
-    and with `model` its own module)."""
+    and with `model` its own module). Holds the workdir's lock throughout (training/workdir_lock.py)."""
     cfg = MODELS.get(cfg.family).finalize(cfg)
+    with workdir_lock.hold(cfg.workdir) as lock:
+        return _train_holding(cfg, lock, log, mesh, make_step, model)
+
+
+def _train_holding(cfg: Config, lock: workdir_lock.HeldLock, log, mesh, make_step, model) -> TrainState:
     s = setup(cfg, mesh, model)
     os.makedirs(cfg.workdir, exist_ok=True)
     checkpointer = ckpt.Checkpointer(ckpt.checkpoint_dir(cfg.workdir), cfg.checkpoint)
@@ -421,6 +426,7 @@ def train(
                     record.setdefault(name, float(value) if np.ndim(value) == 0 else np.asarray(value).tolist())
                 if is_eval:
                     record.update(evaluate(s, eval_step, ema_lib.eval_params(state), eval_batches, cfg.train.eval_batches))
+                lock.check()  # a run that lost its lock (it stalled past the timeout) writes nothing more
                 logger.write(record)
                 if is_save:
                     checkpointer.save(done, state, {"data_step": done, "config": config_lib.to_dict(cfg)})
