@@ -6,9 +6,12 @@ Parses dotted overrides onto the experiment's config, initialises multi-host JAX
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 # Before jax or tensorflow_datasets start: their C++ logging is noise for an experiment's user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,6 +58,21 @@ def _train_and_sample(cfg: Config) -> None:
             print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a preempted or cancelled job) exits through the `finally` blocks, as an error
+    would: the pending checkpoint save completes and the workdir lock is released, so a relaunch
+    on another host need not wait for the lock to go stale."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -73,7 +91,7 @@ def run(get_config: Callable[[], Config], argv: Sequence[str] | None = None) -> 
 
     try:
         # The lock covers the sample too: it is written into the workdir after training.
-        with workdir_lock.hold(cfg.workdir):
+        with _sigterm_unwinds(), workdir_lock.hold(cfg.workdir):
             _train_and_sample(cfg)
     except (ConfigError, train.TrainingError, FileNotFoundError) as e:
         _fail(str(e))

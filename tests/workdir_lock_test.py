@@ -261,3 +261,22 @@ def test_a_run_killed_mid_append_plots_and_resumes_into_the_uninterrupted_run(tm
     err = capsys.readouterr().err
     assert "no longer running" in err and "removed line 3 (cut short)" in err
     _assert_same_run(workdir, reference)
+
+
+def test_a_trainer_stopped_by_sigterm_releases_its_lock(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    command = _trainer_command(workdir, data_dir) + ["train.steps=100000", "checkpoint.every=0"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    try:
+        while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        assert os.path.exists(wl.lock_path(workdir))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert not os.path.exists(wl.lock_path(workdir))
