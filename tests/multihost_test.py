@@ -184,6 +184,22 @@ def test_processes_with_different_configs_stop_with_a_clear_error(tmp_path, data
         assert "disagree" in tail and "train.steps: process 0 has 5, process 1 has 6" in tail, tail
 
 
+def test_a_locked_workdir_stops_every_process_with_a_clear_error(tmp_path, data_dir):
+    """Process 0 alone checks the workdir lock (held here by this test's process); all stop."""
+    from jaxllm.training import workdir_lock
+
+    port, workdir = _free_port(), str(tmp_path / "run")
+    lock = workdir_lock.WorkdirLock(workdir).acquire()
+    try:
+        results = _run_processes([_overrides(workdir, data_dir) + _distributed(port, 2, i) for i in range(2)], 60)
+    finally:
+        lock.release()
+    assert results[0][0] == results[1][0] == 2, results
+    assert f"error: {workdir} is in use by another writer: pid {os.getpid()}" in results[0][1], results[0][1]
+    assert "process 0 could not take the lock" in results[1][1], results[1][1]
+    assert not os.path.exists(workdir)  # the lock removes the directory it made, if nothing was written
+
+
 def test_a_missing_process_is_a_clear_error_within_the_timeout(tmp_path, data_dir):
     port, workdir = _free_port(), str(tmp_path / "run")
     start = time.monotonic()

@@ -252,12 +252,12 @@ def hold(workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = 
     if jax.process_index() == 0:
         try:
             lock = WorkdirLock(workdir, heartbeat_s, stale_after_s).acquire()
-        except WorkdirInUse as e:
+        except Exception as e:  # any failure, so that the other processes are not left waiting
             refused = e
     if jax.process_count() > 1:
         taken = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
         if not taken and refused is None:
-            refused = WorkdirInUse(f"process 0 could not take the lock of {key}; its error names the holder")
+            refused = WorkdirInUse(f"process 0 could not take the lock of {key}; its error says why")
     if refused is not None:
         raise refused
     _HELD[key] = held = HeldLock(key, lock)
