@@ -1,6 +1,7 @@
 """One run, one writer (training/workdir_lock.py): a second trainer on a workdir exits at once with
 a one-line error and the run equals an uninterrupted one; stale locks (dead pid here, silent
-heartbeat elsewhere) are taken over; of many racing creators or takers exactly one wins; every
+heartbeat elsewhere, unreadable and old) are taken over; of many racing creators or takers exactly
+one wins, with or without hard links; every
 tool that writes a run directory refuses a locked one; a run killed mid-append (lock and metrics
 line left behind) plots and resumes into the uninterrupted run."""
 
@@ -86,6 +87,33 @@ def test_a_lock_from_another_host_is_stale_only_once_its_heartbeat_is_old(tmp_pa
     lock = wl.WorkdirLock(workdir).acquire()
     assert "heartbeat is" in capsys.readouterr().err
     lock.release()
+
+
+def test_an_unreadable_lock_is_respected_until_it_is_old(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with open(wl.lock_path(workdir), "w") as f:
+        f.write('{"host": "node-')
+    with pytest.raises(wl.WorkdirInUse, match="unreadable.*delete it"):
+        wl.WorkdirLock(workdir).acquire()
+    old = time.time() - wl.STALE_AFTER_S - 60
+    os.utime(wl.lock_path(workdir), (old, old))
+    wl.WorkdirLock(workdir).acquire().release()
+    assert "from an unreadable lock file" in capsys.readouterr().err
+
+
+def test_without_hard_links_an_exclusive_create_takes_the_lock(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # what filesystems without hard links say
+
+    monkeypatch.setattr(os, "link", no_links)
+    workdir = str(tmp_path / "run")
+    lock = wl.WorkdirLock(workdir).acquire()
+    assert _holder_token(workdir) == lock.me.token
+    with pytest.raises(wl.WorkdirInUse, match=f"pid {os.getpid()}"):
+        wl.WorkdirLock(workdir).acquire()
+    lock.release()
+    assert not os.path.exists(workdir)
 
 
 def test_the_heartbeat_refreshes_the_lock_and_a_holder_that_lost_it_stops(tmp_path):
