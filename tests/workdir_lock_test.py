@@ -1,9 +1,9 @@
 """One run, one writer (training/workdir_lock.py): a second trainer on a workdir exits at once with
 a one-line error and the run equals an uninterrupted one; stale locks (dead pid here, silent
 heartbeat elsewhere, unreadable and old) are taken over; of many racing creators or takers exactly
-one wins, with or without hard links; every
-tool that writes a run directory refuses a locked one; a run killed mid-append (lock and metrics
-line left behind) plots and resumes into the uninterrupted run."""
+one wins, with or without hard links; every tool that writes a run directory refuses a locked one;
+a run killed mid-append (lock and metrics line left behind) plots and resumes into the
+uninterrupted run; SIGTERM releases the lock."""
 
 import dataclasses
 import json
