@@ -74,8 +74,10 @@ class ModelConfig:
     attention_kind: str = "causal"  # key of layers.ATTENTION_KINDS: causal, bidirectional, prefix_lm, ...
     window: int = 0  # keys a query sees at most, for windowed attention kinds (0: unlimited)
     # How training's causal self-attention is computed: "xla" (portable einsums and a masked
-    # softmax, on every backend) or "cudnn" (cuDNN's fused flash attention; NVIDIA GPUs with
-    # bfloat16/float16 compute only). Cached decoding always uses the XLA path.
+    # softmax, on every backend), "cudnn" (cuDNN's fused flash attention; NVIDIA GPUs with
+    # bfloat16/float16 compute only), "splash" (jax's Pallas splash kernel; TPUs, lengths and head
+    # dims multiples of 128) or "auto" (the mesh platform's fused kernel where it applies, else
+    # xla). Cached decoding always uses the XLA path.
     attention_impl: str = "xla"
     rope_theta: float = 10_000.0
     rope_scaling: RopeScalingConfig = RopeScalingConfig()
@@ -102,12 +104,22 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; one of them may be -1 (use the remaining devices)."""
+    """Device mesh sizes; one of them may be -1 (use the remaining devices). With several slices
+    (TPU pods joined over the data-centre network, DCN) these are the sizes inside one slice and
+    the dcn_* sizes split the slices: an axis spans dcn_<axis> x <axis> devices in all."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     expert: int = 1
+    # Across slices only data and fsdp: their traffic (gradient reduction, weight gathers once per
+    # layer) tolerates DCN bandwidth; tensor and expert exchange activations every layer.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +146,10 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
     z_loss: float = 0.0  # weight of log(Z)^2 on the LM logits
+    # Sequence positions whose logits exist at once in the loss (0: all): the output projection
+    # and cross entropy run chunk by chunk and are recomputed in the backward pass, so a large
+    # vocabulary never holds [batch, seq_len, vocab] float32 logits and their gradient.
+    loss_chunk: int = 0
     log_every: int = 25
     eval_every: int = 250
     eval_batches: int = 8

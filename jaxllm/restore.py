@@ -128,9 +128,11 @@ def is_quantized_checkpoint(workdir: str) -> bool:
 
 def portable_config(cfg: Config) -> Config:
     """`cfg` with the computation choices this machine cannot run replaced by portable ones: a
-    run trained with cuDNN attention on GPUs is evaluated and sampled elsewhere with the XLA
-    attention, which computes the same function (the params do not depend on the choice)."""
-    if cfg.model.attention_impl == "cudnn" and jax.devices()[0].platform != "gpu":
+    run trained with cuDNN attention on GPUs (or splash on TPUs) is evaluated and sampled
+    elsewhere with the XLA attention, which computes the same function (the params do not depend
+    on the choice)."""
+    kernel_platform = {"cudnn": "gpu", "splash": "tpu"}.get(cfg.model.attention_impl)
+    if kernel_platform and jax.devices()[0].platform != kernel_platform:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
     return cfg
 

@@ -13,12 +13,14 @@ axis each logical name is split over; adding a parallelism style is a change of 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllm.config import Config, ConfigError, MeshConfig
@@ -78,11 +80,46 @@ def mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
+    """The mesh over `devices` (default: every device of the job). `devices` may be those of a
+    TPU topology that this host only compiles for (jaxllm.plan)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if mesh_cfg.num_slices == 1:
+        return jax.make_mesh(mesh_shape(mesh_cfg, len(devices)), MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(hybrid_device_grid(mesh_cfg, devices), MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_device_grid(mesh_cfg: MeshConfig, devices) -> np.ndarray:
+    """Devices arranged for a multi-slice mesh: each slice holds one contiguous block of every
+    axis, so only the dcn_* factor of an axis crosses slices. Slices are the devices' slice_index
+    (TPU), or else equal runs of the device list (fake CPU devices, in tests)."""
+    num_slices = mesh_cfg.num_slices
+    dcn = tuple(getattr(mesh_cfg, f"dcn_{a}", 1) for a in MESH_AXES)
+    if any(d < 1 for d in dcn):
+        raise ConfigError(f"mesh.dcn_data and mesh.dcn_fsdp must be positive, got {mesh_cfg.dcn_data}, {mesh_cfg.dcn_fsdp}")
+    if hasattr(devices[0], "slice_index"):
+        slices = sorted({d.slice_index for d in devices})
+        if len(slices) != num_slices:
+            raise ConfigError(
+                f"mesh.dcn_data * mesh.dcn_fsdp = {num_slices} slices, but the devices form {len(slices)}; "
+                f"set them to multiply to {len(slices)}")
+        per_slice = [[d for d in devices if d.slice_index == k] for k in slices]
+    else:
+        if len(devices) % num_slices:
+            raise ConfigError(f"{len(devices)} devices cannot form {num_slices} equal slices "
+                              "(mesh.dcn_data * mesh.dcn_fsdp); change those sizes")
+        n = len(devices) // num_slices
+        per_slice = [devices[k * n:(k + 1) * n] for k in range(num_slices)]
+    ici = mesh_shape(mesh_cfg, len(per_slice[0]))
+    if hasattr(devices[0], "slice_index"):
+        # The torus-aware order inside each slice that jax.make_mesh would choose.
+        grids = [mesh_utils.create_device_mesh(ici, s, allow_split_physical_axes=True) for s in per_slice]
+    else:
+        grids = [np.asarray(s, dtype=object).reshape(ici) for s in per_slice]
+    # [dcn..., ici...] -> interleave each axis's (dcn, ici) factors -> [dcn*ici...]
+    stacked = np.stack(grids).reshape(dcn + ici)
+    order = [i for axis in range(len(MESH_AXES)) for i in (axis, axis + len(MESH_AXES))]
+    return stacked.transpose(order).reshape([d * i for d, i in zip(dcn, ici)])
 
 
 def params_mesh_config(model_cfg, tensor: int = 1, num_devices: int | None = None) -> MeshConfig:
@@ -141,12 +178,14 @@ def check_divisibility(cfg: Config, mesh: Mesh, vision: bool = False) -> None:
 
 
 def check_attention_backend(model_cfg, mesh: Mesh) -> None:
-    """cuDNN attention runs only on NVIDIA GPUs; say so before anything compiles."""
-    platform = mesh.devices.flat[0].platform
-    if model_cfg.attention_impl == "cudnn" and platform != "gpu":
+    """cuDNN attention runs only on NVIDIA GPUs, splash only on TPUs; say so before anything
+    compiles."""
+    platform = mesh_platform(mesh)
+    needs = {"cudnn": ("gpu", "NVIDIA GPUs"), "splash": ("tpu", "TPUs")}.get(model_cfg.attention_impl)
+    if needs and platform != needs[0]:
         raise ConfigError(
-            f"model.attention_impl=cudnn needs NVIDIA GPUs, but the mesh's devices are {platform}; "
-            "set model.attention_impl=xla"
+            f"model.attention_impl={model_cfg.attention_impl} needs {needs[1]}, but the mesh's devices are "
+            f"{platform}; set model.attention_impl=auto or xla"
         )
 
 
@@ -204,8 +243,28 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_size: int | None
     }
 
 
+_TARGET_PLATFORM = contextvars.ContextVar("jaxllm_target_platform", default=None)
+
+
+def target_platform() -> str:
+    """"cpu", "gpu" or "tpu": the platform of the active mesh's devices (those of a TPU topology
+    when this host only compiles for it), else this host's default backend. The ops choose their
+    fast paths by it."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    platform = mesh.devices.flat[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh):
-    """Makes `mesh` and LOGICAL_RULES current, so logical constraints inside the model resolve."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        yield
+    """Makes `mesh` and LOGICAL_RULES current, so logical constraints inside the model resolve,
+    and the mesh's platform the one the ops build for."""
+    token = _TARGET_PLATFORM.set(mesh_platform(mesh))
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            yield
+    finally:
+        _TARGET_PLATFORM.reset(token)

@@ -79,10 +79,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
+    if t.loss_chunk < 0 or t.loss_chunk and t.seq_len % t.loss_chunk:
+        raise ConfigError(f"train.loss_chunk={t.loss_chunk} must divide train.seq_len={t.seq_len} (0: no chunks)")
+    if t.loss_chunk and cfg.family != "causal_lm":
+        raise ConfigError(f"train.loss_chunk is for family causal_lm, not {cfg.family}; set train.loss_chunk=0")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
-    if m.attention_impl not in ("xla", "cudnn"):
-        raise ConfigError(f"model.attention_impl={m.attention_impl!r}; choose xla or cudnn")
+    if m.attention_impl not in ("xla", "cudnn", "splash", "auto"):
+        raise ConfigError(f"model.attention_impl={m.attention_impl!r}; choose xla, cudnn, splash or auto")
+    if m.attention_impl == "splash" and (t.seq_len % 128 or m.head_size % 128):
+        raise ConfigError(f"model.attention_impl=splash needs train.seq_len ({t.seq_len}) and the head dim "
+                          f"({m.head_size}) to be multiples of 128; set model.attention_impl=auto or xla")
     if m.attention_impl == "cudnn" and m.dtype == "float32":
         raise ConfigError(
             "model.attention_impl=cudnn needs model.dtype=bfloat16 or float16 (cuDNN's fused "

@@ -51,7 +51,7 @@ def test_validate_rejects_inconsistent_model():
     ("train.grad_accum=0", "train.grad_accum must be positive, got 0"),
     ("train.grad_accum=-2", "train.grad_accum must be positive, got -2"),
     ("model.dtype=bf16", "model.dtype='bf16'; choose float32, bfloat16 or float16"),
-    ("model.attention_impl=flash", "model.attention_impl='flash'; choose xla or cudnn"),
+    ("model.attention_impl=flash", "model.attention_impl='flash'; choose xla, cudnn, splash or auto"),
     ("model.attention_impl=cudnn", "model.attention_impl=cudnn needs model.dtype=bfloat16"),
     ("checkpoint.keep=0", "checkpoint.keep=0 must be at least 1"),
     ("distill.hidden_layers=(1)", "entry '\\(1\\)' is not 'student_layer:teacher_layer'"),

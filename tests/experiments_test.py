@@ -3,7 +3,6 @@ command-line contract holds."""
 
 import dataclasses
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,23 +11,13 @@ import jax
 import pytest
 
 from jaxllm import validation
+from jaxllm.cli.plan import load_experiment
 from jaxllm.models import transformer as model_lib
 from jaxllm import sharding
 from jaxllm.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
-
-
-def load_experiment(path):
-    sys.path.insert(0, os.path.dirname(path))  # experiment files import their base experiments
-    try:
-        spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
-    return module
 
 
 def test_there_are_experiments():

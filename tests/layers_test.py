@@ -19,6 +19,7 @@ from jaxllm.layers import attention as attention_layers
 from jaxllm.models import Transformer
 from jaxllm.ops import attention as attention_ops
 from jaxllm.ops import projection as projection_ops
+from jaxllm.ops import splash as splash_ops
 from helpers import packed_batch, tiny_config
 
 
@@ -31,9 +32,10 @@ def _reference_attention(q_BLNGK, k_BSNK, v_BSNK, mask_BLS):
     return jnp.einsum("bngls,bsnk->blngk", probs, v_BSNK)
 
 
-def _check_attention_against_reference(attend, shape_BLNGK, seed):
-    """`attend(q, k, v, bias, has_keys)` on packed rows (two documents and padding each) matches
-    the reference attention, values and gradients."""
+def _check_attention_against_reference(attend, shape_BLNGK, seed, segments=False):
+    """`attend(q, k, v, bias, has_keys)` (or `attend(q, k, v, segment_ids)` with `segments`) on
+    packed rows (two documents and padding each) matches the reference attention, values and
+    gradients."""
     B, L, N, G, K = shape_BLNGK
     segment_ids = jnp.asarray(packed_batch(batch_size=B, seq_len=L, seed=seed)["segment_ids"])
     assert (segment_ids == 0).any()  # rows without visible keys are exercised
@@ -45,7 +47,7 @@ def _check_attention_against_reference(attend, shape_BLNGK, seed):
     bias, has_keys = attention_ops.attention_bias(mask)
 
     def fast(q, k, v):
-        return attend(q, k, v, bias, has_keys)
+        return attend(q, k, v, segment_ids) if segments else attend(q, k, v, bias, has_keys)
 
     def reference(q, k, v):
         return _reference_attention(q, k, v, mask)
@@ -72,6 +74,26 @@ def test_fused_attention_wrapper_equals_masked_softmax_with_gradients():
     compares the cuDNN kernel itself with the XLA path."""
     _check_attention_against_reference(
         lambda *args: attention_ops.fused_attention(*args, implementation="xla"), (2, 64, 2, 3, 16), seed=5)
+
+
+def test_splash_attention_equals_masked_softmax_with_gradients():
+    """The TPU splash kernel's wrapper (segment ids for documents and padding, GQA heads, the
+    fused backward) through the Pallas interpreter, since there is no TPU here."""
+    _check_attention_against_reference(
+        lambda q, k, v, segment_ids: splash_ops.splash_attention(q, k, v, segment_ids, interpret=True),
+        (2, 256, 2, 2, 128), seed=6, segments=True)
+
+
+def test_splash_attention_sharded_over_batch_and_heads_equals_one_device():
+    shape = (4, 128, 2, 2, 128)
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [shape, (4, 128, 2, 128), (4, 128, 2, 128)])
+    segment_ids = jnp.asarray(packed_batch(batch_size=4, seq_len=128, seed=7)["segment_ids"])
+    one = splash_ops.splash_attention(q, k, v, segment_ids, interpret=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(lambda *a: splash_ops.splash_attention(*a, interpret=True))(q, k, v, segment_ids)
+    np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-5)
 
 
 def test_projection_matches_tensordot_and_its_gradients():

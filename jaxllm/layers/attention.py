@@ -166,8 +166,8 @@ class Attention(nn.Module):
             out_BLNGK = self._attend_cached(q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL, context.prefix)
         else:
             out_BLNGK = ops.attend(q_BLNGK, k_BLNK, v_BLNK, context.attention_bias,
-                                      context.query_has_keys, context.causal_self_attention,
-                                      cfg.attention_impl)
+                                   context.query_has_keys, context.causal_self_attention,
+                                   cfg.attention_impl, segment_ids_BL)
         B, L = segment_ids_BL.shape
         out_BLHK = constrain(out_BLNGK.reshape(B, L, H, K), (BATCH, LENGTH, ACT_HEADS, None))
         out_BLD = ops.dense(out_BLHK, w_o, 2, dtype)  # Σ_hk out[b, l, h, k] W_o[h, k, d]

@@ -56,16 +56,15 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens_BL):
-        # Gather from a replicated table: a lookup into a vocab-sharded table makes XLA replicate
-        # the gathered activations instead, which costs more than all-gathering the table once.
-        table_VD = constrain(self.embedding, (None, None))
-        x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(compute_dtype(self.cfg))
+        # The table keeps its width split over fsdp and is gathered whole along the vocabulary
+        # (split over tensor otherwise): every device looks up all rows' tokens in its slice of
+        # the width, and one all-to-all hands each device its rows at full width. That moves the
+        # activations of one device's rows, where replicating the table would move all of it.
+        # (A lookup into a vocab-split table would make XLA replicate the gathered activations.)
+        # The lookup is in float32 so that the gradients of a frequent token add up in float32.
+        table_VD = constrain(self.embedding, (None, "embed"))
+        x_BLD = jnp.take(table_VD, constrain(tokens_BL, (None, None)), axis=0).astype(compute_dtype(self.cfg))
         return constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
-
-    def attend(self, x_BLD):
-        """Tied output projection: logits against the embedding table."""
-        table_VD = self.embedding.astype(x_BLD.dtype)
-        return jnp.einsum("bld,vd->blv", x_BLD, table_VD)
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from jaxllm import data, losses
@@ -16,7 +17,7 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config
 from jaxllm.layers import moe
 from jaxllm.models.family import MODELS, ModelFamily
-from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer
+from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer, output_logits, output_table
 
 
 def build(cfg: Config) -> Transformer:
@@ -52,15 +53,40 @@ def router_extras(router_loss, router_metrics, weight_sum) -> dict:
     return {name: value * weight_sum for name, value in {"moe/loss": router_loss, **router_metrics}.items()}
 
 
+def chunked_cross_entropy(cfg: Config, table, hidden_BLD, targets_BL, weights_BL):
+    """losses.cross_entropy of the logits of `hidden_BLD`, computed train.loss_chunk positions at
+    a time and rematerialised in the backward pass: one chunk's logits exist at once."""
+    B, L, D = hidden_BLD.shape
+    C = cfg.train.loss_chunk
+    chunks = lambda x: x.reshape(B, L // C, C, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731  [L/C, B, C, ...]
+
+    @jax.checkpoint
+    def chunk_sums(table, h_BCD, targets_BC, weights_BC):
+        return losses.cross_entropy(output_logits(cfg.model, table, h_BCD), targets_BC, weights_BC, cfg.train.z_loss)
+
+    def body(totals, xs):
+        return jax.tree.map(jnp.add, totals, chunk_sums(table, *xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero, zero), (chunks(hidden_BLD), chunks(targets_BL), chunks(weights_BL)))
+    return sums
+
+
 def loss_fn(model, cfg: Config, model_inputs=text_inputs):
     """Next-token cross entropy (+ z-loss, + the MoE router losses) as token sums, over the
     positions the batch's weights select."""
 
     def fn(params, batch):
-        logits, router_loss, router_metrics, _ = forward(model, params, batch, model_inputs=model_inputs)
-        loss_sum, z_sum, weight_sum = losses.cross_entropy(
-            logits, batch["targets"], batch["weights"], cfg.train.z_loss
-        )
+        if cfg.train.loss_chunk:
+            hidden, router_loss, router_metrics, _ = forward(model.clone(lm_head=False), params, batch,
+                                                             model_inputs=model_inputs)
+            loss_sum, z_sum, weight_sum = chunked_cross_entropy(
+                cfg, output_table(cfg.model, params), hidden, batch["targets"], batch["weights"])
+        else:
+            logits, router_loss, router_metrics, _ = forward(model, params, batch, model_inputs=model_inputs)
+            loss_sum, z_sum, weight_sum = losses.cross_entropy(
+                logits, batch["targets"], batch["weights"], cfg.train.z_loss
+            )
         return loss_sum + z_sum + router_loss * weight_sum, (
             loss_sum, weight_sum, router_extras(router_loss, router_metrics, weight_sum))
 
@@ -103,11 +129,17 @@ def loss_metrics(loss, cfg: Config) -> dict:
     return {name: loss / math.log(2)}
 
 
+def batch_spec(cfg: Config) -> dict:
+    rows = (cfg.train.batch_size, cfg.train.seq_len)
+    return {**{k: (rows, jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")},
+            "weights": (rows, jnp.float32)}
+
+
 def batches(cfg: Config, split: str) -> data.Batches:
     return data.train_batches(cfg) if split == "train" else data.eval_batches(cfg)
 
 
 MODELS.register("causal_lm", ModelFamily(
     build=build, init_inputs=init_inputs, loss_fn=loss_fn, eval_fn=eval_fn, eval_metrics=eval_metrics,
-    loss_metrics=loss_metrics, batches=batches, generates=True,
+    loss_metrics=loss_metrics, batches=batches, generates=True, batch_spec=batch_spec,
 ))

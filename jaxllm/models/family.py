@@ -44,6 +44,9 @@ class ModelFamily:
     # The run's config with what its data decides filled in (a classifier's class names), so the
     # config saved with the checkpoints describes the model without the data at hand.
     finalize: Callable[[Config], Config] = lambda cfg: cfg
+    # cfg -> {name: (global shape, dtype)} of a training batch, so a run can be compiled ahead of
+    # time without its data (jaxllm.planning); None: the family cannot be planned.
+    batch_spec: Callable[[Config], dict] | None = None
 
 
 MODELS = Registry("family")

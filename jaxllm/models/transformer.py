@@ -182,16 +182,29 @@ class Transformer(nn.Module):
         if not self.lm_head:
             return x_BLD
         if cfg.tie_embeddings:
-            logits_BLV = embed.attend(x_BLD)
+            table = embed.embedding
         else:
-            w_out = self.param(
+            table = self.param(
                 "unembed", dense_init(cfg.init_std, ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), jnp.float32,
             )
-            logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, w_out.astype(x_BLD.dtype))
-        logits_BLV = constrain(logits_BLV, (BATCH, LENGTH, ACT_VOCAB))
-        logits_BLV = logits_BLV.astype(jnp.float32)
+        logits_BLV = output_logits(cfg, table, x_BLD)
         return (logits_BLV, x_BLD) if return_hidden else logits_BLV
+
+
+def output_logits(cfg: ModelConfig, table, x_BLD):
+    """float32 logits [B, L, V] of final hidden states: against the embedding table [V, D] when
+    tied, else against the unembedding [D, V]. The loss calls it chunk by chunk (see
+    causal_lm.chunked_loss) with the params' own table."""
+    table = table.astype(x_BLD.dtype)
+    equation = "bld,vd->blv" if cfg.tie_embeddings else "bld,dv->blv"
+    logits_BLV = constrain(jnp.einsum(equation, x_BLD, table), (BATCH, LENGTH, ACT_VOCAB))
+    return logits_BLV.astype(jnp.float32)
+
+
+def output_table(cfg: ModelConfig, params):
+    """The params' output projection, as `output_logits` takes it."""
+    return params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]
 
 
 def count_params(params) -> int:

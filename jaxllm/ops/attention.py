@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.ops import splash
 from jaxllm.ops.projection import dense, map_kernels
-from jaxllm.sharding import ACT_KV_HEADS, BATCH, LENGTH
+from jaxllm.sharding import ACT_KV_HEADS, BATCH, LENGTH, target_platform
 
 # Causal self-attention splits the queries into this many blocks, each attending only to keys up
 # to its own end: 1/2 + 1/(2·blocks) of the full score matrix (62.5% at 4), with the same result,
@@ -56,7 +57,7 @@ def computed_once(x):
     of a d512 step). A matmul is never fused into its consumers, and one by the identity is exact
     (x·1 plus zeros), so it makes XLA keep the result in a buffer. Accelerators compute these
     fusions cheaply enough that the extra matmul is not worth it there."""
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return x
     return jnp.einsum("...k,kj->...j", x, jnp.eye(x.shape[-1], dtype=x.dtype))
 
@@ -128,12 +129,32 @@ def fused_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, impleme
     return (out_BLHK * has_keys_BL11).reshape(B, L, N, G, K)
 
 
-def attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self: bool, impl: str = "xla"):
-    """Masked softmax attention by `impl` ("xla" or "cudnn"). `causal_self` promises causal
-    self-attention (keys are the queries' own positions, no future key visible): the only case
-    the cuDNN kernel and the block skipping handle."""
-    if impl == "cudnn" and causal_self:
-        return fused_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
+def resolve_impl(impl: str, dtype, L: int, K: int) -> str:
+    """The kernel causal self-attention runs on: `impl` itself, or for "auto" the target
+    platform's fused kernel where it takes these shapes (splash on TPU, cuDNN on GPU in half
+    precision), else XLA's."""
+    if impl != "auto":
+        return impl
+    platform = target_platform()
+    if platform == "tpu" and splash.supported(L, K):
+        return "splash"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self: bool, impl: str = "xla",
+           segment_ids_BL=None):
+    """Masked softmax attention by `impl` ("xla", "cudnn", "splash" or "auto"). `causal_self`
+    promises causal self-attention (keys are the queries' own positions, no future key visible,
+    documents apart by `segment_ids_BL`): the only case the fused kernels and the block skipping
+    handle."""
+    if causal_self:
+        impl = resolve_impl(impl, q_BLNGK.dtype, q_BLNGK.shape[1], q_BLNGK.shape[-1])
+        if impl == "cudnn":
+            return fused_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
+        if impl == "splash":
+            return splash.splash_attention(q_BLNGK, k_BSNK, v_BSNK, segment_ids_BL)
     return dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=causal_self)
 
 
@@ -189,7 +210,7 @@ def cached_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1):
         probs = _masked_softmax(scores_XmS.reshape(B, N, m // L, L, S), bias_B11LS, has_keys_B11L1)
         return jnp.einsum("xms,xsk->xmk", probs.reshape(B * N, m, S).astype(v_XSK.dtype), v_XSK)
 
-    if L == 1 and G > 1 and jax.default_backend() == "cpu":
+    if L == 1 and G > 1 and target_platform() == "cpu":
         # XLA:CPU runs a batched [1, K]·[K, S] product on a fast matrix-vector path, and any
         # M > 1 through a GEMM that packs the cache first (M = 2 took 3× as long per step at 640
         # slots); one product per query head of the group reads the cache G times and is faster.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.ops.projection import dense, map_kernels
+from jaxllm.sharding import target_platform
 
 
 def gate_up(x_BLD, w_gate_DF, w_up_DF, dtype):
@@ -34,7 +35,7 @@ def _swiglu_fwd(gate_up_BLJF):
 
 
 def _swiglu_bwd(gate_up_BLJF, dh_BLF):
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
         # Without the barrier XLA merges this recomputation with the forward pass's, and keeps
         # sigmoid(gate) and silu(gate) in buffers again (the forward then takes three passes).
         gate_up_BLJF = jax.lax.optimization_barrier(gate_up_BLJF)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxllm.ops.projection import QUANTIZED_SCALE, QUANTIZED_VALUES, Adapted, dropout, einsum, is_quantized
 from jaxllm.registry import Registry
+from jaxllm.sharding import target_platform
 
 
 def _take_experts(w, index):
@@ -126,5 +127,5 @@ def grouped_swiglu_dense(x_RD, group_R, w_gate_EDF, w_up_EDF, w_down_EFD):
 def grouped_swiglu(kind: str):
     """The registered grouped SwiGLU `kind`; "auto" is ragged_dot on GPU/TPU, blocked elsewhere."""
     if kind == "auto":
-        kind = "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+        kind = "ragged_dot" if target_platform() in ("gpu", "tpu") else "blocked"
     return GROUPED_FFNS.get(kind)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxllm.sharding import target_platform
+
 # Name of every weight-projection output, for remat policies (see models.transformer): the
 # projections run inside a custom VJP, where a policy that looks for dot_general cannot see them.
 PROJECTION = "projection"
@@ -40,7 +42,7 @@ def _matmul_bwd(residuals, g_TF):
     # a plain transpose and the matmul sees row-major operands. Accelerators fold transposes into
     # their matmuls, so they get no barrier.
     x_TD, w_DF = residuals
-    transposed = jax.lax.optimization_barrier if jax.default_backend() == "cpu" else (lambda a: a)
+    transposed = jax.lax.optimization_barrier if target_platform() == "cpu" else (lambda a: a)
     dx_TD = g_TF @ w_DF.T
     if x_TD.shape[1] <= g_TF.shape[1]:
         dw_DF = transposed(x_TD.T) @ g_TF

@@ -1,0 +1,1 @@
+"""Ahead-of-time plans of runs for TPU topologies (jaxllm.plan)."""
