@@ -50,7 +50,7 @@ def test_plan_memory_matches_the_shapes():
     assert sum(c["in_loops"] for c in report["collectives"].values()) > 0
     # The per-layer cost correction: the step costs more than one layer's loop body counted once.
     _, _, compiled = plan._compile_train_step(cfg, plan.sharding.make_mesh(cfg.mesh, topology.devices(topology.parse("v5e:2x2"))))
-    assert report["xla_flops_per_device"] > plan._cost(compiled)[0]
+    assert report["xla_flops_per_device"] > hlo.cost(compiled)["flops"]
 
 
 def test_auto_attention_compiles_the_splash_kernel_for_tpu():
@@ -73,6 +73,22 @@ def test_a_run_too_big_for_hbm_gets_a_verdict_not_a_crash():
     assert not report["fits"]
     text = plan.format_report(report)
     assert "DOES NOT FIT" in text
+
+
+def test_generation_plan_holds_the_kv_cache_and_rejects_a_batch_that_does_not_divide():
+    cfg = _planned_config()
+    B, P, S = 8, 64, 128
+    report = plan.plan(cfg, topology.parse("v5e:2x2"), costs=False,
+                       generation={"batch": B, "prompt_len": P, "cache_len": S})
+    gen, m = report["generation"], cfg.model
+    # Keys and values of every layer, rows (batch, KV head) over 4 chips, in the compute dtype
+    # (bfloat16); params as the training plan counted them.
+    cache = m.num_layers * 2 * B * m.num_kv_heads * S * (m.d_model // m.num_heads) * 2 / 4
+    step_arguments = gen["decode_step"]["memory_gib"]["arguments"] * GIB
+    assert cache + report["memory_gib"]["params"] * GIB <= step_arguments <= 1.5 * cache + 1.5 * report["memory_gib"]["params"] * GIB
+    assert gen["fits"] and gen["decode_step"]["xla_s"] > 0 and gen["decode_tokens_per_s"] > 0
+    with pytest.raises(C.ConfigError, match="multiple of 4"):
+        plan.plan(cfg, topology.parse("v5e:2x2"), costs=False, generation={"batch": 6, "prompt_len": P, "cache_len": S})
 
 
 def test_plan_cli_errors_are_one_line(tmp_path):
@@ -130,3 +146,17 @@ def test_loss_chunk_must_divide_the_sequence():
     cfg = dataclasses.replace(tiny_config(), train=dataclasses.replace(tiny_config().train, loss_chunk=7))
     with pytest.raises(C.ConfigError, match="loss_chunk"):
         plan.train.setup(cfg)
+
+
+def test_a_moe_plan_reports_a_roofline_where_xla_estimates_a_negative_time():
+    """libtpu's cost model gives the MoE layers' expert matmuls a negative time; the plan then
+    quotes the roofline of XLA's flops and bytes, and says so."""
+    cfg = dataclasses.replace(
+        with_model(_planned_config(), moe=C.MoeConfig(num_experts=4, top_k=2, router="topk_softmax")),
+        mesh=C.MeshConfig(data=1, fsdp=-1, expert=2))
+    report = plan.plan(cfg, topology.parse("v5e:2x2"))
+    chip = topology.CHIPS["v5e"]
+    assert report["roofline_step_s"] == pytest.approx(max(report["xla_flops_per_device"] / chip.peak_flops,
+                                                          report["xla_bytes_per_device"] / chip.hbm_bandwidth))
+    assert report["mfu_from"] == ("xla" if report["xla_step_s"] > 0 else "roofline") and 0 < report["mfu"] < 1
+    assert report["collectives"]["all-to-all"]["count"] > 0

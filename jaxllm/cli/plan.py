@@ -3,6 +3,7 @@ needed: libtpu describes the chips), and report memory, XLA's step time, MFU and
 
     python -m jaxllm.plan experiments/llama3_8b.py --topology v5p-128
     python -m jaxllm.plan experiments/tiny_lm.py model.dtype=bfloat16 --topology v5e-16 --num_slices 2 --json plan.json
+    python -m jaxllm.plan experiments/llama3_8b.py --topology v5p-128 --generation --decode_batch 64 --prompt_len 1024
 """
 
 from __future__ import annotations
@@ -48,19 +49,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no_costs", action="store_true",
                         help="skip the two small compiles that measure XLA's per-layer cost")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--generation", action="store_true",
+                        help="also compile the prefill and one decode step of generation")
+    parser.add_argument("--decode_batch", type=int, help="prompts decoded together (default: train.batch_size)")
+    parser.add_argument("--prompt_len", type=int, help="prompt tokens per row (default: train.seq_len / 2)")
+    parser.add_argument("--cache_len", type=int, help="KV cache slots (default: train.seq_len)")
     args = parser.parse_args(argv)
     try:
         topo = topology.parse(args.topology, args.num_slices)
         cfg = override(load_experiment(args.experiment).get_config(), args.overrides)
-        report = plan.plan(cfg, topo, costs=not args.no_costs)
+        generation = ({"batch": args.decode_batch, "prompt_len": args.prompt_len, "cache_len": args.cache_len}
+                      if args.generation else None)
+        report = plan.plan(cfg, topo, costs=not args.no_costs, generation=generation)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     report["experiment"], report["overrides"] = args.experiment, list(args.overrides)
-    print(plan.format_report(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    print(plan.format_report(report))
     sys.exit(0 if report["fits"] else 1)
 
 

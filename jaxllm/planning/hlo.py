@@ -1,5 +1,6 @@
-"""What a compiled program's HLO says about communication: each collective kind's count and
-bytes per step, loops unrolled by their trip counts (a scanned layer body runs once per layer)."""
+"""What a compiled program says about itself: each collective kind's count and bytes per step in its
+HLO, loops unrolled by their trip counts (a scanned layer body runs once per layer), and XLA's cost
+analysis."""
 
 from __future__ import annotations
 
@@ -89,3 +90,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             totals[kind]["bytes"] += times * _bytes(m.group(1))
             totals[kind]["in_loops"] += int(name in in_loop)
     return {k: v for k, v in totals.items() if v["count"]}
+
+
+def cost(compiled) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program, per device: flops, bytes accessed, seconds."""
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0)),
+            "seconds": float(c.get("optimal_seconds", 0.0))}

@@ -24,6 +24,7 @@ from jaxllm import sharding
 from jaxllm.config import Config, ConfigError
 from jaxllm.models import MODELS, count_params
 from jaxllm.models.transformer import group_size
+from jaxllm.planning import generation as generation_lib
 from jaxllm.planning import hlo
 from jaxllm.planning.topology import GIB, Topology
 from jaxllm.planning import topology as topology_lib
@@ -68,23 +69,17 @@ def _compile_train_step(cfg: Config, mesh):
     return s, batch, lowered.compile()
 
 
-def _cost(compiled) -> tuple[float, float]:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
-
-
 def _unscanned(cfg: Config, groups: int) -> Config:
     model = dataclasses.replace(cfg.model, num_layers=groups * group_size(cfg.model), scan_layers=False)
     return dataclasses.replace(cfg, model=model)
 
 
-def layer_cost(cfg: Config, mesh) -> dict[str, float]:
-    """XLA's flops and seconds for the whole step, the loop body counted `groups` times."""
+def layer_cost(cfg: Config, mesh) -> dict[str, Any]:
+    """XLA's flops, bytes and seconds for the whole step, the loop body counted `groups` times."""
     groups = cfg.model.num_layers // group_size(cfg.model)
-    f1, t1 = _cost(_compile_train_step(_unscanned(cfg, 1), mesh)[2])
-    f2, t2 = _cost(_compile_train_step(_unscanned(cfg, 2), mesh)[2])
-    return {"flops": f1 + (groups - 1) * (f2 - f1), "seconds": t1 + (groups - 1) * (t2 - t1)}
+    c1 = hlo.cost(_compile_train_step(_unscanned(cfg, 1), mesh)[2])
+    c2 = hlo.cost(_compile_train_step(_unscanned(cfg, 2), mesh)[2])
+    return {k: c1[k] + (groups - 1) * (c2[k] - c1[k]) for k in c1} | {"one_group": c1, "two_groups": c2}
 
 
 def _does_not_fit(error: Exception) -> tuple[float, float] | None:
@@ -94,8 +89,10 @@ def _does_not_fit(error: Exception) -> tuple[float, float] | None:
     return float(m.group(1)) * _UNITS[m.group(2)], float(m.group(3)) * _UNITS[m.group(4)]
 
 
-def plan(cfg: Config, topo: Topology, costs: bool = True) -> dict[str, Any]:
-    """The report (a JSON-able dict) of `cfg`'s train step compiled for `topo`."""
+def plan(cfg: Config, topo: Topology, costs: bool = True, generation: dict[str, int] | None = None) -> dict[str, Any]:
+    """The report (a JSON-able dict) of `cfg`'s train step compiled for `topo`; with `generation`
+    ({"batch", "prompt_len", "cache_len"}, None for the train shapes) also its prefill and one
+    decode step (planning/generation.py)."""
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(
         cfg.mesh, **({"dcn_data": topo.num_slices} if topo.num_slices > 1 and cfg.mesh.num_slices == 1 else {})))
     if cfg.mesh.num_slices != topo.num_slices:
@@ -150,11 +147,22 @@ def plan(cfg: Config, topo: Topology, costs: bool = True) -> dict[str, Any]:
     model_flops = flops.flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.batch_size * cfg.train.seq_len
     report["model_flops_per_step"] = model_flops
     if costs:
-        xla = layer_cost(cfg, mesh) if cfg.model.scan_layers else dict(zip(("flops", "seconds"), _cost(compiled)))
+        xla = layer_cost(cfg, mesh) if cfg.model.scan_layers else hlo.cost(compiled)
         report["xla_flops_per_device"] = xla["flops"]
+        report["xla_bytes_per_device"] = xla["bytes"]
         report["xla_step_s"] = xla["seconds"]
+        report["xla_cost_parts"] = {k: v for k, v in xla.items() if k.endswith(("group", "groups"))}
+        # XLA's own estimate can come out negative (libtpu's cost model on the MoE layers'
+        # expert matmuls); the roofline of its flops and bytes is the fallback, named as such.
+        report["roofline_step_s"] = max(xla["flops"] / chip.peak_flops, xla["bytes"] / chip.hbm_bandwidth)
+        seconds = xla["seconds"] if xla["seconds"] > 0 else report["roofline_step_s"]
+        report["mfu_from"] = "xla" if xla["seconds"] > 0 else "roofline"
         # MFU = model FLOPs (PaLM: 6N + attention, no recomputation) / (chips x peak x step time).
-        report["mfu"] = model_flops / (chips * chip.peak_flops * xla["seconds"]) if xla["seconds"] > 0 else None
+        report["mfu"] = model_flops / (chips * chip.peak_flops * seconds) if seconds > 0 else None
+    if generation is not None:
+        shapes = {"batch": cfg.train.batch_size, "prompt_len": cfg.train.seq_len // 2, "cache_len": cfg.train.seq_len}
+        shapes |= {k: v for k, v in generation.items() if v is not None}
+        report["generation"] = generation_lib.plan_generation(cfg, mesh, chip, **shapes)
     return report
 
 
@@ -172,9 +180,15 @@ def format_report(r: dict[str, Any]) -> str:
                  f"total {m['total']:.2f} of {r['hbm_gib']:.0f}")
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines.append(f"{verdict}: {abs(r['headroom_gib']):.2f} GiB {'to spare' if r['fits'] else 'over'}")
-    if r.get("xla_step_s"):
+    if r.get("xla_step_s") is not None and r["xla_step_s"] <= 0:
+        lines.append(f"XLA estimate unusable ({r['xla_step_s']:.3f} s per step); roofline of its flops and bytes: "
+                     f"{r['roofline_step_s']:.3f} s, {r['xla_flops_per_device'] / 1e12:.1f} TFLOP per device "
+                     f"(model {r['model_flops_per_step'] / r['chips'] / 1e12:.1f}); MFU at that bound {r['mfu']:.3f}")
+    elif r.get("xla_step_s"):
         lines.append(f"XLA estimate: {r['xla_step_s']:.3f} s per step, {r['xla_flops_per_device'] / 1e12:.1f} TFLOP "
                      f"per device (model {r['model_flops_per_step'] / r['chips'] / 1e12:.1f}); MFU {r['mfu']:.3f}")
     for kind, c in r["collectives"].items():
         lines.append(f"  {kind:<20} {c['count']:>6} per step  {c['bytes'] / GIB:8.2f} GiB per device")
+    if "generation" in r:
+        lines.append(generation_lib.format_generation(r["generation"], r["hbm_gib"]))
     return "\n".join(lines)

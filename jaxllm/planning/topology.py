@@ -15,6 +15,10 @@ from jax.experimental import topologies
 
 from jaxllm.config import ConfigError
 
+# libtpu takes a host-wide lock file when it loads, so a second plan (or a test worker) on the
+# same host would fail; compile-only use touches no TPU, so sharing is safe.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 GIB = 1024**3
 
 
@@ -25,13 +29,14 @@ class Chip:
     peak_flops: float  # dense bf16 FLOP/s, as rated
     cores_per_chip: int  # what an accelerator-type name counts per chip
     dims: int  # 3-D torus or 2-D grid
+    hbm_bandwidth: float  # bytes/s, as rated
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 2, 3),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2, 3),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 1, 2),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1, 2),
+    "v4": Chip("v4", 32 * GIB, 275e12, 2, 3, 1228e9),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2, 3, 2765e9),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 1, 2, 819e9),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1, 2, 1640e9),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v6litepod": "v6e"}
 
