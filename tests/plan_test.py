@@ -49,8 +49,9 @@ def test_plan_memory_matches_the_shapes():
     # fsdp gathers weights (or XLA's all-reduce form of it) and reduces gradients inside the layer loop.
     assert sum(c["in_loops"] for c in report["collectives"].values()) > 0
     # The per-layer cost correction: the step costs more than one layer's loop body counted once.
-    _, _, compiled = plan._compile_train_step(cfg, plan.sharding.make_mesh(cfg.mesh, topology.devices(topology.parse("v5e:2x2"))))
-    assert report["xla_flops_per_device"] > hlo.cost(compiled)["flops"]
+    # (The scanned program's own cost analysis, its loop body counted once, is reported beside it.)
+    assert 0 < report["xla_body_once"]["flops"] < report["xla_flops_per_device"]
+    assert 0 < report["xla_body_once"]["seconds"] < report["xla_step_s"]
 
 
 def test_auto_attention_compiles_the_splash_kernel_for_tpu():
