@@ -16,8 +16,8 @@ from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
 from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import NORM_KINDS, POSITION_KINDS, ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
-from jaxllm.models import MODELS, REMAT_POLICIES
-from jaxllm.models.transformer import NORM_PLACEMENTS, group_size
+from jaxllm.models import MODELS, NORM_PLACEMENTS, REMAT_POLICIES
+from jaxllm.models.transformer import group_size
 from jaxllm.models.vit import POSEMBS, PROJECTORS
 from jaxllm.ops import GROUPED_FFNS
 
