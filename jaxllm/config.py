@@ -114,6 +114,11 @@ class ModelConfig:
     embed_norm: bool = False  # a norm right after the embeddings (BERT)
     final_logit_softcap: float = 0.0  # logits -> c·tanh(logits / c) (Gemma 2/3); 0: off
 
+    def with_default_recipe(self) -> "ModelConfig":
+        """This config with the block's recipe fields (RECIPE_FIELDS) at their defaults."""
+        defaults = ModelConfig()
+        return dataclasses.replace(self, **{f: getattr(defaults, f) for f in RECIPE_FIELDS})
+
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
@@ -121,6 +126,12 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+
+# ModelConfig's fields that choose the block's recipe (beyond sizes, attention kind and MLP kind).
+RECIPE_FIELDS = ("norm_kind", "norm_placement", "qk_norm", "attn_out_bias", "mlp_bias", "position_kind",
+                 "max_positions", "attention_pattern", "rope_thetas", "query_scale", "attn_logit_softcap",
+                 "embed_scale", "embed_norm", "final_logit_softcap")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -386,3 +386,15 @@ def test_gemma3s_transformers_4_layout_and_pattern_fields_give_the_same_config()
     assert cfg.attention_pattern == ("sliding_window",) * 5 + ("causal",) and cfg.rope_thetas == (1e4,) * 5 + (0.0,)
     # 26 layers (Gemma 3 1B) are not whole periods of 6: imported unscanned.
     assert not hf.model_config({**new, "num_hidden_layers": 26, "layer_types": None}).scan_layers
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("llama", dict(norm_kind="layernorm"), r"model.norm_kind differ\(s\) from LlamaForCausalLM's recipe"),
+    ("gemma3", dict(mlp_kind="swiglu"), r"not a Gemma3: model.mlp_kind differ\(s\)"),
+    ("gemma3", dict(rope_thetas=(1e4, 2e4, 1e4, 1e4, 1e4, 0.0)), r"not a Gemma3: model.rope_thetas"),
+    ("qwen3_moe", dict(moe=C.MoeConfig(num_experts=8, num_shared=1)), r"not a Qwen3Moe: model.moe.num_shared"),
+])
+def test_a_recipe_without_a_hugging_face_counterpart_is_refused_on_export(name, change, message):
+    cfg = dataclasses.replace(hf.model_config(json.load(open(os.path.join(FIXTURES, name, "config.json")))), **change)
+    with pytest.raises(hf.HFError, match=message):
+        hf.hf_architecture(cfg)

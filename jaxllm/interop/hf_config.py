@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 
-from jaxllm.config import ConfigError, ModelConfig, MoeConfig, RopeScalingConfig
+from jaxllm.config import RECIPE_FIELDS, ConfigError, ModelConfig, MoeConfig, RopeScalingConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM",
                  "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -163,7 +163,7 @@ def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelCo
     from `base`."""
     arch = architecture(hf)
     _unsupported(hf, arch)
-    base = _recipe_defaults(base)
+    base = base.with_default_recipe()  # the checkpoint, not the base, decides the block
     heads = int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
     window = hf.get("sliding_window") if arch in ("MistralForCausalLM", "MixtralForCausalLM") else None
@@ -212,19 +212,8 @@ def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelCo
     return cfg
 
 
-def _recipe_defaults(base: ModelConfig) -> ModelConfig:
-    """`base` with ModelConfig's default recipe: the checkpoint, not the base, decides the block."""
-    defaults = ModelConfig()
-    fields = ("norm_kind", "norm_placement", "qk_norm", "attn_out_bias", "mlp_bias", "position_kind",
-              "max_positions", "attention_pattern", "rope_thetas", "query_scale", "attn_logit_softcap",
-              "embed_scale", "embed_norm", "final_logit_softcap")
-    return dataclasses.replace(base, **{f: getattr(defaults, f) for f in fields})
 
-
-# The recipe fields each exported family may set (ModelConfig's defaults elsewhere).
-_RECIPE_FIELDS = ("norm_kind", "norm_placement", "qk_norm", "attn_out_bias", "mlp_bias", "position_kind",
-                  "attention_pattern", "rope_thetas", "query_scale", "attn_logit_softcap", "embed_scale",
-                  "embed_norm", "final_logit_softcap")
+# The recipe fields (config.RECIPE_FIELDS) each exported family may set; ModelConfig's defaults elsewhere.
 _FAMILY_RECIPES = {
     "llama": (),
     "qwen3": ("qk_norm",),
@@ -236,7 +225,7 @@ _FAMILY_RECIPES["gemma3"] = (*_FAMILY_RECIPES["gemma2"], "qk_norm", "rope_thetas
 
 def _check_recipe(cfg: ModelConfig, family: str, arch: str) -> None:
     defaults = ModelConfig()
-    bad = [f"model.{f}" for f in _RECIPE_FIELDS
+    bad = [f"model.{f}" for f in RECIPE_FIELDS
            if f not in _FAMILY_RECIPES[family] and getattr(cfg, f) != getattr(defaults, f)]
     if bad:
         raise HFError(f"{', '.join(bad)} differ(s) from {arch}'s recipe: this model has no Hugging Face counterpart")
