@@ -1,7 +1,11 @@
 """Hugging Face interop (interop/hf.py, interop/hf_config.py) against fixtures written by
 `transformers` (tests/fixtures/make_hf_fixtures.py): tiny random Llama (untied), Llama 3 (tied, rope
-scaling), Mistral (sliding window), Qwen2 (q/k/v biases, tied) and Mixtral (MoE), each in 2-3
-safetensors shards, with the reference logits of an 80-token input and greedy continuations."""
+scaling), Mistral (sliding window), Qwen2 (q/k/v biases, tied) and Mixtral (MoE), and
+(tests/fixtures/make_hf_fixtures_modern.py) Qwen3 (q/k norms), Qwen3-MoE (fine-grained experts,
+normalised top-k, dense and MoE blocks alternating), Gemma 3 (5 local : 1 global layers with their
+own RoPE bases, sandwich norms, GeGLU, soft-capped logits) and Gemma 2 (soft-capped attention),
+each in 2-6 safetensors shards, with the reference logits of an 80-token input and greedy
+continuations."""
 
 import dataclasses
 import json
@@ -28,7 +32,7 @@ from jaxllm.models import Transformer, causal_lm
 from jaxllm.training import train
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "mixtral")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe", "gemma3", "gemma2")
 
 
 def golden(name):
@@ -60,7 +64,7 @@ def test_unscanned_import_gives_the_same_logits(name, tmp_path):
     np.testing.assert_allclose(logits_of(cfg, params, ref["input_ids"]), ref["logits"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral", "mixtral"])
+@pytest.mark.parametrize("name", ["llama3", "mistral", "mixtral", "gemma3", "gemma2"])
 def test_cached_greedy_decoding_equals_the_reference_continuation(name, tmp_path):
     cfg, params = restore.load_params(imported(name, tmp_path))
     ref = golden(name)
@@ -70,7 +74,7 @@ def test_cached_greedy_decoding_equals_the_reference_continuation(name, tmp_path
     assert tokens == ref["greedy"][0].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen3_moe", "gemma3"])
 def test_import_export_import_is_bit_identical(name, tmp_path):
     workdir = imported(name, tmp_path)
     out = str(tmp_path / "exported")
@@ -86,21 +90,29 @@ def test_import_export_import_is_bit_identical(name, tmp_path):
     for file in ("tokenizer.json", "tokenizer_config.json"):
         assert os.path.exists(os.path.join(out, file))
     hf.import_checkpoint(out, again)
-    _, first = restore.load_params(workdir)
-    _, second = restore.load_params(again)
+    first_cfg, first = restore.load_params(workdir)
+    second_cfg, second = restore.load_params(again)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), jax.device_get(second))
+    # The exported config.json describes the same model.
+    assert second_cfg.model == dataclasses.replace(first_cfg.model, tokenizer=second_cfg.model.tokenizer)
 
 
-def test_import_onto_an_8_device_mesh_equals_one_device():
-    hf_dir = os.path.join(FIXTURES, "mixtral")
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_import_onto_an_8_device_mesh_equals_one_device(name):
+    hf_dir = os.path.join(FIXTURES, name)
     base = C.Config(mesh=C.MeshConfig(data=1, fsdp=2, tensor=2, expert=2))
     model = hf.model_config(json.load(open(os.path.join(hf_dir, "config.json"))), base=base.model)
     cfg = dataclasses.replace(base, model=model)
     many = hf.read_params(hf_dir, cfg, sharding.make_mesh(cfg.mesh))
     one = hf.read_params(hf_dir, cfg, sharding.make_mesh(C.MeshConfig(1, 1, 1, 1), jax.devices()[:1]))
-    gate = many["blocks"]["mlp"]["gate"]  # [layers, E, D, F]: experts over expert, D over fsdp, F over tensor
-    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
-    assert gate.addressable_shards[0].data.shape == (2, 2, 32, 64)
+    if name == "mixtral":
+        gate = many["blocks"]["mlp"]["gate"]  # [layers, E, D, F]: experts over expert, D over fsdp, F over tensor
+        assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+        assert gate.addressable_shards[0].data.shape == (2, 2, 32, 64)
+    if name == "qwen3_moe":  # groups of a dense and an MoE block: the experts of block_1 split as Mixtral's
+        gate = many["blocks"]["block_1"]["mlp"]["gate"]  # [groups, E, D, F]
+        assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+        assert gate.addressable_shards[0].data.shape == (1, 4, 32, 16)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(many), jax.device_get(one))
 
 
@@ -252,6 +264,10 @@ def _edit_config(**changes):
     (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),
      "shard model-00002-of-00003.safetensors listed in .* is missing"),
     (_edit_config(architectures=["GPT2LMHeadModel"]), "jaxllm imports one of LlamaForCausalLM"),
+    (_edit_config(model_type="mistral"), r"config.json model_type='mistral' disagrees with "
+                                         r"architectures=\['LlamaForCausalLM'\] \(model_type 'llama'\)"),
+    (lambda d: open(os.path.join(d, "config.json"), "w").write('{"architectures": ["LlamaForCausalLM"],'),
+     r"broken_llama/config.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1"),
     (lambda d: os.truncate(os.path.join(d, "model-00001-of-00003.safetensors"),
                            os.path.getsize(os.path.join(d, "model-00001-of-00003.safetensors")) - 100),
      r"model-00001-of-00003.safetensors is truncated: tensor \S+ ends at byte \d+ of \d+"),
@@ -341,3 +357,44 @@ def test_finetuning_an_imported_model_on_text_with_its_tokenizer(tmp_path):
     token_bytes = tok.token_bytes()
     assert 0 < final["eval_bits_per_byte"] < final["eval_loss"] / np.log(2)  # tokens are > 1 byte on average
     assert token_bytes[tok.bos_id] == 0 and token_bytes[tok.encode("return")].sum() == len("return")
+
+
+def test_an_export_without_a_tokenizer_keeps_the_source_special_ids_and_length(tmp_path):
+    """A checkpoint imported without tokenizer files runs on the byte tokenizer; its export still
+    says the source's bos/eos/pad ids and max_position_embeddings, not the byte tokenizer's."""
+    hf_dir = _broken_copy("qwen3", tmp_path, lambda d: [os.remove(os.path.join(d, f)) for f in hf.TOKENIZER_FILES
+                                                       if os.path.exists(os.path.join(d, f))])
+    workdir = str(tmp_path / "run")
+    hf.import_checkpoint(hf_dir, workdir)
+    assert restore.load_config(workdir).model.tokenizer == "bytes"
+    out = str(tmp_path / "exported")
+    hf.export_checkpoint(workdir, out)
+    source, exported = (json.load(open(os.path.join(d, "config.json"))) for d in (hf_dir, out))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"):
+        assert exported[key] == source[key], key
+    assert (source["bos_token_id"], source["max_position_embeddings"]) == (1, 256)
+
+
+def test_gemma3s_transformers_4_layout_and_pattern_fields_give_the_same_config():
+    """Gemma 3 on the Hub (transformers 4): rope_theta, rope_local_base_freq and
+    sliding_window_pattern instead of rope_parameters per layer type and layer_types."""
+    new = json.load(open(os.path.join(FIXTURES, "gemma3", "config.json")))
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types", "_sliding_window_pattern")}
+    old.update(rope_theta=1e6, rope_local_base_freq=10000.0, sliding_window_pattern=6)
+    assert hf.model_config(old) == hf.model_config(new)
+    cfg = hf.model_config(new)
+    assert cfg.attention_pattern == ("sliding_window",) * 5 + ("causal",) and cfg.rope_thetas == (1e4,) * 5 + (0.0,)
+    # 26 layers (Gemma 3 1B) are not whole periods of 6: imported unscanned.
+    assert not hf.model_config({**new, "num_hidden_layers": 26, "layer_types": None}).scan_layers
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("llama", dict(norm_kind="layernorm"), r"model.norm_kind differ\(s\) from LlamaForCausalLM's recipe"),
+    ("gemma3", dict(mlp_kind="swiglu"), r"not a Gemma3: model.mlp_kind differ\(s\)"),
+    ("gemma3", dict(rope_thetas=(1e4, 2e4, 1e4, 1e4, 1e4, 0.0)), r"not a Gemma3: model.rope_thetas"),
+    ("qwen3_moe", dict(moe=C.MoeConfig(num_experts=8, num_shared=1)), r"not a Qwen3Moe: model.moe.num_shared"),
+])
+def test_a_recipe_without_a_hugging_face_counterpart_is_refused_on_export(name, change, message):
+    cfg = dataclasses.replace(hf.model_config(json.load(open(os.path.join(FIXTURES, name, "config.json")))), **change)
+    with pytest.raises(hf.HFError, match=message):
+        hf.hf_architecture(cfg)

@@ -154,3 +154,43 @@ def test_prefix_outputs_do_not_depend_on_the_suffix():
 def test_a_bidirectional_model_refuses_to_generate():
     with pytest.raises(ConfigError, match="does not generate text"):
         Generator(dataclasses.replace(tiny_config().model, attention_kind="bidirectional"))
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def test_norm_and_mlp_kinds_equal_their_formulas():
+    """Each registered norm kind and MLP kind (with biases) against its formula in numpy: the
+    recipes (Gemma's 1 + w, LayerNorm with bias, GeGLU, BERT's erf gelu, GPT-2's tanh gelu) that
+    the Hugging Face parity tests do not all reach."""
+    from jaxllm.layers.base import NORM_KINDS
+    from jaxllm.layers.mlp import MLP_KINDS
+    cfg = C.ModelConfig(d_model=8, mlp_dim=16, norm_eps=1e-5, mlp_bias=True, num_layers=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    w, b = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    rms = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5)
+    centred = x - x.mean(-1, keepdims=True)
+    expected = {"rmsnorm": rms * w, "rmsnorm_plus_one": rms * (1 + w),
+                "layernorm": centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * w + b}
+    for kind, want in expected.items():
+        params = {"scale": w, **({"bias": b} if kind == "layernorm" else {})}
+        got = jax.jit(NORM_KINDS.get(kind)(cfg).apply)({"params": params}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=kind)
+    p = {name: rng.standard_normal(shape).astype(np.float32) * 0.5 for name, shape in (
+        ("gate", (8, 16)), ("up", (8, 16)), ("down", (16, 8)), ("gate_bias", (16,)), ("up_bias", (16,)),
+        ("down_bias", (8,)))}
+    erf = np.vectorize(math.erf)
+    acts = {"geglu": None, "swiglu": None, "gelu": lambda h: 0.5 * h * (1 + erf(h / math.sqrt(2))), "gelu_tanh": _gelu_tanh}
+    for kind, act in acts.items():
+        up = x @ p["up"] + p["up_bias"]
+        if act is None:  # gated
+            gate = x @ p["gate"] + p["gate_bias"]
+            h = (_gelu_tanh(gate) if kind == "geglu" else gate / (1 + np.exp(-gate))) * up
+            params = p
+        else:
+            h = act(up)
+            params = {k: v for k, v in p.items() if not k.startswith("gate")}
+        got = jax.jit(MLP_KINDS.get(kind)(cfg).apply)({"params": params}, x)
+        np.testing.assert_allclose(got, h @ p["down"] + p["down_bias"], rtol=1e-4, atol=1e-4, err_msg=kind)

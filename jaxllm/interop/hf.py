@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2, Mixtral): safetensors files, shards
-and their index, config.json and the tokenizer.
+"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2, Mixtral, Qwen3, Qwen3-MoE, Gemma 2,
+Gemma 3): safetensors files, shards and their index, config.json and the tokenizer.
 
 Import builds the target param tree with `jax.eval_shape` on the destination mesh and reads every
 array with `jax.make_array_from_callback`: each device's shard is read from the safetensors files
@@ -37,11 +37,14 @@ from jaxllm import restore, sharding
 from jaxllm import config as config_lib
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config
-from jaxllm.interop.hf_config import HFError, hf_architecture, hf_config, model_config
+from jaxllm.interop.hf_config import GEMMA, HFError, hf_architecture, hf_config, model_config, read_config
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The source's config.json, kept in an imported run directory: export reads the special token ids
+# and max_position_embeddings the run's own config does not hold.
+SOURCE_CONFIG = "hf_source_config.json"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -57,24 +60,35 @@ class TensorMap:
     flat: bool = False  # stored flattened (a bias [H·K] for jaxllm's [H, K])
 
 
-def _layer_maps(arch: str) -> dict[str, TensorMap]:
-    """Maps of the params inside one block, by their path below the block."""
+def _layer_maps(arch: str, moe: bool) -> dict[str, TensorMap]:
+    """Maps of the params inside one block (an MoE block if `moe`), by their path below the block."""
     attn = "model.layers.{i}.self_attn.{p}_proj"
+    layer = "model.layers.{i}."
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if arch in GEMMA:  # sandwich norms
+        norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
     maps = {
         **{f"attn/{p}": TensorMap(lambda i, p=p: attn.format(i=i, p=p) + ".weight", kernel=1) for p in "qkv"},
         "attn/o": TensorMap(lambda i: attn.format(i=i, p="o") + ".weight", kernel=2),
-        "attn_norm/scale": TensorMap(lambda i: f"model.layers.{i}.input_layernorm.weight"),
-        "mlp_norm/scale": TensorMap(lambda i: f"model.layers.{i}.post_attention_layernorm.weight"),
+        **{f"{ours}/scale": TensorMap(lambda i, t=theirs: layer.format(i=i) + t + ".weight") for ours, theirs in norms.items()},
+        # q/k norms (Qwen3, Gemma 3); present in the params only when the model has them
+        **{f"attn/{p}_norm/scale": TensorMap(lambda i, p=p: layer.format(i=i) + f"self_attn.{p}_norm.weight") for p in "qk"},
     }
     if arch == "Qwen2ForCausalLM":
         maps.update({f"attn/{p}_bias": TensorMap(lambda i, p=p: attn.format(i=i, p=p) + ".bias", flat=True)
                      for p in "qkv"})
-    if arch == "MixtralForCausalLM":
-        moe = "model.layers.{i}.block_sparse_moe"
-        maps["mlp/router"] = TensorMap(lambda i: moe.format(i=i) + ".gate.weight", kernel=1)
+    if moe and arch == "MixtralForCausalLM":
+        moe_prefix = "model.layers.{i}.block_sparse_moe"
+        maps["mlp/router"] = TensorMap(lambda i: moe_prefix.format(i=i) + ".gate.weight", kernel=1)
         for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
             maps[f"mlp/{ours}"] = TensorMap(
-                lambda i, e, t=theirs: moe.format(i=i) + f".experts.{e}.{t}.weight", ("expert",), kernel=1)
+                lambda i, e, t=theirs: moe_prefix.format(i=i) + f".experts.{e}.{t}.weight", ("expert",), kernel=1)
+    elif moe:  # Qwen3-MoE
+        maps["mlp/router"] = TensorMap(lambda i: layer.format(i=i) + "mlp.gate.weight", kernel=1)
+        for p in ("gate", "up", "down"):
+            maps[f"mlp/{p}"] = TensorMap(
+                lambda i, e, p=p: layer.format(i=i) + f"mlp.experts.{e}.{p}_proj.weight", ("expert",), kernel=1)
     else:
         for p in ("gate", "up", "down"):
             maps[f"mlp/{p}"] = TensorMap(lambda i, p=p: f"model.layers.{i}.mlp.{p}_proj.weight", kernel=1)
@@ -82,25 +96,40 @@ def _layer_maps(arch: str) -> dict[str, TensorMap]:
 
 
 def param_maps(arch: str, params) -> dict[tuple, TensorMap]:
-    """{param path: TensorMap} for every leaf of `params` (abstract or real; scanned or not)."""
+    """{param path: TensorMap} for every leaf of `params` (abstract or real; scanned or not, in
+    groups of blocks or one by one)."""
     top = {"embed/embedding": TensorMap(lambda: "model.embed_tokens.weight"),
            "final_norm/scale": TensorMap(lambda: "model.norm.weight"),
            "unembed": TensorMap(lambda: "lm_head.weight", kernel=1)}
-    layer = _layer_maps(arch)
+    paths = [tuple(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    # A block is MoE when it has a router; scanned groups hold blocks/block_j, k of them.
+    moe_blocks = {p[:p.index("mlp")] for p in paths if "mlp" in p and p[p.index("mlp") + 1:] == ("router",)}
+    group = len({p[1] for p in paths if p[0] == "blocks" and re.fullmatch(r"block_\d+", p[1])})
     maps = {}
-    for path, _ in jax.tree_util.tree_leaves_with_path(params):
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
+    for keys in paths:
         joined = "/".join(keys)
         if joined in top:
             maps[keys] = top[joined]
-        elif keys[0] == "blocks" and "/".join(keys[1:]) in layer:
-            m = layer["/".join(keys[1:])]
-            maps[keys] = dataclasses.replace(m, stack=("layer", *m.stack))
-        elif re.fullmatch(r"block_\d+", keys[0]) and "/".join(keys[1:]) in layer:
-            m, i = layer["/".join(keys[1:])], int(keys[0][len("block_"):])
-            maps[keys] = dataclasses.replace(m, name=lambda *idx, m=m, i=i: m.name(i, *idx))
-        else:
-            raise HFError(f"param {joined} has no Hugging Face counterpart in {arch}")
+            continue
+        if keys[0] == "blocks" and group:  # blocks/block_j: position j of each group of `group` blocks
+            j, prefix = int(keys[1][len("block_"):]), keys[:2]
+            layer = _layer_maps(arch, prefix in moe_blocks)
+            if "/".join(keys[2:]) in layer:
+                m = layer["/".join(keys[2:])]
+                maps[keys] = dataclasses.replace(m, stack=("layer", *m.stack),
+                                                 name=lambda g, *idx, m=m, j=j: m.name(g * group + j, *idx))
+                continue
+        elif keys[0] == "blocks":
+            m = _layer_maps(arch, ("blocks",) in moe_blocks).get("/".join(keys[1:]))
+            if m is not None:
+                maps[keys] = dataclasses.replace(m, stack=("layer", *m.stack))
+                continue
+        elif re.fullmatch(r"block_\d+", keys[0]):
+            m, i = _layer_maps(arch, keys[:1] in moe_blocks).get("/".join(keys[1:])), int(keys[0][len("block_"):])
+            if m is not None:
+                maps[keys] = dataclasses.replace(m, name=lambda *idx, m=m, i=i: m.name(i, *idx))
+                continue
+        raise HFError(f"param {joined} has no Hugging Face counterpart in {arch}")
     return maps
 
 
@@ -355,8 +384,7 @@ def _check_shapes(files: SafetensorsFiles, maps, abstract) -> None:
 def read_params(hf_dir: str, cfg: Config, mesh: jax.sharding.Mesh):
     """The params of the Hugging Face checkpoint in `hf_dir`, read onto `mesh` in `cfg`'s layout
     (and model.param_dtype)."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        arch = hf_architecture(model_config(json.load(f)))
+    arch = hf_architecture(model_config(read_config(os.path.join(hf_dir, "config.json"))))
     files = SafetensorsFiles(hf_dir)
     abstract = restore.abstract_params(cfg, mesh)
     maps = param_maps(arch, abstract)
@@ -393,8 +421,7 @@ def import_checkpoint(hf_dir: str, workdir: str, base: Config = Config()) -> Con
     config_file = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_file):
         raise HFError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
-    with open(config_file) as f:
-        hf = json.load(f)
+    hf = read_config(config_file)
     has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer.json"))
     workdir = os.path.abspath(workdir)
     model = model_config(hf, tokenizer=workdir if has_tokenizer else "bytes", base=base.model)
@@ -409,6 +436,7 @@ def import_checkpoint(hf_dir: str, workdir: str, base: Config = Config()) -> Con
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(cfg))
+        shutil.copyfile(config_file, os.path.join(workdir, SOURCE_CONFIG))
     writer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir))
     try:
         writer.save(0, {"params": params}, {"data_step": 0, "config": config_lib.to_dict(cfg),
@@ -438,6 +466,22 @@ def _hf_tensors(arch: str, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
             yield m.name(*idx), np.ascontiguousarray(block).astype(dtype)
 
 
+def source_config(workdir: str, cfg: Config) -> dict:
+    """The config.json a run was imported from: kept in its workdir, or in the workdir it was
+    fine-tuned from (init_from, followed back); {} for a run trained from scratch."""
+    seen = set()
+    while workdir and workdir not in seen:
+        seen.add(workdir)
+        path = os.path.join(workdir, SOURCE_CONFIG)
+        if os.path.exists(path):
+            return read_config(path)
+        try:
+            workdir = restore.load_config(workdir).init_from
+        except (FileNotFoundError, config_lib.ConfigError):
+            return {}
+    return {}
+
+
 @workdir_lock.holding("out")
 def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_bytes: int = 2 << 30,
                       step: int | None = None) -> dict:
@@ -455,6 +499,9 @@ def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_
     os.makedirs(out, exist_ok=True)
     tok = tokenizer_lib.load(cfg.model.tokenizer)
     special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    source = source_config(workdir, cfg)
+    if cfg.model.tokenizer == "bytes" and source:  # no tokenizer of its own: the source's ids, not the bytes'
+        special = {k: source.get(k) for k in special}
     shards, current, size, total = [], {}, 0, 0
     for name, array in _hf_tensors(arch, params, DTYPES[dtype]):
         if current and size + array.nbytes > max_shard_bytes:
@@ -480,7 +527,7 @@ def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_
             with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(hf_config(cfg.model, special, dtype), f, indent=2)
+            json.dump(hf_config(cfg.model, special, dtype, source), f, indent=2)
         if cfg.model.tokenizer != "bytes":
             source = os.path.dirname(tok.name)
             for name in TOKENIZER_FILES:

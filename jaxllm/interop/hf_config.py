@@ -1,5 +1,7 @@
-"""Hugging Face `config.json` <-> jaxllm ModelConfig for the Llama family of architectures: Llama
-(incl. Llama 3 rope scaling), Mistral (sliding window), Qwen2 (q/k/v biases) and Mixtral (MoE).
+"""Hugging Face `config.json` <-> jaxllm ModelConfig: the Llama family (Llama incl. Llama 3 rope
+scaling, Mistral's sliding window, Qwen2's q/k/v biases, Mixtral's MoE), Qwen3 (q/k norms),
+Qwen3-MoE (fine-grained experts, normalised top-k) and Gemma 2 / Gemma 3 (GeGLU, sandwich norms
+with 1 + w, scaled embeddings, local:global attention pattern, soft-caps).
 
 Every field that changes the mathematics is mapped; a field the model cannot represent is a
 one-line error naming it, never a silent approximation.
@@ -8,29 +10,65 @@ one-line error naming it, never a silent approximation.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
-from jaxllm.config import ConfigError, ModelConfig, MoeConfig, RopeScalingConfig
+from jaxllm.config import RECIPE_FIELDS, ConfigError, ModelConfig, MoeConfig, RopeScalingConfig
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM",
+                 "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "MixtralForCausalLM": "mixtral"}
+               "MixtralForCausalLM": "mixtral", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
+               "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+QWEN3 = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# Gemma's layer_types -> jaxllm attention kinds.
+LAYER_TYPES = {"sliding_attention": "sliding_window", "full_attention": "causal"}
 
 
 class HFError(ConfigError):
     """A Hugging Face checkpoint jaxllm cannot read or write as asked; the message says why."""
 
 
+def read_config(path: str) -> dict:
+    """The JSON object in `path` (a config.json), or a one-line error naming the file."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise HFError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise HFError(f"{path} is not valid JSON (not UTF-8 text: {e.reason})") from None
+    if not isinstance(values, dict):
+        raise HFError(f"{path} holds a JSON {type(values).__name__}, not an object of config fields")
+    return values
+
+
 def architecture(hf: dict) -> str:
+    """The one architecture of config.json, which its model_type (where given) must agree with."""
     names = hf.get("architectures") or []
     if len(names) != 1 or names[0] not in ARCHITECTURES:
         raise HFError(f"config.json architectures={names}: jaxllm imports one of {', '.join(ARCHITECTURES)}")
-    return names[0]
+    arch = names[0]
+    if "model_type" in hf and hf["model_type"] != MODEL_TYPES[arch]:
+        raise HFError(f"config.json model_type={hf['model_type']!r} disagrees with architectures={names} "
+                      f"(model_type {MODEL_TYPES[arch]!r}); fix whichever is wrong")
+    return arch
 
 
 def _unsupported(hf: dict, arch: str) -> None:
     """Fields whose non-default values jaxllm's model would silently ignore."""
+    gemma = arch in GEMMA
     checks = [
-        ("hidden_act", hf.get("hidden_act", "silu") not in ("silu", "swish"), "only silu (SwiGLU) is supported"),
+        ("hidden_act", not gemma and hf.get("hidden_act", "silu") not in ("silu", "swish"), "only silu (SwiGLU) is supported"),
+        ("hidden_activation", gemma and hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh",),
+         "Gemma's MLP is GeGLU with gelu_pytorch_tanh"),
+        ("use_sliding_window", arch in QWEN3 and bool(hf.get("use_sliding_window", False)),
+         "Qwen3's per-layer sliding window is not supported"),
+        ("mlp_only_layers", arch == "Qwen3MoeForCausalLM" and bool(hf.get("mlp_only_layers")),
+         "dense layers other than every decoder_sparse_step-th are not supported"),
+        ("use_bidirectional_attention", bool(hf.get("use_bidirectional_attention")),
+         "bidirectional attention in a causal LM is not supported"),
         ("attention_bias", bool(hf.get("attention_bias", False)), "biases on q/k/v/o are not supported (Qwen2's q/k/v biases are)"),
         ("mlp_bias", bool(hf.get("mlp_bias", False)), "MLP biases are not supported"),
         ("use_sliding_window", arch == "Qwen2ForCausalLM" and bool(hf.get("use_sliding_window", False)),
@@ -43,25 +81,81 @@ def _unsupported(hf: dict, arch: str) -> None:
             raise HFError(f"config.json {name}={hf.get(name)!r} cannot be represented: {why}")
 
 
-def _rope(hf: dict) -> tuple[float, dict]:
-    """(theta, scaling) from either layout: transformers 4 (rope_theta and rope_scaling at the top)
-    or 5 (both inside rope_parameters)."""
+def _rope(hf: dict, layer_type: str = "full_attention") -> tuple[float, dict]:
+    """(theta, scaling) from either layout: transformers 4 (rope_theta and rope_scaling at the top;
+    Gemma 3's local layers: rope_local_base_freq, unscaled) or 5 (both inside rope_parameters, per
+    layer type for Gemma 3)."""
     parameters = hf.get("rope_parameters") or {}
+    if layer_type in parameters:
+        parameters = parameters[layer_type] or {}
+    elif layer_type == "sliding_attention" and "rope_local_base_freq" in hf:
+        return float(hf["rope_local_base_freq"]), {}
     theta = float(hf.get("rope_theta", parameters.get("rope_theta", 10_000.0)))
     return theta, hf.get("rope_scaling") or parameters
 
 
-def _rope_scaling(hf: dict) -> RopeScalingConfig:
-    _, scaling = _rope(hf)
+def _rope_scaling(hf: dict, layer_type: str = "full_attention") -> RopeScalingConfig:
+    _, scaling = _rope(hf, layer_type)
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return RopeScalingConfig()
+    if kind == "linear":
+        return RopeScalingConfig(kind="linear", factor=float(scaling["factor"]))
     if kind != "llama3":
-        raise HFError(f"config.json rope_scaling type {kind!r} cannot be represented: jaxllm supports llama3")
+        raise HFError(f"config.json rope_scaling type {kind!r} cannot be represented: jaxllm supports linear and llama3")
     return RopeScalingConfig(
         kind="llama3", factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_len=int(scaling["original_max_position_embeddings"]))
+
+
+def _layer_types(hf: dict, arch: str) -> list[str]:
+    """Gemma's per-layer attention: layer_types, or the older pattern fields (Gemma 2: local on even
+    layers; Gemma 3: every sliding_window_pattern-th layer global)."""
+    n = int(hf["num_hidden_layers"])
+    if hf.get("layer_types"):
+        types = list(hf["layer_types"])
+    elif arch == "Gemma2ForCausalLM":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    else:
+        period = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if len(types) != n or unknown:
+        raise HFError(f"config.json layer_types={types} cannot be represented: give {n} of {', '.join(LAYER_TYPES)}")
+    return types
+
+
+def _gemma_fields(hf: dict, arch: str, base: ModelConfig) -> dict:
+    """Gemma 2/3's recipe: GeGLU, sandwich norms with 1 + w, embeddings times sqrt(d), the score
+    scale query_pre_attn_scalar^-1/2, soft-caps, and the local:global pattern (the shortest period
+    of layer_types) with each entry's RoPE base."""
+    types = _layer_types(hf, arch)
+    period = next(p for p in range(1, len(types) + 1)
+                  if all(t == types[i % p] for i, t in enumerate(types)))
+    pattern = tuple(LAYER_TYPES[t] for t in types[:period])
+    global_theta = _rope(hf, "full_attention")[0]
+    if _rope_scaling(hf, "sliding_attention").kind != "none":
+        raise HFError("config.json: RoPE scaling of the sliding-window layers cannot be represented")
+    local_theta = _rope(hf, "sliding_attention")[0]
+    thetas = tuple(local_theta if t == "sliding_attention" else 0.0 for t in types[:period])
+    fields = dict(
+        norm_kind="rmsnorm_plus_one", norm_placement="sandwich", qk_norm=arch == "Gemma3ForCausalLM",
+        mlp_kind="geglu", embed_scale=math.sqrt(int(hf["hidden_size"])),
+        query_scale=float(hf.get("query_pre_attn_scalar") or 0) ** -0.5 if hf.get("query_pre_attn_scalar") else 0.0,
+        attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+        final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        attention_pattern=pattern if "sliding_window" in pattern else (),
+        rope_thetas=thetas if any(t != global_theta and t for t in thetas) else (),
+        attention_kind="sliding_window" if pattern == ("sliding_window",) else "causal",
+        window=int(hf.get("sliding_window") or 0) if "sliding_window" in pattern else 0,
+        rope_theta=global_theta, rope_scaling=_rope_scaling(hf, "full_attention"),
+    )
+    if len(pattern) == 1:
+        fields["attention_pattern"], fields["rope_thetas"] = (), ()
+    if base.scan_layers and len(types) % period:
+        fields["scan_layers"] = False  # the scan repeats whole periods of the pattern
+    return fields
 
 
 def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelConfig()) -> ModelConfig:
@@ -69,6 +163,7 @@ def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelCo
     from `base`."""
     arch = architecture(hf)
     _unsupported(hf, arch)
+    base = base.with_default_recipe()  # the checkpoint, not the base, decides the block
     heads = int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
     window = hf.get("sliding_window") if arch in ("MistralForCausalLM", "MixtralForCausalLM") else None
@@ -98,12 +193,78 @@ def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelCo
             expert_dim=int(hf["intermediate_size"]), router="topk_softmax", dispatch="dropless",
             jitter=float(hf.get("router_jitter_noise", 0.0) or 0.0),
             aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.02)), z_loss_weight=0.0))
+    if arch in QWEN3:
+        cfg = dataclasses.replace(cfg, qk_norm=True)
+    # transformers 5 writes num_local_experts, the Hub's checkpoints num_experts.
+    experts = int(hf.get("num_experts", hf.get("num_local_experts")) or 0)
+    if arch == "Qwen3MoeForCausalLM" and experts:
+        # Softmax over all experts, top k, renormalised when norm_topk_prob; every
+        # decoder_sparse_step-th block is MoE with experts of moe_intermediate_size.
+        cfg = dataclasses.replace(cfg, moe=MoeConfig(
+            num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
+            expert_dim=int(hf["moe_intermediate_size"]), every=int(hf.get("decoder_sparse_step") or 1),
+            router="softmax_topk", renormalize=bool(hf.get("norm_topk_prob", False)), dispatch="dropless",
+            aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0))
+        if cfg.scan_layers and cfg.num_layers % cfg.moe.every:
+            cfg = dataclasses.replace(cfg, scan_layers=False)
+    if arch in GEMMA:
+        cfg = dataclasses.replace(cfg, **_gemma_fields(hf, arch, base))
     return cfg
+
+
+
+# The recipe fields (config.RECIPE_FIELDS) each exported family may set; ModelConfig's defaults elsewhere.
+_FAMILY_RECIPES = {
+    "llama": (),
+    "qwen3": ("qk_norm",),
+    "gemma2": ("norm_kind", "norm_placement", "attention_pattern", "query_scale", "attn_logit_softcap",
+               "embed_scale", "final_logit_softcap"),
+}
+_FAMILY_RECIPES["gemma3"] = (*_FAMILY_RECIPES["gemma2"], "qk_norm", "rope_thetas")
+
+
+def _check_recipe(cfg: ModelConfig, family: str, arch: str) -> None:
+    defaults = ModelConfig()
+    bad = [f"model.{f}" for f in RECIPE_FIELDS
+           if f not in _FAMILY_RECIPES[family] and getattr(cfg, f) != getattr(defaults, f)]
+    if bad:
+        raise HFError(f"{', '.join(bad)} differ(s) from {arch}'s recipe: this model has no Hugging Face counterpart")
+
+
+def _check_gemma(cfg: ModelConfig, arch: str) -> None:
+    kinds = cfg.attention_pattern or (cfg.attention_kind,)
+    problems = [name for name, bad in (
+        ("model.norm_placement", cfg.norm_placement != "sandwich"), ("model.mlp_kind", cfg.mlp_kind != "geglu"),
+        ("model.embed_scale", cfg.embed_scale != math.sqrt(cfg.d_model)), ("model.qkv_bias", cfg.qkv_bias),
+        ("model.moe", cfg.moe.num_experts > 0),
+        ("model.attention_pattern", any(k not in ("causal", "dot_product", "sliding_window") for k in kinds)),
+        ("model.rope_thetas", len({t for t, k in zip(cfg.rope_thetas, kinds) if k == "sliding_window"}) > 1
+         or any(t not in (0, cfg.rope_theta) for t, k in zip(cfg.rope_thetas, kinds) if k != "sliding_window")),
+    ) if bad]
+    if problems:
+        raise HFError(f"this model is not a {arch[:-len('ForCausalLM')]}: {', '.join(problems)} differ(s) from its recipe")
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """The Hugging Face architecture that represents `cfg`, or an error saying what does not fit."""
     m = cfg.moe
+    if cfg.norm_kind == "rmsnorm_plus_one":
+        arch = "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
+        _check_recipe(cfg, "gemma3" if cfg.qk_norm else "gemma2", arch)
+        _check_gemma(cfg, arch)
+        return arch
+    if cfg.qk_norm:
+        arch = "Qwen3MoeForCausalLM" if m.num_experts else "Qwen3ForCausalLM"
+        _check_recipe(cfg, "qwen3", arch)
+        problems = [name for name, bad in (
+            ("model.mlp_kind", cfg.mlp_kind != "swiglu"), ("model.qkv_bias", cfg.qkv_bias),
+            ("model.attention_kind", cfg.attention_kind not in ("causal", "dot_product")),
+            ("model.moe.num_shared", m.num_shared > 0), ("model.moe.router", m.num_experts and m.router != "softmax_topk"),
+        ) if bad]
+        if problems:
+            raise HFError(f"this model is not a {arch[:-len('ForCausalLM')]}: {', '.join(problems)} differ(s) from its recipe")
+        return arch
+    _check_recipe(cfg, "llama", "LlamaForCausalLM")
     if cfg.mlp_kind != "swiglu":
         raise HFError(f"model.mlp_kind={cfg.mlp_kind} has no Hugging Face counterpart (swiglu and MoE have)")
     if cfg.attention_kind not in ("causal", "dot_product", "sliding_window"):
@@ -125,9 +286,42 @@ def hf_architecture(cfg: ModelConfig) -> str:
     return "LlamaForCausalLM"
 
 
-def hf_config(cfg: ModelConfig, special_ids: dict, torch_dtype: str) -> dict:
-    """config.json for `cfg` (the inverse of `model_config`)."""
+def _rope_json(cfg: ModelConfig) -> dict:
+    out = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    r = cfg.rope_scaling
+    if r.kind == "linear":
+        out = {"rope_type": "linear", "factor": r.factor, "rope_theta": cfg.rope_theta}
+    elif r.kind == "llama3":
+        out = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+               "high_freq_factor": r.high_freq_factor, "original_max_position_embeddings": r.original_max_len,
+               "rope_theta": cfg.rope_theta}
+    return out
+
+
+def _gemma_json(cfg: ModelConfig, arch: str) -> dict:
+    kinds = cfg.attention_pattern or (cfg.attention_kind,)
+    types = ["sliding_attention" if kinds[i % len(kinds)] == "sliding_window" else "full_attention"
+             for i in range(cfg.num_layers)]
+    local = [t for t, k in zip(cfg.rope_thetas, kinds) if k == "sliding_window" and t]
+    scalar = cfg.query_scale ** -2 if cfg.query_scale else cfg.head_size
+    out = {"hidden_activation": "gelu_pytorch_tanh", "layer_types": types, "sliding_window": cfg.window or None,
+           "query_pre_attn_scalar": round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+           "attn_logit_softcapping": cfg.attn_logit_softcap or None,
+           "final_logit_softcapping": cfg.final_logit_softcap or None, "attention_bias": False}
+    if arch == "Gemma3ForCausalLM":
+        local_theta = local[0] if local else cfg.rope_theta
+        # Both layouts: transformers 5 reads rope_parameters per layer type, 4 the top-level fields.
+        out["rope_parameters"] = {"full_attention": _rope_json(cfg),
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+        out["rope_local_base_freq"] = local_theta
+    return out
+
+
+def hf_config(cfg: ModelConfig, special_ids: dict, torch_dtype: str, source: dict | None = None) -> dict:
+    """config.json for `cfg` (the inverse of `model_config`); `source`: the config.json the run was
+    imported from, whose max_position_embeddings it keeps."""
     arch = hf_architecture(cfg)
+    source = source or {}
     out = {
         "architectures": [arch], "model_type": MODEL_TYPES[arch],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
@@ -135,20 +329,28 @@ def hf_config(cfg: ModelConfig, special_ids: dict, torch_dtype: str) -> dict:
         "intermediate_size": cfg.mlp_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": max(cfg.rope_scaling.original_max_len, 4096),
+        "max_position_embeddings": source.get("max_position_embeddings") or max(cfg.rope_scaling.original_max_len, 4096),
         "torch_dtype": torch_dtype, "dtype": torch_dtype, "attention_dropout": 0.0, **special_ids,
     }
-    if cfg.rope_scaling.kind == "llama3":
-        r = cfg.rope_scaling
+    if cfg.rope_scaling.kind != "none":
         # Both layouts: transformers 4 reads rope_scaling, 5 rope_parameters.
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-                               "high_freq_factor": r.high_freq_factor, "original_max_position_embeddings": r.original_max_len}
-        out["rope_parameters"] = {**out["rope_scaling"], "rope_theta": cfg.rope_theta}
+        out["rope_parameters"] = _rope_json(cfg)
+        out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"}
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         out["sliding_window"] = cfg.window or None
-    if arch == "Qwen2ForCausalLM":
+    if arch in ("Qwen2ForCausalLM", *QWEN3):
         out["use_sliding_window"] = False
+    if arch in QWEN3:
+        out["attention_bias"] = False
     if arch == "MixtralForCausalLM":
         out.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
                    router_aux_loss_coef=cfg.moe.aux_loss_weight, router_jitter_noise=cfg.moe.jitter)
+    if arch == "Qwen3MoeForCausalLM":
+        m = cfg.moe
+        out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim or cfg.mlp_dim,
+                   norm_topk_prob=m.renormalize, decoder_sparse_step=m.every, mlp_only_layers=[],
+                   router_aux_loss_coef=m.aux_loss_weight)
+    if arch in GEMMA:
+        del out["hidden_act"]
+        out.update(_gemma_json(cfg, arch))
     return out

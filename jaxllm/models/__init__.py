@@ -3,6 +3,6 @@ built-in families: causal_lm, classifier, vlm, late_fusion."""
 
 from jaxllm.models import causal_lm, classifier, late_fusion, transformer, vlm  # noqa: F401  (registers the built-in families)
 from jaxllm.models.family import MODELS, ModelFamily
-from jaxllm.models.transformer import REMAT_POLICIES, Transformer, count_params
+from jaxllm.models.transformer import NORM_PLACEMENTS, REMAT_POLICIES, Transformer, count_params
 
-__all__ = ["MODELS", "ModelFamily", "REMAT_POLICIES", "Transformer", "count_params"]
+__all__ = ["MODELS", "ModelFamily", "NORM_PLACEMENTS", "REMAT_POLICIES", "Transformer", "count_params"]

@@ -46,9 +46,9 @@ def sincos_2d(v: VisionConfig) -> np.ndarray:
 
 def tower_config(v: VisionConfig, text: ModelConfig) -> ModelConfig:
     """The blocks' ModelConfig: the tower's sizes, a bidirectional mask, the text model's compute
-    dtype, layer scan and remat."""
+    dtype, layer scan and remat (not its recipe: the tower's blocks are pre-norm RMSNorm/SwiGLU)."""
     return dataclasses.replace(
-        text, d_model=v.d_model, num_layers=v.num_layers, num_heads=v.num_heads, num_kv_heads=0, head_dim=0,
+        text.with_default_recipe(), d_model=v.d_model, num_layers=v.num_layers, num_heads=v.num_heads, num_kv_heads=0, head_dim=0,
         mlp_dim=v.mlp_dim, mlp_kind="swiglu", attention_kind="bidirectional", window=0, qkv_bias=False,
         moe=dataclasses.replace(text.moe, num_experts=0))
 
