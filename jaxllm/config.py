@@ -48,8 +48,9 @@ class MoeConfig:
 @dataclasses.dataclass(frozen=True)
 class RopeScalingConfig:
     """Rescaling of the RoPE frequencies for long contexts (key of layers.base.ROPE_SCALINGS):
-    "none", or "llama3" (Llama 3.1: low frequencies divided by `factor`, a smooth blend between
-    `low_freq_factor` and `high_freq_factor` wavelengths of the original context)."""
+    "none", "linear" (every frequency divided by `factor`) or "llama3" (Llama 3.1: low frequencies
+    divided by `factor`, a smooth blend between `low_freq_factor` and `high_freq_factor`
+    wavelengths of the original context)."""
 
     kind: str = "none"
     factor: float = 8.0
@@ -93,6 +94,26 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     init_std: float = 0.02
     moe: MoeConfig = MoeConfig()
+    # The block's recipe; the defaults are Llama's (pre-norm RMSNorm, RoPE, SwiGLU).
+    norm_kind: str = "rmsnorm"  # key of layers.NORM_KINDS: rmsnorm | rmsnorm_plus_one (Gemma) | layernorm
+    # key of models.NORM_PLACEMENTS: pre (x + f(norm(x))) | sandwich (x + norm(f(norm(x))), Gemma 2/3)
+    # | post (norm(x + f(x)), BERT; no final norm)
+    norm_placement: str = "pre"
+    qk_norm: bool = False  # a norm (norm_kind) over each head's q and k before RoPE (Qwen3, Gemma 3)
+    attn_out_bias: bool = False  # a bias on the attention output projection (GPT-2, BERT)
+    mlp_bias: bool = False  # biases on the MLP's projections (GPT-2, BERT)
+    position_kind: str = "rope"  # key of layers.POSITION_KINDS: rope | learned (GPT-2, BERT) | none
+    max_positions: int = 0  # rows of the learned position table (position_kind=learned)
+    # Attention kind of block i: attention_pattern[i % len], e.g. 5 x sliding_window then causal
+    # (Gemma 3); empty: attention_kind in every block. rope_thetas: the RoPE base of each entry
+    # (0: rope_theta); rope_scaling applies to the entries that use rope_theta.
+    attention_pattern: tuple[str, ...] = ()
+    rope_thetas: tuple[float, ...] = ()
+    query_scale: float = 0.0  # scores are q·k times this; 0: 1/sqrt(head dim) (Gemma: query_pre_attn_scalar^-1/2)
+    attn_logit_softcap: float = 0.0  # scores -> c·tanh(scores / c) before the mask (Gemma 2); 0: off
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
+    embed_norm: bool = False  # a norm right after the embeddings (BERT)
+    final_logit_softcap: float = 0.0  # logits -> c·tanh(logits / c) (Gemma 2/3); 0: off
 
     @property
     def kv_heads(self) -> int:

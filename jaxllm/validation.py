@@ -14,9 +14,10 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
 from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
-from jaxllm.layers.base import ROPE_SCALINGS
+from jaxllm.layers.base import NORM_KINDS, POSITION_KINDS, ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, REMAT_POLICIES
+from jaxllm.models.transformer import NORM_PLACEMENTS, group_size
 from jaxllm.models.vit import POSEMBS, PROJECTORS
 from jaxllm.ops import GROUPED_FFNS
 
@@ -48,7 +49,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.kv_heads}"
         )
-    if m.head_size % 2:
+    if m.head_size % 2 and POSITION_KINDS.get(m.position_kind).rotary:
         raise ConfigError(f"head dimension {m.head_size} must be even for rotary embeddings")
     tokenizer = tokenizer_lib.load(m.tokenizer)
     if m.vocab_size < tokenizer.vocab_size:
@@ -57,6 +58,7 @@ def validate(cfg: Config) -> None:
     if m.param_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.param_dtype={m.param_dtype!r}; choose float32 or bfloat16")
     ROPE_SCALINGS.check(m.rope_scaling.kind)
+    validate_recipe(m, cfg)
     moe = m.moe
     if moe.num_experts:
         ROUTERS.check(moe.router)
@@ -106,6 +108,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if MODELS.get(cfg.family).images:
         validate_vision(cfg)
+
+
+def validate_recipe(m, cfg: Config) -> None:
+    """The block's recipe fields (norms, positions, attention pattern, scales and soft-caps)."""
+    NORM_KINDS.check(m.norm_kind)
+    NORM_PLACEMENTS.check(m.norm_placement)
+    POSITION_KINDS.check(m.position_kind)
+    if POSITION_KINDS.get(m.position_kind).learned and m.max_positions <= 0:
+        raise ConfigError(f"model.position_kind={m.position_kind} needs model.max_positions > 0 (rows of the table)")
+    if POSITION_KINDS.get(m.position_kind).learned and cfg.train.seq_len > m.max_positions:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_positions={m.max_positions}")
+    for kind in m.attention_pattern:
+        try:
+            ATTENTION_KINDS.check(kind)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(ATTENTION_KINDS.key, "model.attention_pattern", 1)) from None
+    if m.rope_thetas and len(m.rope_thetas) != len(m.attention_pattern):
+        raise ConfigError(f"model.rope_thetas has {len(m.rope_thetas)} entries; give one per entry of "
+                          f"model.attention_pattern ({len(m.attention_pattern)}), 0 for model.rope_theta")
+    if any(t < 0 for t in m.rope_thetas):
+        raise ConfigError(f"model.rope_thetas={m.rope_thetas} must be >= 0 (0: model.rope_theta)")
+    if m.scan_layers and m.num_layers % group_size(m):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not a multiple of the blocks' period {group_size(m)} "
+            "(model.attention_pattern, model.moe.every), which the scan repeats; set model.scan_layers=false")
+    for name in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0 (0: off), got {getattr(m, name)}")
+    if m.embed_scale <= 0:
+        raise ConfigError(f"model.embed_scale must be positive, got {m.embed_scale}")
+    if m.attention_impl in ("cudnn", "splash") and (m.query_scale or m.attn_logit_softcap):
+        raise ConfigError(f"model.attention_impl={m.attention_impl} takes neither model.query_scale nor "
+                          "model.attn_logit_softcap; set model.attention_impl=auto or xla")
 
 
 def validate_vision(cfg: Config) -> None:

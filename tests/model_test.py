@@ -102,19 +102,68 @@ def test_untied_output_projection_and_bfloat16_compute():
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
 
 
-@pytest.mark.parametrize("scan_layers,moe", [(True, False), (False, False), (True, True)],
-                         ids=["scanned", "unscanned", "moe"])
-def test_cached_decoding_equals_full_recompute(scan_layers, moe):
+# Recipes other than Llama's (ModelConfig's recipe fields): Gemma-3-like (local:global attention
+# pattern with its own RoPE bases, sandwich norms with 1 + w, q/k norms, GeGLU, scaled embeddings,
+# soft-caps) and GPT-2-like (LayerNorm, learned positions, gelu with biases) and BERT-like
+# post-norm blocks.
+RECIPES = {
+    "gemma_like": dict(attention_pattern=("sliding_window", "sliding_window", "causal"), window=3,
+                       rope_thetas=(10_000.0, 10_000.0, 1e6), num_layers=3, norm_kind="rmsnorm_plus_one",
+                       norm_placement="sandwich", qk_norm=True, mlp_kind="geglu", embed_scale=8.0,
+                       query_scale=0.3, attn_logit_softcap=2.0, final_logit_softcap=5.0),
+    "gpt2_like": dict(norm_kind="layernorm", position_kind="learned", max_positions=64, mlp_kind="gelu_tanh",
+                      mlp_bias=True, qkv_bias=True, attn_out_bias=True),
+    "bert_like": dict(norm_kind="layernorm", norm_placement="post", embed_norm=True, position_kind="learned",
+                      max_positions=64, mlp_kind="gelu", mlp_bias=True, scan_layers=False),
+}
+
+
+def _perturbed(params, seed=7):
+    """Zero-initialised norms and biases made random, so that a dropped one changes the logits."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipes_scanned_equal_unscanned_and_every_part_counts(recipe):
+    """Each recipe's scanned stack (groups of the attention pattern's period) gives the unscanned
+    stack's logits with the same weights; and the recipe is not a no-op: the Llama recipe with the
+    same weights (where they fit) differs."""
+    cfg = with_model(tiny_config(), **{**RECIPES[recipe], "scan_layers": True}).model
+    tokens = packed_batch(batch_size=2)["inputs"]
+    model, params = _init(cfg, tokens)
+    params = _perturbed(params)
+    from jaxllm.decoding import unstack_layers
+    unscanned = dataclasses.replace(cfg, scan_layers=False)
+    logits = model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(model_lib.Transformer(unscanned).apply({"params": unstack_layers(cfg, params)}, tokens),
+                               logits, rtol=1e-5, atol=1e-5)
+    for field, value in RECIPES[recipe].items():  # each field on its own changes the logits
+        if field in ("num_layers", "attention_pattern", "max_positions", "scan_layers", "position_kind", "qk_norm", "mlp_bias",
+                     "qkv_bias", "attn_out_bias", "embed_norm") or value in ("layernorm", "post", "gelu", "gelu_tanh"):
+            continue  # Llama's value needs other params (the parity tests cover these)
+        plain = dataclasses.replace(cfg, **{field: getattr(C.ModelConfig(), field)})
+        other = model_lib.Transformer(plain).apply({"params": params}, tokens)
+        assert not np.allclose(other, logits, atol=1e-3), field
+
+
+@pytest.mark.parametrize("scan_layers,moe,recipe", [(True, False, ""), (False, False, ""), (True, True, ""),
+                                                    (True, False, "gemma_like"), (False, False, "gpt2_like")],
+                         ids=["scanned", "unscanned", "moe", "gemma_like", "gpt2_like"])
+def test_cached_decoding_equals_full_recompute(scan_layers, moe, recipe):
     """Prefill a left-padded batch, then decode token by token: every step's logits equal the logits
     of running the whole sequence so far without a cache. (The MoE case is dropless: with capacity
     dispatch, which copies overflow depends on the whole sequence, so no causal cache can match.)"""
-    cfg = with_model(tiny_config(), scan_layers=scan_layers).model
+    cfg = with_model(tiny_config(), **RECIPES.get(recipe, {}), scan_layers=scan_layers).model
     if moe:
         cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, every=2, num_shared=1))
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(0, 259, 5)), list(rng.integers(0, 259, 9))]
     continuation = rng.integers(0, 259, (2, 6)).astype(np.int32)
     _, params = _init(cfg, np.zeros((1, 8), np.int32))
+    if recipe:
+        params = _perturbed(params)
     gen = Generator(cfg)
     from jaxllm.decoding import left_pad
     tokens, segs, pos = left_pad(prompts)

@@ -10,7 +10,11 @@ from jaxllm.registry import Registry
 
 @pytest.mark.parametrize("override, listed", [
     ("model.attention_kind=flash", "causal, dot_product, bidirectional, prefix_lm, sliding_window"),
-    ("model.mlp_kind=geglu", "swiglu, moe"),
+    ("model.mlp_kind=reglu", "swiglu, geglu, gelu, gelu_tanh, moe"),
+    ("model.norm_kind=scalenorm", "rmsnorm, rmsnorm_plus_one, layernorm"),
+    ("model.norm_placement=middle", "pre, sandwich, post"),
+    ("model.position_kind=alibi", "rope, learned, none"),
+    ("model.attention_pattern=sliding_window,flash", "causal, dot_product, bidirectional, prefix_lm, sliding_window"),
     ("model.remat=some", "none, full, save_dots"),
     ("family=vision", "causal_lm, classifier, late_fusion, vlm"),
     ("model.moe.router=sinkhorn", "softmax_topk, topk_softmax"),
@@ -25,6 +29,7 @@ def test_an_unknown_kind_is_one_line_naming_the_registered_ones(override, listed
         validation.validate(cfg)
     message = str(error.value)
     key, value = override.split("=")
+    value = value.split(",")[-1]
     assert message == f"{key}={value!r} is not registered; choose one of {listed}"
 
 

@@ -4,6 +4,10 @@ is causal.
 
     out = softmax(q kᵀ / sqrt(K) where mask) v,   q = RoPE(x W_q), k = RoPE(x W_k), v = x W_v
 
+The config's recipe fields add to it: q/k norms (model.qk_norm), an output bias, another score
+scale (model.query_scale), soft-capped scores (model.attn_logit_softcap), and a per-block kind and
+RoPE base (model.attention_pattern, model.rope_thetas; see `layer_config`).
+
 A research fork adds a kind with one registration (layers/sliding_window.py is an example):
 
     ATTENTION_KINDS.register("my_kind", AttentionKind(lambda q, k, cfg: same_document(q, k) & ...))
@@ -23,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import ops
-from jaxllm.config import ModelConfig
-from jaxllm.layers.base import apply_rotary, compute_dtype, constrain, dense_init, rotary_sin_cos, with_dropout_keys
+from jaxllm.config import ModelConfig, RopeScalingConfig
+from jaxllm.layers.base import (POSITION_KINDS, apply_rotary, compute_dtype, constrain, dense_init, norm,
+                                rotary_sin_cos, with_dropout_keys)
 from jaxllm.ops.attention import attention_bias
 from jaxllm.ops.projection import unadapted, with_adapter
 from jaxllm.registry import Registry
@@ -91,14 +96,32 @@ def attention_mask(q_segment_BL, k_segment_BS, q_index_BL, k_index_BS):
     return _causal(Tokens(q_segment_BL, q_index_BL), Tokens(k_segment_BS, k_index_BS), None)
 
 
+def pattern_period(cfg: ModelConfig) -> int:
+    """Blocks after which model.attention_pattern repeats (1 without a pattern)."""
+    return len(cfg.attention_pattern) or 1
+
+
+def layer_config(cfg: ModelConfig, index: int) -> ModelConfig:
+    """The config block `index` runs with: its entry of model.attention_pattern as attention_kind
+    and its RoPE base (an entry with its own base has no rope scaling). Without a pattern, `cfg`."""
+    if not cfg.attention_pattern:
+        return cfg
+    j = index % len(cfg.attention_pattern)
+    theta = cfg.rope_thetas[j] if cfg.rope_thetas else 0.0
+    if theta:
+        return dataclasses.replace(cfg, attention_kind=cfg.attention_pattern[j], rope_theta=theta,
+                                   rope_scaling=RopeScalingConfig())
+    return dataclasses.replace(cfg, attention_kind=cfg.attention_pattern[j])
+
+
 @flax.struct.dataclass
 class LayerContext:
     """Tensors that depend only on positions and segment ids, computed once per model call
     instead of once per layer. In a scanned stack they enter the loop as constants, so XLA
     materialises them once instead of recomputing sin/cos and the mask inside every layer."""
 
-    rope_sin: jax.Array  # [B, L, 1, K/2]
-    rope_cos: jax.Array  # [B, L, 1, K/2]
+    rope_sin: jax.Array | None  # [B, L, 1, K/2]; None without RoPE (model.position_kind)
+    rope_cos: jax.Array | None  # [B, L, 1, K/2]
     # Additive attention bias [B, 1, 1, L, S] (0 visible, float32 min hidden) and [B, 1, 1, L, 1]
     # 1.0 where the query sees at least one key. None in decode mode, where the cache decides.
     attention_bias: jax.Array | None = None
@@ -110,8 +133,10 @@ class LayerContext:
 
 
 def layer_context(cfg: ModelConfig, segment_ids_BL, positions_BL, decode: bool, prefix_BL=None) -> LayerContext:
-    sin, cos = (ops.computed_once(t)
-                for t in rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
+    sin = cos = None
+    if POSITION_KINDS.get(cfg.position_kind).rotary:
+        sin, cos = (ops.computed_once(t)
+                    for t in rotary_sin_cos(positions_BL, cfg.head_size, cfg.rope_theta, cfg.rope_scaling))
     if decode:
         return LayerContext(sin, cos, prefix=prefix_BL)
     kind = ATTENTION_KINDS.get(cfg.attention_kind)
@@ -120,6 +145,19 @@ def layer_context(cfg: ModelConfig, segment_ids_BL, positions_BL, decode: bool, 
     tokens = Tokens(segment_ids_BL, index_BL, prefix_BL)
     bias, has_keys = attention_bias(kind.mask(tokens, tokens, cfg))
     return LayerContext(sin, cos, bias, has_keys, prefix_BL, causal_self_attention=kind.causal)
+
+
+def layer_contexts(cfg: ModelConfig, segment_ids_BL, positions_BL, decode: bool, prefix_BL=None):
+    """One LayerContext per entry of model.attention_pattern (one in all without a pattern);
+    entries with the same kind and RoPE base share theirs."""
+    made, contexts = {}, []
+    for j in range(pattern_period(cfg)):
+        c = layer_config(cfg, j)
+        key = (c.attention_kind, c.rope_theta, c.rope_scaling)
+        if key not in made:
+            made[key] = layer_context(c, segment_ids_BL, positions_BL, decode, prefix_BL)
+        contexts.append(made[key])
+    return tuple(contexts)
 
 
 class Attention(nn.Module):
@@ -143,6 +181,8 @@ class Attention(nn.Module):
         w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_o = self.param("o", dense_init(out_std, ("heads", "head_dim", "embed")), (H, K, D))
+        b_o = (self.param("o_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (D,))
+               if cfg.attn_out_bias else None)
         w_q, w_k, w_v, w_o = with_dropout_keys(self, w_q, w_k, w_v, w_o)  # LoRA; no-op for plain kernels
         if context is None:
             context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode)
@@ -158,19 +198,25 @@ class Attention(nn.Module):
                                    (N, K)) for n in ("k", "v"))
             q_BLNGK = q_BLNGK + b_q.reshape(N, H // N, K).astype(dtype)
             k_BLNK, v_BLNK = k_BLNK + b_k.astype(dtype), v_BLNK + b_v.astype(dtype)
+        if cfg.qk_norm:  # per head, over its K channels, before the rotation
+            q_BLNGK, k_BLNK = norm(cfg, "q_norm")(q_BLNGK), norm(cfg, "k_norm")(k_BLNK)
         sin, cos = context.rope_sin, context.rope_cos
-        q_BLNGK = apply_rotary(q_BLNGK, sin[..., None, :], cos[..., None, :])
-        k_BLNK = apply_rotary(k_BLNK, sin, cos)
+        if sin is not None:
+            q_BLNGK = apply_rotary(q_BLNGK, sin[..., None, :], cos[..., None, :])
+            k_BLNK = apply_rotary(k_BLNK, sin, cos)
 
+        scores = dict(scale=cfg.query_scale or None, softcap=cfg.attn_logit_softcap)
         if self.decode:
             out_BLNGK = self._attend_cached(q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL, context.prefix)
         else:
             out_BLNGK = ops.attend(q_BLNGK, k_BLNK, v_BLNK, context.attention_bias,
                                    context.query_has_keys, context.causal_self_attention,
-                                   cfg.attention_impl, segment_ids_BL)
+                                   cfg.attention_impl, segment_ids_BL, **scores)
         B, L = segment_ids_BL.shape
         out_BLHK = constrain(out_BLNGK.reshape(B, L, H, K), (BATCH, LENGTH, ACT_HEADS, None))
         out_BLD = ops.dense(out_BLHK, w_o, 2, dtype)  # Σ_hk out[b, l, h, k] W_o[h, k, d]
+        if b_o is not None:
+            out_BLD = out_BLD + b_o.astype(dtype)
         return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
 
     def _attend_cached(self, q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL, prefix_BL):
@@ -188,7 +234,7 @@ class Attention(nn.Module):
         if is_init:  # only the shapes matter
             tokens = Tokens(segment_ids_BL, q_index_BL, prefix_BL)
             return ops.attend(q_BLNGK, k_BLNK, v_BLNK, *attention_bias(kind.mask(tokens, tokens, self.cfg)),
-                                 causal_self=False)
+                              causal_self=False, scale=self.cfg.query_scale or None, softcap=self.cfg.attn_logit_softcap)
         start = index.value
         cached_k.value = ops.update_cache(cached_k.value, k_BLNK, start)
         cached_v.value = ops.update_cache(cached_v.value, v_BLNK, start)
@@ -205,4 +251,5 @@ class Attention(nn.Module):
             k_prefix_BS = jax.lax.dynamic_update_slice(jnp.zeros((B, S), bool), prefix_BL, (0, start))
         mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
-        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS))
+        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS),
+                                    scale=self.cfg.query_scale or None, softcap=self.cfg.attn_logit_softcap)

@@ -1,5 +1,6 @@
-"""Building blocks shared by every layer: logical-name helpers, embedding, RMSNorm, rotary
-position embedding.
+"""Building blocks shared by every layer: logical-name helpers, embedding, the registry of norm
+kinds (RMSNorm, Gemma's RMSNorm with scale 1 + w, LayerNorm with bias), the registry of position
+kinds (RoPE, a learned absolute table) and rotary position embedding.
 
 Shape legend (the same letters in every model file): B batch, L query length, S key length,
 D model width, H query heads, N KV heads, G query heads per KV head, K head dim, F MLP width,
@@ -11,6 +12,7 @@ onto mesh axes. Matmuls run in the configured compute dtype; softmax and norms i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -67,6 +69,12 @@ class Embed(nn.Module):
         return constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
 
 
+# model.norm_kind: a module `Kind(cfg, name=...)` over the last axis (the block's norms, the final
+# norm, and the per-head q/k norms of model.qk_norm).
+NORM_KINDS = Registry("model.norm_kind")
+
+
+@NORM_KINDS.register("rmsnorm")
 class RMSNorm(nn.Module):
     cfg: ModelConfig
 
@@ -81,9 +89,86 @@ class RMSNorm(nn.Module):
         return (x32 * scale).astype(x.dtype)
 
 
+@NORM_KINDS.register("rmsnorm_plus_one")
+class RMSNormPlusOne(nn.Module):
+    """RMSNorm whose stored scale w starts at 0 and multiplies by 1 + w (Gemma): weight decay pulls
+    the scale towards 1, not 0, and the stored values are the checkpoint's own."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            (x.shape[-1],), jnp.float32,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * (1.0 + scale)).astype(x.dtype)
+
+
+@NORM_KINDS.register("layernorm")
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (GPT-2, BERT): mean and variance in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],), jnp.float32,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            (x.shape[-1],), jnp.float32,
+        )
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x32 = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * scale + bias).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The norm of `cfg.norm_kind`, named `name`."""
+    return NORM_KINDS.get(cfg.norm_kind)(cfg, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionKind:
+    """How a model knows token order (model.position_kind): `rotary` rotates each attention
+    layer's q and k (RoPE); `learned` adds a learned table [model.max_positions, D] to the
+    embeddings (GPT-2, BERT)."""
+
+    rotary: bool = False
+    learned: bool = False
+
+
+POSITION_KINDS = Registry("model.position_kind")
+POSITION_KINDS.register("rope", PositionKind(rotary=True))
+POSITION_KINDS.register("learned", PositionKind(learned=True))
+POSITION_KINDS.register("none", PositionKind())  # order only through the mask (or not at all)
+
+
+class PositionEmbed(nn.Module):
+    """The learned absolute position table of position kind "learned"; row p is added to the
+    embedding of a token at position p."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, positions_BL):
+        table = self.param("embedding", dense_init(self.cfg.init_std, (None, "embed")),
+                           (self.cfg.max_positions, self.cfg.d_model), jnp.float32)
+        table_PD = constrain(table, (None, "embed"))
+        pos_BLD = jnp.take(table_PD, positions_BL, axis=0).astype(x_BLD.dtype)
+        return constrain(x_BLD + pos_BLD, (BATCH, LENGTH, ACT_EMBED))
+
+
 # model.rope_scaling.kind: (inverse frequencies [K/2], RopeScalingConfig) -> rescaled frequencies.
 ROPE_SCALINGS = Registry("model.rope_scaling.kind")
 ROPE_SCALINGS.register("none", lambda inv_freq, scaling: inv_freq)
+ROPE_SCALINGS.register("linear", lambda inv_freq, scaling: inv_freq / scaling.factor)  # positions / factor
 
 
 @ROPE_SCALINGS.register("llama3")

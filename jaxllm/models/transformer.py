@@ -1,15 +1,22 @@
-"""Decoder-only transformer: embed -> N pre-norm blocks (optionally scanned and rematerialised)
--> final RMSNorm -> logits.
+"""Decoder-only transformer: embed -> N blocks (optionally scanned and rematerialised) -> final
+norm -> logits.
 
     x = embed(tokens);  for each block: x += attn(norm(x)); x += mlp(norm(x));  logits = norm(x) Eᵀ
 
 Shape legend: B batch, L length, D model width, V vocab, I image (prefix embedding) tokens.
 
-The blocks take their attention and MLP from the registries (`layers.ATTENTION_KINDS`,
-`layers.MLP_KINDS`, MoE being one MLP kind); the config selects them by name.
+The blocks take every part of their recipe from the registries and the config, selected by name:
+attention kind (`layers.ATTENTION_KINDS`, per block with model.attention_pattern), MLP kind
+(`layers.MLP_KINDS`, MoE being one), norm kind (`layers.base.NORM_KINDS`), where the norms sit
+(`NORM_PLACEMENTS`: pre, sandwich, post) and the position kind (`layers.base.POSITION_KINDS`);
+embedding scale and logit soft-cap are config fields.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -17,8 +24,8 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers import MLP_KINDS
-from jaxllm.layers.attention import Attention, layer_context
-from jaxllm.layers.base import Embed, RMSNorm, constrain, dense_init
+from jaxllm.layers.attention import Attention, layer_config, layer_contexts, pattern_period
+from jaxllm.layers.base import POSITION_KINDS, Embed, PositionEmbed, constrain, dense_init, norm
 from jaxllm.ops.projection import PROJECTION
 from jaxllm.registry import Registry
 from jaxllm.sharding import ACT_EMBED, ACT_VOCAB, BATCH, LENGTH
@@ -52,6 +59,24 @@ def remat_policy(name: str):
 MAX_UNROLLED_SCAN_LAYERS = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class NormPlacement:
+    """Where a block's norms sit around a sublayer f (attention or MLP) named `name`; the norms
+    are named `{name}_norm` (and `post_{name}_norm`). `final_norm`: whether the stack ends with one
+    more norm (a post-norm block already ends with one)."""
+
+    residual: Callable  # (x, f, make_norm(name) -> module, name) -> x
+    final_norm: bool = True
+
+
+NORM_PLACEMENTS = Registry("model.norm_placement")
+NORM_PLACEMENTS.register("pre", NormPlacement(lambda x, f, make, name: x + f(make(f"{name}_norm")(x))))
+NORM_PLACEMENTS.register("sandwich", NormPlacement(  # Gemma 2/3: the sublayer's output is normed too
+    lambda x, f, make, name: x + make(f"post_{name}_norm")(f(make(f"{name}_norm")(x)))))
+NORM_PLACEMENTS.register("post", NormPlacement(  # the original Transformer, BERT
+    lambda x, f, make, name: make(f"{name}_norm")(x + f(x)), final_norm=False))
+
+
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
     """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1)."""
     return cfg.moe.num_experts > 0 and (index + 1) % cfg.moe.every == 0
@@ -63,8 +88,9 @@ def block_mlp_kind(cfg: ModelConfig, index: int) -> str:
 
 
 def group_size(cfg: ModelConfig) -> int:
-    """Blocks per scanned unit: one, or one period of the dense/MoE pattern (model.moe.every)."""
-    return cfg.moe.every if cfg.moe.num_experts else 1
+    """Blocks per scanned unit: one, or one period of the blocks' pattern: dense/MoE
+    (model.moe.every) and attention kinds (model.attention_pattern)."""
+    return math.lcm(cfg.moe.every if cfg.moe.num_experts else 1, pattern_period(cfg))
 
 
 class Block(nn.Module):
@@ -76,10 +102,11 @@ class Block(nn.Module):
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         cfg = self.cfg
         mlp = MLP_KINDS.get(self.mlp_kind)
-        h = RMSNorm(cfg, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL, context)
-        h = RMSNorm(cfg, name="mlp_norm")(x_BLD)
-        x_BLD = x_BLD + mlp(cfg, name="mlp")(h, segment_ids_BL != 0)
+        residual = NORM_PLACEMENTS.get(cfg.norm_placement).residual
+        make_norm = lambda name: norm(cfg, name)  # noqa: E731
+        attn = Attention(cfg, decode=self.decode, name="attn")
+        x_BLD = residual(x_BLD, lambda h: attn(h, segment_ids_BL, positions_BL, context), make_norm, "attn")
+        x_BLD = residual(x_BLD, lambda h: mlp(cfg, name="mlp")(h, segment_ids_BL != 0), make_norm, "mlp")
         x_BLD = constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
         # Kept only when "intermediates" is mutable (hidden-state distillation); a no-op otherwise.
         self.sow("intermediates", "hidden", x_BLD)
@@ -95,25 +122,27 @@ class ScannedBlock(Block):
 
 
 class ScannedGroup(nn.Module):
-    """What nn.scan repeats when dense and MoE blocks alternate (model.moe.every = k > 1): k
-    consecutive blocks, the last one MoE, with params under `blocks/block_0` .. `blocks/block_{k-1}`
-    (stacked over the num_layers / k groups)."""
+    """What nn.scan repeats when blocks differ by a pattern (dense and MoE blocks alternating with
+    model.moe.every = k > 1, attention kinds with model.attention_pattern): one period of k
+    consecutive blocks, with params under `blocks/block_0` .. `blocks/block_{k-1}` (stacked over
+    the num_layers / k groups). `contexts` holds one LayerContext per attention-pattern entry."""
 
     cfg: ModelConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
+    def __call__(self, x_BLD, segment_ids_BL, positions_BL, contexts=(None,)):
         for j in range(group_size(self.cfg)):
-            x_BLD = Block(self.cfg, self.decode, mlp_kind=block_mlp_kind(self.cfg, j), name=f"block_{j}")(
-                x_BLD, segment_ids_BL, positions_BL, context
-            )
+            x_BLD = Block(layer_config(self.cfg, j), self.decode, mlp_kind=block_mlp_kind(self.cfg, j),
+                          name=f"block_{j}")(x_BLD, segment_ids_BL, positions_BL, contexts[j % len(contexts)])
         return x_BLD, None
 
 
 def block_stack(cfg: ModelConfig, decode: bool, x_BLD, segment_ids_BL, positions_BL, context):
     """The num_layers blocks (scanned and rematerialised as the config says) over x. Called inside
-    a module's compact method, it adds their params to that module ("blocks", or block_0 ..)."""
+    a module's compact method, it adds their params to that module ("blocks", or block_0 ..).
+    `context`: a LayerContext, or one per attention-pattern entry (`layer_contexts`)."""
+    contexts = tuple(context) if isinstance(context, (tuple, list)) else (context,)
     groups = cfg.num_layers // group_size(cfg)
     if not cfg.scan_layers:
         block_cls, scanned_kwargs = Block, {}
@@ -135,12 +164,12 @@ def block_stack(cfg: ModelConfig, decode: bool, x_BLD, segment_ids_BL, positions
                 groups if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS else 1
             ),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, decode=decode, name="blocks", **scanned_kwargs)
-        x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, context)
+        )(cfg if group_size(cfg) > 1 else layer_config(cfg, 0), decode=decode, name="blocks", **scanned_kwargs)
+        x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, contexts if group_size(cfg) > 1 else contexts[0])
     else:
         for i in range(cfg.num_layers):
-            x_BLD = block_cls(cfg, decode=decode, mlp_kind=block_mlp_kind(cfg, i), name=f"block_{i}")(
-                x_BLD, segment_ids_BL, positions_BL, context
+            x_BLD = block_cls(layer_config(cfg, i), decode=decode, mlp_kind=block_mlp_kind(cfg, i), name=f"block_{i}")(
+                x_BLD, segment_ids_BL, positions_BL, contexts[i % len(contexts)]
             )
     return x_BLD
 
@@ -172,13 +201,21 @@ class Transformer(nn.Module):
 
         embed = Embed(cfg, name="embed")
         x_BLD = embed(tokens_BL)
+        if cfg.embed_scale != 1.0:  # the tokens' embeddings only, not a prefix's (PaliGemma)
+            x_BLD = x_BLD * jnp.asarray(cfg.embed_scale, x_BLD.dtype)
         if prefix_embeds_BID is not None:
             x_BLD = jnp.concatenate([prefix_embeds_BID.astype(x_BLD.dtype), x_BLD], axis=1)
-        # RoPE angles and the attention mask depend only on positions and segments: once per call.
-        context = layer_context(cfg, segment_ids_BL, positions_BL, self.decode, prefix_BL)
+        if POSITION_KINDS.get(cfg.position_kind).learned:
+            x_BLD = PositionEmbed(cfg, name="position_embed")(x_BLD, positions_BL)
+        if cfg.embed_norm:
+            x_BLD = norm(cfg, "embed_norm")(x_BLD)
+        # RoPE angles and the attention masks depend only on positions and segments: once per call
+        # (per entry of the attention pattern).
+        contexts = layer_contexts(cfg, segment_ids_BL, positions_BL, self.decode, prefix_BL)
 
-        x_BLD = block_stack(cfg, self.decode, x_BLD, segment_ids_BL, positions_BL, context)
-        x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
+        x_BLD = block_stack(cfg, self.decode, x_BLD, segment_ids_BL, positions_BL, contexts)
+        if NORM_PLACEMENTS.get(cfg.norm_placement).final_norm:
+            x_BLD = norm(cfg, "final_norm")(x_BLD)
         if not self.lm_head:
             return x_BLD
         if cfg.tie_embeddings:
@@ -198,8 +235,10 @@ def output_logits(cfg: ModelConfig, table, x_BLD):
     causal_lm.chunked_loss) with the params' own table."""
     table = table.astype(x_BLD.dtype)
     equation = "bld,vd->blv" if cfg.tie_embeddings else "bld,dv->blv"
-    logits_BLV = constrain(jnp.einsum(equation, x_BLD, table), (BATCH, LENGTH, ACT_VOCAB))
-    return logits_BLV.astype(jnp.float32)
+    logits_BLV = constrain(jnp.einsum(equation, x_BLD, table), (BATCH, LENGTH, ACT_VOCAB)).astype(jnp.float32)
+    if cfg.final_logit_softcap:
+        logits_BLV = cfg.final_logit_softcap * jnp.tanh(logits_BLV / cfg.final_logit_softcap)
+    return logits_BLV
 
 
 def output_table(cfg: ModelConfig, params):

@@ -3,7 +3,9 @@ causal self-attention), cuDNN's fused kernel, and attention over a KV cache laid
 
 Every function here computes plain masked softmax attention,
     out[b, l, h] = softmax_s(q[b, l, h] · k[b, s, h'] / sqrt(K) where mask[b, l, s]) · v[b, s, h'],
-with h' the KV head of query head h; only how it is computed depends on the backend.
+with h' the KV head of query head h; only how it is computed depends on the backend. `scale`
+replaces 1/sqrt(K) and `softcap` c > 0 bounds the scores to c·tanh(scores / c) before the mask
+(Gemma 2); both default to plain attention.
 
 Shape legend: B batch, L query length, S key length, N KV heads, G query heads per KV head,
 K head dim, X cache rows (B·N).
@@ -83,30 +85,38 @@ def _masked_softmax(scores, bias, has_keys):
     return unnormalised * (has_keys / jnp.sum(unnormalised, axis=-1, keepdims=True))
 
 
-def _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1):
+def _softcap(scores, softcap: float):
+    if not softcap:
+        return scores
+    scores = scores.astype(jnp.float32)
+    return softcap * jnp.tanh(scores / softcap)
+
+
+def _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, scale=None, softcap=0.0):
     # Scores are laid out [B, N, L, G, S], the order in which the matmul produces them (batch
     # axes, then the query's free axes as they lie in q): as [B, N, G, L, S] XLA:CPU copied every
     # block's scores into a transposed buffer before the softmax (d512 step 2% slower).
-    scale = 1.0 / math.sqrt(q_BLNGK.shape[-1])
+    scale = 1.0 / math.sqrt(q_BLNGK.shape[-1]) if scale is None else scale
     scores = jnp.einsum("blngk,bsnk->bnlgs", q_BLNGK * jnp.asarray(scale, q_BLNGK.dtype), k_BSNK)
+    scores = _softcap(scores, softcap)
     probs = _masked_softmax(scores, jnp.swapaxes(bias_B11LS, 2, 3), jnp.swapaxes(has_keys_B11L1, 2, 3))
     return jnp.einsum("bnlgs,bsnk->blngk", probs.astype(v_BSNK.dtype), v_BSNK)
 
 
 def dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=False,
-                          blocks=CAUSAL_QUERY_BLOCKS):
+                          blocks=CAUSAL_QUERY_BLOCKS, scale=None, softcap=0.0):
     """Softmax attention with an additive bias; `causal_self` promises that key i is query i's
     position and that the bias hides every future key, which lets the queries be split into
     `blocks` blocks that each skip the keys after their own end."""
     L, S = q_BLNGK.shape[1], k_BSNK.shape[1]
     if not causal_self or L != S or L % blocks or L // blocks < MIN_QUERY_BLOCK:
-        return _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
+        return _attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, scale, softcap)
     size = L // blocks
     outs = []
     for i in range(blocks):
         lo, hi = i * size, (i + 1) * size
         outs.append(_attend(q_BLNGK[:, lo:hi], k_BSNK[:, :hi], v_BSNK[:, :hi],
-                            bias_B11LS[..., lo:hi, :hi], has_keys_B11L1[..., lo:hi, :]))
+                            bias_B11LS[..., lo:hi, :hi], has_keys_B11L1[..., lo:hi, :], scale, softcap))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -144,18 +154,22 @@ def resolve_impl(impl: str, dtype, L: int, K: int) -> str:
 
 
 def attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self: bool, impl: str = "xla",
-           segment_ids_BL=None):
+           segment_ids_BL=None, scale=None, softcap=0.0):
     """Masked softmax attention by `impl` ("xla", "cudnn", "splash" or "auto"). `causal_self`
     promises causal self-attention (keys are the queries' own positions, no future key visible,
     documents apart by `segment_ids_BL`): the only case the fused kernels and the block skipping
-    handle."""
+    handle. The fused kernels take neither another scale nor soft-capped scores: with those,
+    "auto" is XLA's (validation refuses an explicit kernel)."""
+    if scale is not None or softcap:
+        impl = "xla"
     if causal_self:
         impl = resolve_impl(impl, q_BLNGK.dtype, q_BLNGK.shape[1], q_BLNGK.shape[-1])
         if impl == "cudnn":
             return fused_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
         if impl == "splash":
             return splash.splash_attention(q_BLNGK, k_BSNK, v_BSNK, segment_ids_BL)
-    return dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=causal_self)
+    return dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=causal_self,
+                                 scale=scale, softcap=softcap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +212,15 @@ def update_cache(cache_XSK, new_BLNK, start):
     return _constrain_cache(updated)
 
 
-def cached_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1):
+def cached_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1, scale=None, softcap=0.0):
     """`attention` over a KV cache whose rows are the (batch, KV head) pairs: X = B·N, b-major."""
     B, L, N, G, K = q_BLNGK.shape
     S = k_XSK.shape[1]
-    scale = jnp.asarray(1.0 / math.sqrt(K), q_BLNGK.dtype)
+    scale = jnp.asarray(1.0 / math.sqrt(K) if scale is None else scale, q_BLNGK.dtype)
     q_XMK = jnp.transpose(q_BLNGK * scale, (0, 2, 3, 1, 4)).reshape(B * N, G * L, K)  # M = G·L
 
     def attend(q_XmK, m):  # m = G'·L query rows per cache row
-        scores_XmS = jnp.einsum("xmk,xsk->xms", q_XmK, k_XSK)
+        scores_XmS = _softcap(jnp.einsum("xmk,xsk->xms", q_XmK, k_XSK), softcap)
         probs = _masked_softmax(scores_XmS.reshape(B, N, m // L, L, S), bias_B11LS, has_keys_B11L1)
         return jnp.einsum("xms,xsk->xmk", probs.reshape(B * N, m, S).astype(v_XSK.dtype), v_XSK)
 
