@@ -3,6 +3,7 @@
 (tests/fixtures/make_hf_fixtures_encoders.py): logits of a 96-token pair and of a padded row,
 GPT-2's cached greedy continuation, import -> export -> import, one-line errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,15 +11,18 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from jaxllm import config as C
-from jaxllm import restore
+from jaxllm import labelled, restore
+from jaxllm.cli.plan import load_experiment
 from jaxllm.cli import hf as hf_cli
 from jaxllm.decoding import Generator, SamplingConfig
 from jaxllm.interop import hf, hf_encoders
 from jaxllm.models import MODELS
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf_encoders")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf_encoders")
 
 
 def golden(name):
@@ -104,3 +108,17 @@ def test_unsupported_configs_and_missing_tensors_are_one_line_errors(tmp_path):
     json.dump({**config, "hidden_size": 48}, open(os.path.join(hf_dir, "config.json"), "w"))
     with pytest.raises(hf.HFError, match=r"tensor bert.embeddings.word_embeddings.weight has shape \[320, 32\]"):
         hf_encoders.import_checkpoint(hf_dir, str(tmp_path / "c"))
+
+
+def test_sst2_examples_for_an_imported_bert_are_cls_text_sep(tmp_path):
+    """classify_sst2_bert's data with a BERT tokenizer (the fixture's WordPiece), SST-2 mocked."""
+    cfg = load_experiment(os.path.join(ROOT, "experiments", "classify_sst2_bert.py")).get_config()
+    model = dataclasses.replace(cfg.model, tokenizer=os.path.join(FIXTURES, "bert"), vocab_size=320)
+    cfg = dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, data_dir=str(tmp_path)),
+                              train=dataclasses.replace(cfg.train, batch_size=4, seq_len=16))
+    with tfds.testing.mock_data(num_examples=6):
+        batch = labelled.train_batches(cfg).global_batch(0)
+    lengths = batch["segment_ids"].sum(1)
+    assert (batch["inputs"][:, 0] == 2).all()  # [CLS]
+    assert (batch["inputs"][np.arange(4), lengths - 1] == 3).all()  # [SEP], kept when the text is cut
+    assert set(batch["labels"]) <= {0, 1}
