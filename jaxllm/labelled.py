@@ -521,7 +521,7 @@ class LabelledBatches(ExampleBatches):
         self.pad_id = tokenizer.pad_or_eos
         self.prefix = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
         self.suffix = np.zeros(0, np.int32)
-        if tokenizer is not BYTES and tokenizer.cls_id is not None and tokenizer.sep_id is not None:
+        if tokenizer.cls_id is not None and tokenizer.sep_id is not None:
             # An encoder's tokenizer (BERT, RoBERTa): [CLS] text [SEP], as its own post-processor makes them.
             self.prefix, self.suffix = np.array([tokenizer.cls_id], np.int32), np.array([tokenizer.sep_id], np.int32)
         self.tokens, self.starts, self.labels = tokenized(d, split, tokenizer)

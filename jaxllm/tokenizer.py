@@ -24,7 +24,7 @@ BOS_ID = 257
 EOS_ID = 258
 NUM_TOKEN_IDS = 259
 # The byte tokenizer's [MASK] for masked-LM training: the first id past the bytes' own, inside the
-# default vocabulary of 384 (its documents' BOS and EOS stand for [CLS] and [SEP]).
+# default vocabulary of 384 (its documents' BOS and EOS play [CLS] and [SEP]; it has no ids of its own for them).
 MASK_ID = 259
 _WORD_BYTES = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz", np.uint8)
 
@@ -77,8 +77,7 @@ def _byte_word_pieces() -> tuple[np.ndarray, np.ndarray]:
 
 
 BYTES = Tokenizer("bytes", NUM_TOKEN_IDS, BOS_ID, EOS_ID, PAD_ID, encode, decode,
-                  lambda: np.ones(NUM_TOKEN_IDS, np.float32), mask_id=MASK_ID, cls_id=BOS_ID, sep_id=EOS_ID,
-                  word_pieces=_byte_word_pieces)
+                  lambda: np.ones(NUM_TOKEN_IDS, np.float32), mask_id=MASK_ID, word_pieces=_byte_word_pieces)
 
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "mask_token", "cls_token", "sep_token")
