@@ -83,6 +83,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     rope_scaling: RopeScalingConfig = RopeScalingConfig()
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    type_vocab_size: int = 0  # token-type (sentence A/B) embeddings added to the tokens' (BERT); 0: none
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype
@@ -259,7 +260,24 @@ class ClassifierConfig:
     """Sequence classification (family "classifier"): a backbone decoder, pooled, and a score head."""
 
     num_classes: int = 2
-    pooling: str = "last"  # last (the last non-padding token, as Hugging Face's score head) | mean
+    # last (the last non-padding token, as Hugging Face's score head) | mean | first (an encoder's
+    # [CLS] token)
+    pooling: str = "last"
+    backbone: str = "decoder"  # key of models.classifier.BACKBONES: decoder | encoder (models/masked_lm.py)
+    pooler: bool = False  # BERT's pooler: tanh(pooled W + b) before the score head
+    score_bias: bool = False  # a bias on the score head (BertForSequenceClassification)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLMConfig:
+    """BERT's masking (family "masked_lm", jaxllm/masking.py): `rate` of the maskable tokens are
+    chosen (whole words with `whole_word`); of those, `mask_fraction` become [MASK],
+    `random_fraction` a random token and the rest stay; the loss is on the chosen tokens only."""
+
+    rate: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    whole_word: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +404,7 @@ class Config:
     distill: DistillConfig = DistillConfig()
     prune: PruneConfig = PruneConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    mlm: MaskedLMConfig = MaskedLMConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     vision: VisionConfig = VisionConfig()
     sample_prompt: str = "def "  # a sample is generated from this at the end of a run

@@ -520,6 +520,10 @@ class LabelledBatches(ExampleBatches):
         self.class_names = class_names(cfg)
         self.pad_id = tokenizer.pad_or_eos
         self.prefix = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
+        self.suffix = np.zeros(0, np.int32)
+        if tokenizer.cls_id is not None and tokenizer.sep_id is not None:
+            # An encoder's tokenizer (BERT, RoBERTa): [CLS] text [SEP], as its own post-processor makes them.
+            self.prefix, self.suffix = np.array([tokenizer.cls_id], np.int32), np.array([tokenizer.sep_id], np.int32)
         self.tokens, self.starts, self.labels = tokenized(d, split, tokenizer)
         if not len(self.labels):
             raise ConfigError(f"{d.dataset}[{split}] has no examples")
@@ -535,7 +539,8 @@ class LabelledBatches(ExampleBatches):
         for r, e in enumerate(examples):
             if e < 0:
                 continue
-            ids = np.concatenate([self.prefix, self.tokens[self.starts[e]:self.starts[e + 1]][:L]])[:L]
+            text = self.tokens[self.starts[e]:self.starts[e + 1]][:max(L - len(self.prefix) - len(self.suffix), 0)]
+            ids = np.concatenate([self.prefix, text, self.suffix])[:L].astype(np.int32)
             cols = slice(L - len(ids), L) if self.left else slice(0, len(ids))
             out["inputs"][r, cols], out["segment_ids"][r, cols] = ids, 1
             out["positions"][r, cols] = np.arange(len(ids))

@@ -23,6 +23,10 @@ PAD_ID = 256
 BOS_ID = 257
 EOS_ID = 258
 NUM_TOKEN_IDS = 259
+# The byte tokenizer's [MASK] for masked-LM training: the first id past the bytes' own, inside the
+# default vocabulary of 384 (its documents' BOS and EOS play [CLS] and [SEP]; it has no ids of its own for them).
+MASK_ID = 259
+_WORD_BYTES = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz", np.uint8)
 
 
 def encode(text: str | bytes) -> np.ndarray:
@@ -52,6 +56,13 @@ class Tokenizer:
     encode: Callable[[str], np.ndarray]
     decode: Callable[..., str]
     token_bytes: Callable[[], np.ndarray] | None = None  # float32 [vocab_size]: UTF-8 bytes per id
+    # Masked-LM and encoder specials (BERT's [MASK], [CLS], [SEP]); None where the tokenizer has none.
+    mask_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    # () -> (joins_left, joins_right), bool [vocab_size]: a token joins_left if it continues a word
+    # when the token before it joins_right (whole-word masking groups such runs into one word).
+    word_pieces: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def pad_or_eos(self) -> int:
@@ -59,8 +70,17 @@ class Tokenizer:
 
 
 # Every byte-level token counts as one byte (EOS too), so bits per byte is the loss in bits.
+def _byte_word_pieces() -> tuple[np.ndarray, np.ndarray]:
+    word = np.zeros(NUM_TOKEN_IDS + 1, bool)
+    word[_WORD_BYTES] = True  # a word is a run of [A-Za-z0-9_] bytes
+    return word, word
+
+
 BYTES = Tokenizer("bytes", NUM_TOKEN_IDS, BOS_ID, EOS_ID, PAD_ID, encode, decode,
-                  lambda: np.ones(NUM_TOKEN_IDS, np.float32))
+                  lambda: np.ones(NUM_TOKEN_IDS, np.float32), mask_id=MASK_ID, word_pieces=_byte_word_pieces)
+
+
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "mask_token", "cls_token", "sep_token")
 
 
 def _special_id(hf_tokenizer, config: dict, name: str) -> int | None:
@@ -82,8 +102,8 @@ def _load_hf(path: str) -> Tokenizer:
         extra = os.path.join(os.path.dirname(file), name)
         if os.path.exists(extra):
             with open(extra) as f:
-                config.update({k: v for k, v in json.load(f).items() if k in ("bos_token", "eos_token", "pad_token")})
-    specials = {i for i in (_special_id(hf, config, n) for n in ("bos_token", "eos_token", "pad_token")) if i is not None}
+                config.update({k: v for k, v in json.load(f).items() if k in _SPECIAL_NAMES})
+    specials = {i for i in (_special_id(hf, config, n) for n in _SPECIAL_NAMES) if i is not None}
     return Tokenizer(
         name=file, vocab_size=hf.get_vocab_size(with_added_tokens=True),
         bos_id=_special_id(hf, config, "bos_token"), eos_id=_special_id(hf, config, "eos_token"),
@@ -91,7 +111,27 @@ def _load_hf(path: str) -> Tokenizer:
         encode=lambda text: np.asarray(hf.encode(text, add_special_tokens=False).ids, np.int32),
         decode=lambda ids: hf.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True),
         token_bytes=lambda: _token_bytes(hf, specials),
+        mask_id=_special_id(hf, config, "mask_token"), cls_id=_special_id(hf, config, "cls_token"),
+        sep_id=_special_id(hf, config, "sep_token"), word_pieces=lambda: _word_pieces(hf, specials),
     )
+
+
+def _word_pieces(hf, specials: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """WordPiece: a "##" token continues the word before it. Byte-level BPE and SentencePiece: a
+    token starting with a word character and no space marker ('Ġ', '▁') continues a token that
+    ends with one."""
+    size = hf.get_vocab_size(with_added_tokens=True)
+    joins_left, joins_right = np.zeros(size, bool), np.zeros(size, bool)
+    wordpiece = json.loads(hf.to_str()).get("model", {}).get("type") == "WordPiece"
+    for token, i in hf.get_vocab(with_added_tokens=True).items():
+        if i in specials or not token:
+            continue
+        if wordpiece:
+            joins_left[i], joins_right[i] = token.startswith("##"), True
+        else:
+            joins_left[i] = token[0] not in "\u0120\u2581" and (token[0].isalnum() or token[0] == "_")
+            joins_right[i] = token[-1].isalnum() or token[-1] == "_"
+    return joins_left, joins_right
 
 
 def _token_bytes(hf, specials: set[int]) -> np.ndarray:

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import re
 
-from jaxllm import knowledge
+from jaxllm import knowledge, masking
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
@@ -17,6 +17,7 @@ from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import NORM_KINDS, POSITION_KINDS, ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, NORM_PLACEMENTS, REMAT_POLICIES
+from jaxllm.models.classifier import BACKBONES, POOLINGS
 from jaxllm.models.transformer import group_size
 from jaxllm.models.vit import POSEMBS, PROJECTORS
 from jaxllm.ops import GROUPED_FFNS
@@ -108,6 +109,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if MODELS.get(cfg.family).images:
         validate_vision(cfg)
+    validate_encoder(cfg)
 
 
 def validate_recipe(m, cfg: Config) -> None:
@@ -254,3 +256,14 @@ def validate_prune(p: PruneConfig, prefix: str = "prune.") -> None:
             re.compile(pattern)
         except re.error as e:
             raise ConfigError(f"{prefix}include has an invalid regex {pattern!r}: {e}") from e
+
+
+def validate_encoder(cfg: Config) -> None:
+    """Masked-LM and encoder-classifier settings."""
+    if cfg.model.type_vocab_size < 0:
+        raise ConfigError(f"model.type_vocab_size must be >= 0 (0: no token types), got {cfg.model.type_vocab_size}")
+    if cfg.family == "masked_lm":
+        masking.check(cfg.mlm)
+    if cfg.family == "classifier":
+        BACKBONES.check(cfg.classifier.backbone)
+        POOLINGS.check(cfg.classifier.pooling)

@@ -17,8 +17,9 @@ import sys
 from typing import Sequence
 
 from jaxllm import config as config_lib
+from jaxllm import restore
 from jaxllm.config import Config, ConfigError
-from jaxllm.interop import hf
+from jaxllm.interop import hf, hf_encoders
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,13 +36,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "import":
-            cfg = hf.import_checkpoint(args.hf_dir, args.workdir, config_lib.override(Config(), rest))
+            # BERT, RoBERTa and GPT-2 have their own maps (interop/hf_encoders.py).
+            importer = hf_encoders if hf_encoders.handles(args.hf_dir) else hf
+            cfg = importer.import_checkpoint(args.hf_dir, args.workdir, config_lib.override(Config(), rest))
             report = {"workdir": cfg.workdir, "layers": cfg.model.num_layers,
                       "d_model": cfg.model.d_model, "experts": cfg.model.moe.num_experts, "tokenizer": cfg.model.tokenizer}
         else:
             if rest:
                 parser.error(f"unexpected arguments {' '.join(rest)}")
-            report = hf.export_checkpoint(args.workdir, args.out, args.dtype, int(args.max_shard_gb * 2**30))
+            if hf_encoders.hf_architecture(restore.load_config(args.workdir)) is not None:
+                report = hf_encoders.export_checkpoint(args.workdir, args.out, args.dtype)
+            else:
+                report = hf.export_checkpoint(args.workdir, args.out, args.dtype, int(args.max_shard_gb * 2**30))
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,10 +1,15 @@
 """The sequence-classification family: a decoder backbone (any registered attention and MLP kind,
-dense or MoE) without its LM head, pooled over each sequence, and a linear `score` head.
+dense or MoE) without its LM head, or an encoder's (classifier.backbone=encoder, models/masked_lm.py),
+pooled over each sequence, and a linear `score` head.
 
     logits[b] = pool(backbone(tokens)[b]) W_score        (W_score [D, C], no bias)
 
+With classifier.pooler the pooled vector goes through BERT's pooler, tanh(x W + b), first; with
+classifier.score_bias the score head has a bias (BertForSequenceClassification).
+
 Pooling "last" takes the last non-padding token (the causal backbone's summary of the whole text;
-right or left padding alike), "mean" the mean over non-padding tokens. Loss: cross entropy over
+right or left padding alike), "mean" the mean over non-padding tokens, "first" the first
+non-padding token (an encoder's [CLS]). Loss: cross entropy over
 the labels; evaluation: loss, accuracy, macro-F1 and the confusion matrix.
 
 Batch format (labelled.py): inputs, segment_ids, positions [B, L] int32 (segment 0 = padding),
@@ -27,6 +32,7 @@ from jaxllm.layers import moe
 from jaxllm.layers.base import dense_init
 from jaxllm.models.causal_lm import text_inputs
 from jaxllm.models.family import MODELS, ModelFamily
+from jaxllm.models.masked_lm import Encoder
 from jaxllm.models.transformer import AUX_COLLECTIONS, Transformer
 from jaxllm.registry import Registry
 from jaxllm.sharding import BATCH
@@ -43,6 +49,19 @@ def last_token(hidden_BLD, segment_ids_BL):
     return jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
 
 
+@POOLINGS.register("first")
+def first_token(hidden_BLD, segment_ids_BL):
+    """The first non-padding position of each row: an encoder's [CLS] token."""
+    first_B = jnp.argmax(segment_ids_BL != 0, axis=1)
+    return jnp.take_along_axis(hidden_BLD, first_B[:, None, None], axis=1)[:, 0]
+
+
+# classifier.backbone: ModelConfig -> the backbone module (name "backbone") returning [B, L, D].
+BACKBONES = Registry("classifier.backbone")
+BACKBONES.register("decoder", lambda cfg: Transformer(cfg, lm_head=False, name="backbone"))
+BACKBONES.register("encoder", lambda cfg: Encoder(cfg, mlm_head=False, name="backbone"))
+
+
 @POOLINGS.register("mean")
 def mean_over_tokens(hidden_BLD, segment_ids_BL):
     mask_BL1 = (segment_ids_BL != 0)[..., None].astype(jnp.float32)
@@ -54,15 +73,35 @@ class SequenceClassifier(nn.Module):
     classifier: ClassifierConfig
 
     @nn.compact
-    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
-        """float32 class logits [B, C]."""
+    def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, token_types_BL=None):
+        """float32 class logits [B, C]. token_types: an encoder's sentence A/B ids (None: all 0)."""
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones(tokens_BL.shape, jnp.int32)
-        hidden_BLD = Transformer(self.model, lm_head=False, name="backbone")(tokens_BL, segment_ids_BL, positions_BL)
+        backbone = BACKBONES.get(self.classifier.backbone)(self.model)
+        types = {} if token_types_BL is None else {"token_types_BL": token_types_BL}
+        hidden_BLD = backbone(tokens_BL, segment_ids_BL, positions_BL, **types)
         pooled_BD = POOLINGS.get(self.classifier.pooling)(hidden_BLD, segment_ids_BL).astype(jnp.float32)
-        w_DC = self.param("score", dense_init(self.model.init_std, ("embed", None)),
-                          (self.model.d_model, self.classifier.num_classes), jnp.float32)
-        return nn.with_logical_constraint(pooled_BD @ w_DC, (BATCH, None))
+        D, C = self.model.d_model, self.classifier.num_classes
+        if self.classifier.pooler:
+            pooled_BD = Pooler(self.model, name="pooler")(pooled_BD)
+        w_DC = self.param("score", dense_init(self.model.init_std, ("embed", None)), (D, C), jnp.float32)
+        logits_BC = pooled_BD @ w_DC
+        if self.classifier.score_bias:
+            logits_BC = logits_BC + self.param("score_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (C,), jnp.float32)
+        return nn.with_logical_constraint(logits_BC, (BATCH, None))
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(x W + b) of the [CLS] token's state."""
+
+    model: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BD):
+        D = self.model.d_model
+        w_DD = self.param("kernel", dense_init(self.model.init_std, ("embed", None)), (D, D), jnp.float32)
+        b_D = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (D,), jnp.float32)
+        return jnp.tanh(x_BD @ w_DD + b_D)
 
 
 def build(cfg: Config) -> SequenceClassifier:
