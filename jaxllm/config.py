@@ -43,6 +43,18 @@ class MoeConfig:
     grouped_matmul: str = "auto"
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
+    # DeepSeek-V3 routing (layers/moe.py). router="sigmoid": sigmoid affinities, the k weights
+    # taken from them (renormalised if `renormalize`). router_bias: a per-expert bias added to the
+    # scores for choosing the experts only, moved by the train step towards balanced load by
+    # bias_update_rate · sign(mean load - load) per step (aux-loss-free balancing); no gradient.
+    router_bias: bool = False
+    bias_update_rate: float = 0.0
+    routed_scale: float = 1.0  # the routed experts' weights times this (DeepSeek-V3: 2.5)
+    # Group-limited top-k: experts in num_groups equal groups, a token's k experts chosen inside
+    # the topk_groups groups with the highest sum of their top-2 scores (DeepSeek-V3: 8, 4).
+    num_groups: int = 1
+    topk_groups: int = 1
+    first_dense: int = 0  # the first blocks stay dense (DeepSeek-V3: 3); the MoE pattern starts after them
 
 
 @dataclasses.dataclass(frozen=True)

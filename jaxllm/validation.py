@@ -66,10 +66,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
             )
-        if moe.every < 1 or m.num_layers % moe.every:
+        if not 0 <= moe.first_dense < m.num_layers:
+            raise ConfigError(f"model.moe.first_dense={moe.first_dense} must be in 0..model.num_layers-1={m.num_layers - 1}")
+        if moe.every < 1 or (m.num_layers - moe.first_dense) % moe.every:
             raise ConfigError(
-                f"model.num_layers={m.num_layers} must be a multiple of model.moe.every={moe.every} (>= 1)"
+                f"model.num_layers={m.num_layers} minus model.moe.first_dense={moe.first_dense} must be a "
+                f"multiple of model.moe.every={moe.every} (>= 1)"
             )
+        validate_deepseek_routing(moe)
         if moe.capacity_factor <= 0:
             raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum", "eval_batches"):
@@ -106,6 +110,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if MODELS.get(cfg.family).images:
         validate_vision(cfg)
+
+
+def validate_deepseek_routing(moe) -> None:
+    """The router bias, routed scale and group-limited top-k (model.moe.*)."""
+    if moe.bias_update_rate < 0 or moe.bias_update_rate and not moe.router_bias:
+        raise ConfigError(f"model.moe.bias_update_rate={moe.bias_update_rate} needs model.moe.router_bias=true "
+                          "and must be >= 0")
+    if moe.routed_scale <= 0:
+        raise ConfigError(f"model.moe.routed_scale must be positive, got {moe.routed_scale}")
+    if moe.num_groups < 1 or moe.num_experts % moe.num_groups:
+        raise ConfigError(f"model.moe.num_groups={moe.num_groups} must divide model.moe.num_experts={moe.num_experts}")
+    if not 1 <= moe.topk_groups <= moe.num_groups:
+        raise ConfigError(f"model.moe.topk_groups={moe.topk_groups} must be in 1..model.moe.num_groups={moe.num_groups}")
+    if moe.num_groups > 1 and moe.top_k > moe.topk_groups * (moe.num_experts // moe.num_groups):
+        raise ConfigError(f"model.moe.top_k={moe.top_k} exceeds the experts of model.moe.topk_groups={moe.topk_groups} "
+                          f"groups of {moe.num_experts // moe.num_groups}")
 
 
 def validate_vision(cfg: Config) -> None:

@@ -52,9 +52,16 @@ def remat_policy(name: str):
 MAX_UNROLLED_SCAN_LAYERS = 16
 
 
+def dense_prefix(cfg: ModelConfig) -> int:
+    """The first blocks that stay dense in an MoE model (model.moe.first_dense); never scanned."""
+    return cfg.moe.first_dense if cfg.moe.num_experts else 0
+
+
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
-    """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1)."""
-    return cfg.moe.num_experts > 0 and (index + 1) % cfg.moe.every == 0
+    """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1), counted
+    after the model.moe.first_dense dense ones."""
+    first = dense_prefix(cfg)
+    return cfg.moe.num_experts > 0 and index >= first and (index - first + 1) % cfg.moe.every == 0
 
 
 def block_mlp_kind(cfg: ModelConfig, index: int) -> str:
@@ -105,7 +112,8 @@ class ScannedGroup(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, context=None):
         for j in range(group_size(self.cfg)):
-            x_BLD = Block(self.cfg, self.decode, mlp_kind=block_mlp_kind(self.cfg, j), name=f"block_{j}")(
+            x_BLD = Block(self.cfg, self.decode, mlp_kind=block_mlp_kind(self.cfg, dense_prefix(self.cfg) + j),
+                          name=f"block_{j}")(
                 x_BLD, segment_ids_BL, positions_BL, context
             )
         return x_BLD, None
@@ -114,15 +122,22 @@ class ScannedGroup(nn.Module):
 def block_stack(cfg: ModelConfig, decode: bool, x_BLD, segment_ids_BL, positions_BL, context):
     """The num_layers blocks (scanned and rematerialised as the config says) over x. Called inside
     a module's compact method, it adds their params to that module ("blocks", or block_0 ..)."""
-    groups = cfg.num_layers // group_size(cfg)
+    first = dense_prefix(cfg) if cfg.scan_layers else 0
+    groups = (cfg.num_layers - first) // group_size(cfg)
     if not cfg.scan_layers:
         block_cls, scanned_kwargs = Block, {}
     elif group_size(cfg) > 1:
         block_cls, scanned_kwargs = ScannedGroup, {}
     else:  # every scanned block alike: all dense, or all MoE
-        block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, 0)}
+        block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, first)}
     if cfg.remat != "none":
         block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    # A scanned MoE model's dense first blocks (model.moe.first_dense) run unscanned before the
+    # scan, named as in the unscanned model.
+    prefix_cls = nn.remat(Block, policy=remat_policy(cfg.remat)) if cfg.remat != "none" else Block
+    for i in range(first):
+        x_BLD = prefix_cls(cfg, decode=decode, mlp_kind=cfg.mlp_kind, name=f"block_{i}")(
+            x_BLD, segment_ids_BL, positions_BL, context)
     if cfg.scan_layers:
         stack = nn.scan(
             block_cls,

@@ -31,7 +31,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     attention = D * H * K * 2 + D * N * K * 2
     dense_mlp = 3 * D * F
     moe = cfg.moe
-    moe_layers = cfg.num_layers // moe.every if moe.num_experts else 0
+    moe_layers = (cfg.num_layers - moe.first_dense) // moe.every if moe.num_experts else 0
     expert_F = moe.expert_dim or F
     moe_mlp = D * moe.num_experts + 3 * D * expert_F * moe.top_k
     moe_mlp += 3 * D * moe.num_shared * (moe.shared_dim or expert_F)
