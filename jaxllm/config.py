@@ -58,6 +58,19 @@ class MoeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention (model.attention_layer=mla, layers/mla.py; DeepSeek-V2/V3): keys
+    and values come up from one kv_lora_rank latent per token, plus one qk_rope_head_dim RoPE key
+    shared by all heads; the cache holds just those two."""
+
+    q_lora_rank: int = 0  # rank of the queries' low-rank projection; 0: projected from x directly
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32  # the part of each query/key head without RoPE
+    qk_rope_head_dim: int = 16  # the RoPE part (one key head shared across heads)
+    v_head_dim: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
 class RopeScalingConfig:
     """Rescaling of the RoPE frequencies for long contexts (key of layers.base.ROPE_SCALINGS):
     "none", or "llama3" (Llama 3.1: low frequencies divided by `factor`, a smooth blend between
@@ -104,6 +117,10 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     init_std: float = 0.02
     moe: MoeConfig = MoeConfig()
+    # The attention layer (key of layers.ATTENTION_LAYERS): gqa (grouped-query attention) or mla
+    # (multi-head latent attention, with the dimensions in `mla`); attention_kind still masks it.
+    attention_layer: str = "gqa"
+    mla: MlaConfig = MlaConfig()
 
     @property
     def kv_heads(self) -> int:

@@ -13,7 +13,7 @@ from jaxllm import knowledge
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
-from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
+from jaxllm.layers import ATTENTION_KINDS, ATTENTION_LAYERS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, REMAT_POLICIES
@@ -57,6 +57,9 @@ def validate(cfg: Config) -> None:
     if m.param_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.param_dtype={m.param_dtype!r}; choose float32 or bfloat16")
     ROPE_SCALINGS.check(m.rope_scaling.kind)
+    ATTENTION_LAYERS.check(m.attention_layer)
+    if m.attention_layer == "mla":
+        validate_mla(m.mla)
     moe = m.moe
     if moe.num_experts:
         ROUTERS.check(moe.router)
@@ -110,6 +113,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables the EMA)")
     if MODELS.get(cfg.family).images:
         validate_vision(cfg)
+
+
+def validate_mla(mla) -> None:
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if getattr(mla, name) <= 0:
+            raise ConfigError(f"model.mla.{name} must be positive, got {getattr(mla, name)}")
+    if mla.q_lora_rank < 0:
+        raise ConfigError(f"model.mla.q_lora_rank must be >= 0 (0: no query compression), got {mla.q_lora_rank}")
+    if mla.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.mla.qk_rope_head_dim={mla.qk_rope_head_dim} must be even for rotary embeddings")
 
 
 def validate_deepseek_routing(moe) -> None:

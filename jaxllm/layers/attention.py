@@ -206,3 +206,9 @@ class Attention(nn.Module):
         mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
         return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS))
+
+
+# model.attention_layer: the module a block attends with, `Layer(cfg, decode=..., name="attn")`
+# called as Attention is; the attention kind masks whichever it is (layers/mla.py adds "mla").
+ATTENTION_LAYERS = Registry("model.attention_layer")
+ATTENTION_LAYERS.register("gqa", Attention)

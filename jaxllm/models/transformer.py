@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers import MLP_KINDS
-from jaxllm.layers.attention import Attention, layer_context
+from jaxllm.layers.attention import ATTENTION_LAYERS, layer_context
 from jaxllm.layers.base import Embed, RMSNorm, constrain, dense_init
 from jaxllm.ops.projection import PROJECTION
 from jaxllm.registry import Registry
@@ -84,7 +84,8 @@ class Block(nn.Module):
         cfg = self.cfg
         mlp = MLP_KINDS.get(self.mlp_kind)
         h = RMSNorm(cfg, name="attn_norm")(x_BLD)
-        x_BLD = x_BLD + Attention(cfg, decode=self.decode, name="attn")(h, segment_ids_BL, positions_BL, context)
+        attn = ATTENTION_LAYERS.get(cfg.attention_layer)(cfg, decode=self.decode, name="attn")
+        x_BLD = x_BLD + attn(h, segment_ids_BL, positions_BL, context)
         h = RMSNorm(cfg, name="mlp_norm")(x_BLD)
         x_BLD = x_BLD + mlp(cfg, name="mlp")(h, segment_ids_BL != 0)
         x_BLD = constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
