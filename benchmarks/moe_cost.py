@@ -2,7 +2,7 @@
 that of the dense model with the same active parameters per token, measured in one run. One JSON
 object per line.
 
-    python benchmarks/moe_cost.py [--rounds 8] [--base tiny] [--set key=value ...]
+    python benchmarks/moe_cost.py [--rounds 8] [--base tiny] [--deepseek] [--set key=value ...]
 
 The dense reference is the base configuration (tiny_lm: d256, 4 layers, MLP 704, 16 x 256 tokens).
 Every MoE variant replaces each block's MLP by 8 experts of width 704 / 2 = 352 with top-2 routing,
@@ -12,6 +12,14 @@ so two experts per token do the dense MLP's work. Variants:
 - `dropless_blocked`: dropless, sorted rows padded to per-expert blocks (the CPU default);
 - `dropless_ragged_dot`: dropless with jax.lax.ragged_dot (the GPU/TPU default);
 - `naive_every_expert`: every expert on every token copy, then the routed result kept.
+
+With `--deepseek` the variants are DeepSeek-style instead (64 fine-grained experts, 6 routed + 2
+shared per token, each of width 704 / 8 = 88, so again the dense MLP's active parameters):
+
+- `deepseek_softmax`: softmax top-6 router, dropless blocked;
+- `deepseek_sigmoid_bias`: DeepSeek-V3's sigmoid router with the aux-loss-free bias (updated every
+  step), routed scale 2.5;
+- `deepseek_sigmoid_bias_groups`: the same with group-limited top-k (8 groups, 4 chosen).
 
 All variants are compiled first; then each round runs one step of every configuration in turn and
 the median over rounds is reported, so a burst of load from other processes hits them all alike.
@@ -47,6 +55,27 @@ VARIANTS = {
     "dropless_ragged_dot": dict(dispatch="dropless", grouped_matmul="ragged_dot"),
     "naive_every_expert": dict(dispatch="dropless", grouped_matmul="dense"),
 }
+
+
+DEEPSEEK_VARIANTS = {
+    "deepseek_softmax": dict(grouped_matmul="blocked"),
+    "deepseek_sigmoid_bias": dict(grouped_matmul="blocked", router="sigmoid", router_bias=True,
+                                  bias_update_rate=1e-3, routed_scale=2.5, aux_loss_weight=0.0),
+    "deepseek_sigmoid_bias_groups": dict(grouped_matmul="blocked", router="sigmoid", router_bias=True,
+                                         bias_update_rate=1e-3, routed_scale=2.5, aux_loss_weight=0.0,
+                                         num_groups=8, topk_groups=4),
+}
+
+
+def deepseek_variant(dense: config_lib.Config, num_experts: int = 64, top_k: int = 6, num_shared: int = 2,
+                     **moe) -> config_lib.Config:
+    """Fine-grained routed experts plus shared ones, all of width mlp_dim / (top_k + num_shared):
+    the dense model's active MLP parameters per token."""
+    width = dense.model.mlp_dim // (top_k + num_shared)
+    return dataclasses.replace(dense, model=dataclasses.replace(
+        dense.model, moe=config_lib.MoeConfig(num_experts=num_experts, top_k=top_k, expert_dim=width,
+                                              num_shared=num_shared, shared_dim=width, dispatch="dropless",
+                                              **moe)))
 
 
 def moe_variant(dense: config_lib.Config, num_experts: int, top_k: int, **moe) -> config_lib.Config:
@@ -90,7 +119,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--num_experts", type=int, default=8)
     parser.add_argument("--top_k", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=None, help="default: every variant of the chosen set")
+    parser.add_argument("--deepseek", action="store_true",
+                        help="DeepSeek-style variants: 64 fine-grained experts, 6 routed + 2 shared")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every configuration")
     args = parser.parse_args(argv)
@@ -98,8 +129,10 @@ def main(argv=None) -> None:
     dense = config_lib.override(CONFIGS[args.base](), args.set)
     dense = dataclasses.replace(dense, mesh=config_lib.MeshConfig(data=1, fsdp=-1, tensor=1, expert=1))
     cfgs = {"dense": dense}
-    for name in args.variants.split(","):
-        cfgs[name] = moe_variant(dense, args.num_experts, args.top_k, **VARIANTS[name])
+    table = DEEPSEEK_VARIANTS if args.deepseek else VARIANTS
+    for name in (args.variants or ",".join(table)).split(","):
+        cfgs[name] = (deepseek_variant(dense, **table[name]) if args.deepseek
+                      else moe_variant(dense, args.num_experts, args.top_k, **table[name]))
     steppers = {name: Stepper(cfg) for name, cfg in cfgs.items()}
     for _ in range(args.warmup):
         for stepper in steppers.values():
@@ -126,6 +159,9 @@ def main(argv=None) -> None:
             "moe": dataclasses.asdict(cfg.model.moe) if name != "dense" else None,
             "dropped_fraction": (float(np.mean(stepper.metrics["moe/dropped_fraction"]))
                                  if name != "dense" else None),
+            # the busiest expert's share of the token copies over the mean share, worst layer
+            "max_over_mean_load": (float(np.max(stepper.metrics["moe/expert_fraction_max"]))
+                                   * cfg.model.moe.num_experts if name != "dense" else None),
             "base": args.base,
             "batch_size": cfg.train.batch_size,
             "seq_len": cfg.train.seq_len,

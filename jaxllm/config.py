@@ -43,6 +43,31 @@ class MoeConfig:
     grouped_matmul: str = "auto"
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
+    # DeepSeek-V3 routing (layers/moe.py). router="sigmoid": sigmoid affinities, the k weights
+    # taken from them (renormalised if `renormalize`). router_bias: a per-expert bias added to the
+    # scores for choosing the experts only, moved by the train step towards balanced load by
+    # bias_update_rate · sign(mean load - load) per step (aux-loss-free balancing); no gradient.
+    router_bias: bool = False
+    bias_update_rate: float = 0.0
+    routed_scale: float = 1.0  # the routed experts' weights times this (DeepSeek-V3: 2.5)
+    # Group-limited top-k: experts in num_groups equal groups, a token's k experts chosen inside
+    # the topk_groups groups with the highest sum of their top-2 scores (DeepSeek-V3: 8, 4).
+    num_groups: int = 1
+    topk_groups: int = 1
+    first_dense: int = 0  # the first blocks stay dense (DeepSeek-V3: 3); the MoE pattern starts after them
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention (model.attention_layer=mla, layers/mla.py; DeepSeek-V2/V3): keys
+    and values come up from one kv_lora_rank latent per token, plus one qk_rope_head_dim RoPE key
+    shared by all heads; the cache holds just those two."""
+
+    q_lora_rank: int = 0  # rank of the queries' low-rank projection; 0: projected from x directly
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32  # the part of each query/key head without RoPE
+    qk_rope_head_dim: int = 16  # the RoPE part (one key head shared across heads)
+    v_head_dim: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +144,10 @@ class ModelConfig:
         """This config with the block's recipe fields (RECIPE_FIELDS) at their defaults."""
         defaults = ModelConfig()
         return dataclasses.replace(self, **{f: getattr(defaults, f) for f in RECIPE_FIELDS})
+    # The attention layer (key of layers.ATTENTION_LAYERS): gqa (grouped-query attention) or mla
+    # (multi-head latent attention, with the dimensions in `mla`); attention_kind still masks it.
+    attention_layer: str = "gqa"
+    mla: MlaConfig = MlaConfig()
 
     @property
     def kv_heads(self) -> int:

@@ -23,7 +23,7 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.layers import ATTENTION_KINDS
 from jaxllm.models import vlm
-from jaxllm.models.transformer import Transformer, group_size
+from jaxllm.models.transformer import Transformer, dense_prefix, group_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +96,12 @@ def unstack_layers(cfg: ModelConfig, params):
     if "blocks" not in params:
         return params
     k = group_size(cfg)
+    first = dense_prefix(cfg)  # unscanned dense blocks before the scan keep their names
     out = {name: value for name, value in params.items() if name != "blocks"}
-    for g in range(cfg.num_layers // k):
+    for g in range((cfg.num_layers - first) // k):
         for j in range(k):
             stacked = params["blocks"][f"block_{j}"] if k > 1 else params["blocks"]
-            out[f"block_{g * k + j}"] = jax.tree.map(lambda x: x[g], stacked)
+            out[f"block_{first + g * k + j}"] = jax.tree.map(lambda x: x[g], stacked)
     return out
 
 

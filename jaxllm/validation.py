@@ -13,7 +13,7 @@ from jaxllm import knowledge, masking
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression.pruning import PRUNE_KINDS, PRUNE_SCHEDULES
 from jaxllm.config import Config, ConfigError, DistillConfig, PruneConfig
-from jaxllm.layers import ATTENTION_KINDS, DISPATCHES, MLP_KINDS, ROUTERS
+from jaxllm.layers import ATTENTION_KINDS, ATTENTION_LAYERS, DISPATCHES, MLP_KINDS, ROUTERS
 from jaxllm.layers.base import NORM_KINDS, POSITION_KINDS, ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, NORM_PLACEMENTS, REMAT_POLICIES
@@ -60,6 +60,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.param_dtype={m.param_dtype!r}; choose float32 or bfloat16")
     ROPE_SCALINGS.check(m.rope_scaling.kind)
     validate_recipe(m, cfg)
+    ATTENTION_LAYERS.check(m.attention_layer)
+    if m.attention_layer == "mla":
+        validate_mla(m.mla)
     moe = m.moe
     if moe.num_experts:
         ROUTERS.check(moe.router)
@@ -69,10 +72,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}"
             )
-        if moe.every < 1 or m.num_layers % moe.every:
+        if not 0 <= moe.first_dense < m.num_layers:
+            raise ConfigError(f"model.moe.first_dense={moe.first_dense} must be in 0..model.num_layers-1={m.num_layers - 1}")
+        if moe.every < 1 or (m.num_layers - moe.first_dense) % moe.every:
             raise ConfigError(
-                f"model.num_layers={m.num_layers} must be a multiple of model.moe.every={moe.every} (>= 1)"
+                f"model.num_layers={m.num_layers} minus model.moe.first_dense={moe.first_dense} must be a "
+                f"multiple of model.moe.every={moe.every} (>= 1)"
             )
+        validate_deepseek_routing(moe)
         if moe.capacity_factor <= 0:
             raise ConfigError(f"model.moe.capacity_factor must be positive, got {moe.capacity_factor}")
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum", "eval_batches"):
@@ -143,6 +150,32 @@ def validate_recipe(m, cfg: Config) -> None:
     if m.attention_impl in ("cudnn", "splash") and (m.query_scale or m.attn_logit_softcap):
         raise ConfigError(f"model.attention_impl={m.attention_impl} takes neither model.query_scale nor "
                           "model.attn_logit_softcap; set model.attention_impl=auto or xla")
+
+
+def validate_mla(mla) -> None:
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if getattr(mla, name) <= 0:
+            raise ConfigError(f"model.mla.{name} must be positive, got {getattr(mla, name)}")
+    if mla.q_lora_rank < 0:
+        raise ConfigError(f"model.mla.q_lora_rank must be >= 0 (0: no query compression), got {mla.q_lora_rank}")
+    if mla.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.mla.qk_rope_head_dim={mla.qk_rope_head_dim} must be even for rotary embeddings")
+
+
+def validate_deepseek_routing(moe) -> None:
+    """The router bias, routed scale and group-limited top-k (model.moe.*)."""
+    if moe.bias_update_rate < 0 or moe.bias_update_rate and not moe.router_bias:
+        raise ConfigError(f"model.moe.bias_update_rate={moe.bias_update_rate} needs model.moe.router_bias=true "
+                          "and must be >= 0")
+    if moe.routed_scale <= 0:
+        raise ConfigError(f"model.moe.routed_scale must be positive, got {moe.routed_scale}")
+    if moe.num_groups < 1 or moe.num_experts % moe.num_groups:
+        raise ConfigError(f"model.moe.num_groups={moe.num_groups} must divide model.moe.num_experts={moe.num_experts}")
+    if not 1 <= moe.topk_groups <= moe.num_groups:
+        raise ConfigError(f"model.moe.topk_groups={moe.topk_groups} must be in 1..model.moe.num_groups={moe.num_groups}")
+    if moe.num_groups > 1 and moe.top_k > moe.topk_groups * (moe.num_experts // moe.num_groups):
+        raise ConfigError(f"model.moe.top_k={moe.top_k} exceeds the experts of model.moe.topk_groups={moe.topk_groups} "
+                          f"groups of {moe.num_experts // moe.num_groups}")
 
 
 def validate_vision(cfg: Config) -> None:

@@ -7,8 +7,9 @@ kinds (layers.mlp, layers.moe), routers and dispatch strategies (layers.moe).
 from jaxllm.layers import attention, base, mlp, moe  # noqa: F401  (registers the built-in kinds)
 from jaxllm.layers import sliding_window  # noqa: F401  (attention kind sliding_window)
 from jaxllm.layers import expert_choice  # noqa: F401  (dispatch strategy expert_choice)
-from jaxllm.layers.attention import ATTENTION_KINDS
+from jaxllm.layers import mla  # noqa: F401  (attention layer mla)
+from jaxllm.layers.attention import ATTENTION_KINDS, ATTENTION_LAYERS
 from jaxllm.layers.mlp import MLP_KINDS
 from jaxllm.layers.moe import DISPATCHES, ROUTERS
 
-__all__ = ["ATTENTION_KINDS", "MLP_KINDS", "DISPATCHES", "ROUTERS"]
+__all__ = ["ATTENTION_KINDS", "ATTENTION_LAYERS", "MLP_KINDS", "DISPATCHES", "ROUTERS"]

@@ -253,3 +253,9 @@ class Attention(nn.Module):
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
         return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS),
                                     scale=self.cfg.query_scale or None, softcap=self.cfg.attn_logit_softcap)
+
+
+# model.attention_layer: the module a block attends with, `Layer(cfg, decode=..., name="attn")`
+# called as Attention is; the attention kind masks whichever it is (layers/mla.py adds "mla").
+ATTENTION_LAYERS = Registry("model.attention_layer")
+ATTENTION_LAYERS.register("gqa", Attention)

@@ -39,37 +39,73 @@ from jaxllm.sharding import ACT_EMBED, BATCH, BATCH_AXES, LENGTH
 
 
 # ---------------------------------------------------------------------------------------------
-# Routers: logits [T, E] -> (experts [T, K], combine weights [T, K])
+# Routers: logits [T, E] (and the selection bias [E]) -> Routing (experts [T, K], weights [T, K],
+# normalised affinities [T, E])
 
 ROUTERS = Registry("model.moe.router")
-
-
-@ROUTERS.register("softmax_topk")
-def softmax_topk(logits_TE, moe: MoeConfig):
-    """Softmax over all experts, then the top k (Switch, GShard); optionally renormalised."""
-    weights_TK, experts_TK = jax.lax.top_k(jax.nn.softmax(logits_TE, axis=-1), moe.top_k)
-    if moe.renormalize:
-        weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
-    return experts_TK, weights_TK
-
-
-@ROUTERS.register("topk_softmax")
-def topk_softmax(logits_TE, moe: MoeConfig):
-    """The top k logits, then a softmax over those k (Mixtral)."""
-    top_logits_TK, experts_TK = jax.lax.top_k(logits_TE, moe.top_k)
-    return experts_TK, jax.nn.softmax(top_logits_TK, axis=-1)
-
-
-def route(logits_TE, moe: MoeConfig):
-    """Returns (expert ids [T, K], combine weights [T, K], full softmax [T, E])."""
-    experts_TK, weights_TK = ROUTERS.get(moe.router)(logits_TE, moe)
-    return experts_TK, weights_TK, jax.nn.softmax(logits_TE, axis=-1)
 
 
 class Routing(NamedTuple):
     experts_TK: jax.Array
     weights_TK: jax.Array
-    probs_TE: jax.Array  # the full softmax (for the balance loss, and for expert-choice routing)
+    probs_TE: jax.Array  # affinities summing to 1 (for the balance loss, and for expert-choice routing)
+
+
+def select_experts(scores_TE, moe: MoeConfig, bias_E=None):
+    """The k experts of highest score + bias [T, K]; with moe.num_groups > 1 only inside each
+    token's moe.topk_groups groups of highest top-2 sum (DeepSeek-V3's group-limited routing,
+    which bounds the devices a token's copies travel to). The bias picks, it never weighs."""
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    T, E = choice_TE.shape
+    G = moe.num_groups
+    if G > 1:
+        grouped_TGM = choice_TE.reshape(T, G, E // G)
+        group_score_TG = jnp.sum(jax.lax.top_k(grouped_TGM, min(2, E // G))[0], axis=-1)
+        _, groups_TJ = jax.lax.top_k(group_score_TG, moe.topk_groups)
+        kept_TG = jnp.any(groups_TJ[:, :, None] == jnp.arange(G), axis=1)
+        choice_TE = jnp.where(jnp.repeat(kept_TG, E // G, axis=1), choice_TE, -jnp.inf)
+    return jax.lax.top_k(choice_TE, moe.top_k)[1]
+
+
+def _normalised(weights_TK):
+    return weights_TK / (jnp.sum(weights_TK, axis=-1, keepdims=True) + 1e-20)
+
+
+@ROUTERS.register("softmax_topk")
+def softmax_topk(logits_TE, moe: MoeConfig, bias_E=None):
+    """Softmax over all experts, then the top k (Switch, GShard); optionally renormalised."""
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    experts_TK = select_experts(probs_TE, moe, bias_E)
+    weights_TK = jnp.take_along_axis(probs_TE, experts_TK, axis=-1)
+    return Routing(experts_TK, _normalised(weights_TK) if moe.renormalize else weights_TK, probs_TE)
+
+
+@ROUTERS.register("topk_softmax")
+def topk_softmax(logits_TE, moe: MoeConfig, bias_E=None):
+    """The top k logits, then a softmax over those k (Mixtral)."""
+    experts_TK = select_experts(logits_TE, moe, bias_E)
+    weights_TK = jax.nn.softmax(jnp.take_along_axis(logits_TE, experts_TK, axis=-1), axis=-1)
+    return Routing(experts_TK, weights_TK, jax.nn.softmax(logits_TE, axis=-1))
+
+
+@ROUTERS.register("sigmoid")
+def sigmoid_topk(logits_TE, moe: MoeConfig, bias_E=None):
+    """DeepSeek-V3: affinities sigmoid(logits), the top k of affinity + bias, weighted by their
+    un-biased affinities (normalised over the k if moe.renormalize). The balance loss sees the
+    affinities normalised over all experts (V3's sequence-wise loss uses the same)."""
+    affinity_TE = jax.nn.sigmoid(logits_TE)
+    experts_TK = select_experts(affinity_TE, moe, bias_E)
+    weights_TK = jnp.take_along_axis(affinity_TE, experts_TK, axis=-1)
+    return Routing(experts_TK, _normalised(weights_TK) if moe.renormalize else weights_TK,
+                   affinity_TE / jnp.sum(affinity_TE, axis=-1, keepdims=True))
+
+
+def route(logits_TE, moe: MoeConfig, bias_E=None) -> Routing:
+    """The configured router's Routing, its weights times moe.routed_scale."""
+    routing = ROUTERS.get(moe.router)(logits_TE, moe, bias_E)
+    if moe.routed_scale != 1.0:
+        routing = routing._replace(weights_TK=routing.weights_TK * moe.routed_scale)
+    return routing
 
 
 def router_sums(logits_TE, probs_TE, experts_TK, num_experts: int, valid_T):
@@ -102,6 +138,7 @@ def losses_and_metrics(sums, dropped, num_experts: int, top_k: int):
         "expert_fraction_min": jnp.min(fraction_E),
         "dropped_fraction": dropped / copies,
         "router_entropy": sums["entropy_sum"] / tokens,
+        "expert_load": fraction_E,  # [E]: what the train step balances the router bias with
     }
     return aux, z, metrics
 
@@ -225,7 +262,7 @@ def dropless_dispatch(x_bLD, valid_bL, routing: Routing, experts, moe: MoeConfig
 
 
 def moe_tokens(x_bLD, valid_bL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig,
-               expert_axis: str | None = None, num_shards: int = 1):
+               expert_axis: str | None = None, num_shards: int = 1, bias_E=None):
     """Returns (out [b, L, D], router sums, dropped count) for a shard of b sequences. With
     `expert_axis` (inside shard_map) the expert weights are this device's E/X experts and token
     copies are exchanged over that axis. `valid_bL` marks the tokens that are not padding: only
@@ -234,7 +271,7 @@ def moe_tokens(x_bLD, valid_bL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe
     T = b * L
     x_TD = x_bLD.reshape(T, D)
     logits_TE = jnp.dot(x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
-    routing = Routing(*route(logits_TE, moe))
+    routing = route(logits_TE, moe, bias_E)
     sums = router_sums(logits_TE, routing.probs_TE, routing.experts_TK, moe.num_experts, valid_bL.reshape(T))
     dispatch = DISPATCHES.get(moe.dispatch)
     out_TD, dropped = dispatch(x_bLD, valid_bL, routing, (w_gate_EDF, w_up_EDF, w_down_EFD), moe,
@@ -242,7 +279,7 @@ def moe_tokens(x_bLD, valid_bL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe
     return out_TD.astype(x_bLD.dtype).reshape(b, L, D), sums, dropped
 
 
-def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig, mesh):
+def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, moe: MoeConfig, mesh, bias_E):
     """The layer under shard_map: sequences split over the batch axes, experts over `expert`.
 
     Expert weights enter with spec P("expert"): fsdp/tensor shards of them are gathered before the
@@ -250,13 +287,13 @@ def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, mo
     X = mesh.shape["expert"]
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
 
-    def body(x_bLD, valid_bL, router_DE, w_gate, w_up, w_down):
+    def body(x_bLD, valid_bL, router_DE, w_gate, w_up, w_down, bias_E):
         if batch_axes:  # LoRA dropout: devices holding other sequences draw other masks
             shard = jax.lax.axis_index(batch_axes)
             w_gate, w_up, w_down = (w.fold_in(shard) if isinstance(w, Adapted) else w for w in (w_gate, w_up, w_down))
         out_bLD, sums, dropped = moe_tokens(
             x_bLD, valid_bL, router_DE, w_gate, w_up, w_down, moe,
-            expert_axis="expert" if X > 1 else None, num_shards=X)
+            expert_axis="expert" if X > 1 else None, num_shards=X, bias_E=bias_E)
         sums, dropped = jax.lax.psum((sums, dropped), batch_axes)
         return out_bLD, sums, dropped
 
@@ -264,9 +301,9 @@ def moe_sharded(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, mo
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(batch_axes, None, None), P(batch_axes, None), P(None, None),
-                  expert_spec, expert_spec, expert_spec),
+                  expert_spec, expert_spec, expert_spec, P(None)),
         out_specs=(P(batch_axes, None, None), P(), P()),
-    )(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD)
+    )(x_BLD, valid_BL, router_DE, w_gate_EDF, w_up_EDF, w_down_EFD, bias_E)
 
 
 def batch_shards(mesh) -> int:
@@ -288,6 +325,12 @@ class MoeMlp(nn.Module):
         dtype = compute_dtype(cfg)
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         router_DE = self.param("router", dense_init(cfg.init_std, ("embed", None)), (D, E))
+        # Kept with the params (checkpoints, restore and export carry it) but trained by no
+        # gradient: the train step moves it (`update_router_biases`).
+        bias_E = jnp.zeros((E,), jnp.float32)
+        if moe.router_bias:
+            bias_E = jax.lax.stop_gradient(self.param(
+                "router_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (E,), jnp.float32))
         w_gate = self.param("gate", dense_init(cfg.init_std, ("expert", "embed", "mlp")), (E, D, F))
         w_up = self.param("up", dense_init(cfg.init_std, ("expert", "embed", "mlp")), (E, D, F))
         w_down = self.param("down", dense_init(out_std, ("expert", "mlp", "embed")), (E, F, D))
@@ -308,9 +351,10 @@ class MoeMlp(nn.Module):
             valid_BL = jnp.ones(x_BLD.shape[:2], bool)
         if shards > 1 and B % shards == 0 and not self.is_initializing():
             out_BLD, sums, dropped = moe_sharded(x_in, valid_BL, router_DE, w_gate, w_up, w_down,
-                                                 moe=moe, mesh=mesh)
+                                                 moe=moe, mesh=mesh, bias_E=bias_E)
         else:
-            out_BLD, sums, dropped = moe_tokens(x_in, valid_BL, router_DE, w_gate, w_up, w_down, moe)
+            out_BLD, sums, dropped = moe_tokens(x_in, valid_BL, router_DE, w_gate, w_up, w_down, moe,
+                                                bias_E=bias_E)
         aux, z, metrics = losses_and_metrics(sums, dropped, E, moe.top_k)
         self.sow("losses", "moe", moe.aux_loss_weight * aux + moe.z_loss_weight * z)
         for name, value in metrics.items():
@@ -336,24 +380,49 @@ def _layer_order(path) -> int:
     return 0
 
 
+def _leaves_by_layer(tree, name: str, with_paths: bool = False):
+    """The leaves named `name` anywhere in `tree`, ordered by layer (stable within a layer); with
+    `with_paths`, (path, leaf) pairs."""
+    found = [(_layer_order(path), (path, leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if any(str(getattr(k, "key", "")) == name for k in path)]
+    return [item if with_paths else item[1] for _, item in sorted(found, key=lambda item: item[0])]
+
+
 def _per_layer(tree, name: str):
     """The values sown under `name` anywhere in `tree`, as one vector ordered by layer."""
-    found = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if any(str(getattr(k, "key", "")) == name for k in path):
-            found.append((_layer_order(path), jnp.atleast_1d(leaf)))
-    found.sort(key=lambda item: item[0])
-    return jnp.concatenate([v for _, v in found]) if found else None
+    found = _leaves_by_layer(tree, name)
+    return jnp.concatenate([jnp.atleast_1d(v) for v in found]) if found else None
 
 
 def collect(variables) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted router loss summed over the MoE layers, {metric: [MoE layers] vector}) from the
     "losses" and "metrics" collections of an apply with those collections mutable; (0, {}) for a
-    dense model."""
+    dense model. "moe/expert_load" is [MoE layers, E]: each expert's share of the token copies."""
     losses = _per_layer(variables.get("losses", {}), "moe")
     if losses is None:
         return jnp.zeros((), jnp.float32), {}
     metrics = variables.get("metrics", {})
     names = ("aux_loss", "z_loss", "expert_fraction_max", "expert_fraction_min", "dropped_fraction",
              "router_entropy")
-    return jnp.sum(losses), {f"moe/{n}": _per_layer(metrics, n) for n in names}
+    loads = [v.reshape(-1, v.shape[-1]) for v in _leaves_by_layer(metrics, "expert_load")]
+    return jnp.sum(losses), {**{f"moe/{n}": _per_layer(metrics, n) for n in names},
+                             "moe/expert_load": jnp.concatenate(loads)}
+
+
+def update_router_biases(old_params, new_params, load_LE, rate: float):
+    """`new_params` with every router bias set to its old value + rate · sign(mean load - load)
+    per expert (DeepSeek-V3's aux-loss-free balancing: an overloaded expert's bias falls, an idle
+    one's rises). `load_LE` is collect's "moe/expert_load", one row per MoE layer in the order of
+    the biases; the optimizer's update of a bias (zero: it has no gradient) is discarded."""
+    old = _leaves_by_layer(old_params, "router_bias", with_paths=True)
+    if not old:
+        return new_params
+    rows = [b.size // b.shape[-1] for _, b in old]
+    if sum(rows) != load_LE.shape[0]:
+        raise ValueError(f"{load_LE.shape[0]} rows of expert load for {sum(rows)} router biases")
+    delta_LE = rate * jnp.sign(jnp.mean(load_LE, axis=-1, keepdims=True) - load_LE)
+    updated, offset = {}, 0
+    for (path, b), n in zip(old, rows):
+        updated[path] = b + delta_LE[offset:offset + n].reshape(b.shape).astype(b.dtype)
+        offset += n
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: updated.get(p, leaf), new_params)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.layers import MLP_KINDS
-from jaxllm.layers.attention import Attention, layer_config, layer_contexts, pattern_period
+from jaxllm.layers.attention import ATTENTION_LAYERS, layer_config, layer_contexts, pattern_period
 from jaxllm.layers.base import POSITION_KINDS, Embed, PositionEmbed, constrain, dense_init, norm
 from jaxllm.ops.projection import PROJECTION
 from jaxllm.registry import Registry
@@ -77,9 +77,16 @@ NORM_PLACEMENTS.register("post", NormPlacement(  # the original Transformer, BER
     lambda x, f, make, name: make(f"{name}_norm")(x + f(x)), final_norm=False))
 
 
+def dense_prefix(cfg: ModelConfig) -> int:
+    """The first blocks that stay dense in an MoE model (model.moe.first_dense); never scanned."""
+    return cfg.moe.first_dense if cfg.moe.num_experts else 0
+
+
 def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
-    """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1)."""
-    return cfg.moe.num_experts > 0 and (index + 1) % cfg.moe.every == 0
+    """With model.moe.every = k, blocks k-1, 2k-1, ... are MoE (all of them for k = 1), counted
+    after the model.moe.first_dense dense ones."""
+    first = dense_prefix(cfg)
+    return cfg.moe.num_experts > 0 and index >= first and (index - first + 1) % cfg.moe.every == 0
 
 
 def block_mlp_kind(cfg: ModelConfig, index: int) -> str:
@@ -104,7 +111,7 @@ class Block(nn.Module):
         mlp = MLP_KINDS.get(self.mlp_kind)
         residual = NORM_PLACEMENTS.get(cfg.norm_placement).residual
         make_norm = lambda name: norm(cfg, name)  # noqa: E731
-        attn = Attention(cfg, decode=self.decode, name="attn")
+        attn = ATTENTION_LAYERS.get(cfg.attention_layer)(cfg, decode=self.decode, name="attn")
         x_BLD = residual(x_BLD, lambda h: attn(h, segment_ids_BL, positions_BL, context), make_norm, "attn")
         x_BLD = residual(x_BLD, lambda h: mlp(cfg, name="mlp")(h, segment_ids_BL != 0), make_norm, "mlp")
         x_BLD = constrain(x_BLD, (BATCH, LENGTH, ACT_EMBED))
@@ -133,8 +140,9 @@ class ScannedGroup(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, segment_ids_BL, positions_BL, contexts=(None,)):
         for j in range(group_size(self.cfg)):
-            x_BLD = Block(layer_config(self.cfg, j), self.decode, mlp_kind=block_mlp_kind(self.cfg, j),
-                          name=f"block_{j}")(x_BLD, segment_ids_BL, positions_BL, contexts[j % len(contexts)])
+            i = dense_prefix(self.cfg) + j  # the block's index in the whole stack
+            x_BLD = Block(layer_config(self.cfg, i), self.decode, mlp_kind=block_mlp_kind(self.cfg, i),
+                          name=f"block_{j}")(x_BLD, segment_ids_BL, positions_BL, contexts[i % len(contexts)])
         return x_BLD, None
 
 
@@ -143,15 +151,22 @@ def block_stack(cfg: ModelConfig, decode: bool, x_BLD, segment_ids_BL, positions
     a module's compact method, it adds their params to that module ("blocks", or block_0 ..).
     `context`: a LayerContext, or one per attention-pattern entry (`layer_contexts`)."""
     contexts = tuple(context) if isinstance(context, (tuple, list)) else (context,)
-    groups = cfg.num_layers // group_size(cfg)
+    first = dense_prefix(cfg) if cfg.scan_layers else 0
+    groups = (cfg.num_layers - first) // group_size(cfg)
     if not cfg.scan_layers:
         block_cls, scanned_kwargs = Block, {}
     elif group_size(cfg) > 1:
         block_cls, scanned_kwargs = ScannedGroup, {}
     else:  # every scanned block alike: all dense, or all MoE
-        block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, 0)}
+        block_cls, scanned_kwargs = ScannedBlock, {"mlp_kind": block_mlp_kind(cfg, first)}
     if cfg.remat != "none":
         block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    # A scanned MoE model's dense first blocks (model.moe.first_dense) run unscanned before the
+    # scan, named as in the unscanned model.
+    prefix_cls = nn.remat(Block, policy=remat_policy(cfg.remat)) if cfg.remat != "none" else Block
+    for i in range(first):
+        x_BLD = prefix_cls(layer_config(cfg, i), decode=decode, mlp_kind=cfg.mlp_kind, name=f"block_{i}")(
+            x_BLD, segment_ids_BL, positions_BL, contexts[i % len(contexts)])
     if cfg.scan_layers:
         stack = nn.scan(
             block_cls,
@@ -164,8 +179,9 @@ def block_stack(cfg: ModelConfig, decode: bool, x_BLD, segment_ids_BL, positions
                 groups if cfg.remat == "none" and cfg.num_layers <= MAX_UNROLLED_SCAN_LAYERS else 1
             ),
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg if group_size(cfg) > 1 else layer_config(cfg, 0), decode=decode, name="blocks", **scanned_kwargs)
-        x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL, contexts if group_size(cfg) > 1 else contexts[0])
+        )(cfg if group_size(cfg) > 1 else layer_config(cfg, first), decode=decode, name="blocks", **scanned_kwargs)
+        x_BLD, _ = stack(x_BLD, segment_ids_BL, positions_BL,
+                         contexts if group_size(cfg) > 1 else contexts[first % len(contexts)])
     else:
         for i in range(cfg.num_layers):
             x_BLD = block_cls(layer_config(cfg, i), decode=decode, mlp_kind=block_mlp_kind(cfg, i), name=f"block_{i}")(

@@ -29,9 +29,15 @@ def matmul_params(cfg: ModelConfig) -> int:
     input embedding is a gather, not a matmul)."""
     D, H, N, K, F = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.mlp_dim
     attention = D * H * K * 2 + D * N * K * 2
+    if cfg.attention_layer == "mla":  # the expanded projections training runs (layers/mla.py)
+        m = cfg.mla
+        q = (D * m.q_lora_rank + m.q_lora_rank * H * (m.qk_nope_head_dim + m.qk_rope_head_dim) if m.q_lora_rank
+             else D * H * (m.qk_nope_head_dim + m.qk_rope_head_dim))
+        kv = D * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
+        attention = q + kv + H * m.v_head_dim * D
     dense_mlp = 3 * D * F
     moe = cfg.moe
-    moe_layers = cfg.num_layers // moe.every if moe.num_experts else 0
+    moe_layers = (cfg.num_layers - moe.first_dense) // moe.every if moe.num_experts else 0
     expert_F = moe.expert_dim or F
     moe_mlp = D * moe.num_experts + 3 * D * expert_F * moe.top_k
     moe_mlp += 3 * D * moe.num_shared * (moe.shared_dim or expert_F)

@@ -26,6 +26,7 @@ from jaxllm import data, restore, sharding, validation
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.compression import pruning
 from jaxllm.config import Config
+from jaxllm.layers import moe
 from jaxllm.models import MODELS, ModelFamily, count_params
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import ema as ema_lib
@@ -170,6 +171,11 @@ def make_train_step(s: Setup, loss_fn: Callable | None = None, frozen: Any = Non
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # MoE router biases (moe.router_bias) move with the step's expert load, not a gradient.
+        extras = dict(extras)
+        load_LE = extras.pop("moe/expert_load", None)
+        if load_LE is not None:
+            params = moe.update_router_biases(state.params, params, load_LE / denom, cfg.model.moe.bias_update_rate)
         loss = loss_sum / denom
         metrics = {
             "loss": loss,
