@@ -3,6 +3,7 @@ vision-language run answers about an image.
 
     python -m jaxllm.generate --workdir runs/tiny_lm --prompt "def "
     python -m jaxllm.generate --workdir runs/vlm_digits --image digit.png --prompt "what digit is this?"
+    python -m jaxllm.generate --workdir runs/distill_tiny_teacher --draft runs/distill_tiny --gamma 4 --prompt "def "
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ConfigError
 from jaxllm.decoding import PADDING_SIDES, Generator, SamplingConfig, answer_images
 from jaxllm.models import MODELS
+from jaxllm.speculative import SpeculativeGenerator, check_draft
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--padding", choices=PADDING_SIDES, default="left")
     parser.add_argument("--tensor", type=int, default=1,
                         help="shard heads and MLP over this many devices (batch over the rest)")
+    parser.add_argument("--draft", help="run directory of a draft model sharing the vocabulary: speculative decoding")
+    parser.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per round (with --draft)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error(f"--max_new_tokens {args.max_new_tokens} must be 0 or more")
@@ -47,10 +51,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--top_p {args.top_p} must be in (0, 1]")
     if args.tensor < 1:
         parser.error(f"--tensor {args.tensor} must be 1 or more")
+    if args.gamma < 1:
+        parser.error(f"--gamma {args.gamma} must be 1 or more")
     prompts = args.prompt or [""]
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     try:
         cfg, params = restore.load_params(args.workdir, tensor=args.tensor)
+        if args.draft:
+            draft_cfg, draft_params = restore.load_params(args.draft, tensor=args.tensor)
+            check_draft(cfg.model, draft_cfg.model, f"--draft {args.draft}")
     except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -65,12 +74,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         if MODELS.get(cfg.family).images != bool(args.image):
             raise ConfigError(f"{args.workdir} is a {cfg.family} run: " + (
                 "give it --image FILE" if not args.image else "it reads no images; drop --image"))
+        if args.image and args.draft:
+            raise ConfigError("--draft decodes text prompts only; drop --image or --draft")
         if args.image:
             files = args.image * len(prompts) if len(args.image) == 1 else args.image
             if len(files) != len(prompts):
                 raise ConfigError(f"{len(files)} --image for {len(prompts)} --prompt: give one image, or one per prompt")
             pixels = images.normalise(np.stack([images.load_image(f, cfg.vision) for f in files]), cfg.vision)
             outputs = answer_images(cfg, params, pixels, prompts, sampling, jax.random.key(args.seed), mesh)
+        elif args.draft:
+            ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
+            spec = SpeculativeGenerator(cfg.model, draft_cfg.model, args.gamma, mesh)
+            outputs = spec.generate(params, draft_params, ids, sampling, jax.random.key(args.seed))
+            stats = spec.last_stats
+            print(f"speculative decoding: acceptance rate {stats['acceptance_rate']:.3f} "
+                  f"({stats['accepted']}/{stats['drafted']} drafted tokens), "
+                  f"{stats['tokens_per_round']:.2f} tokens per round", file=sys.stderr)
         else:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
             outputs = Generator(cfg.model, mesh).generate(
