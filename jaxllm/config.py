@@ -92,6 +92,9 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     init_std: float = 0.02
     moe: MoeConfig = MoeConfig()
+    # dtype of the KV cache in cached decoding: "auto" (the compute dtype), "float32", "bfloat16",
+    # or "int8" (symmetric, one float32 scale per token and KV head; ops.quantize_kv).
+    kv_cache_dtype: str = "auto"
 
     @property
     def kv_heads(self) -> int:

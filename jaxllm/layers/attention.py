@@ -180,8 +180,14 @@ class Attention(nn.Module):
         B, L, N, K = k_BLNK.shape
         is_init = not self.has_variable("cache", "key")
         # At init the input length is the cache capacity (the longest sequence to be generated).
-        cached_k = self.variable("cache", "key", jnp.zeros, ops.cache_shape(B, L, N, K), k_BLNK.dtype)
-        cached_v = self.variable("cache", "value", jnp.zeros, ops.cache_shape(B, L, N, K), v_BLNK.dtype)
+        kv_dtype = self.cfg.kv_cache_dtype
+        int8 = kv_dtype == "int8"
+        cache_dtype = k_BLNK.dtype if kv_dtype == "auto" else jnp.dtype(kv_dtype)
+        cached_k = self.variable("cache", "key", jnp.zeros, ops.cache_shape(B, L, N, K), cache_dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, ops.cache_shape(B, L, N, K), cache_dtype)
+        if int8:  # one scale per slot and KV head
+            k_scale = self.variable("cache", "key_scale", jnp.ones, ops.cache_shape(B, L, N, 1), jnp.float32)
+            v_scale = self.variable("cache", "value_scale", jnp.ones, ops.cache_shape(B, L, N, 1), jnp.float32)
         cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (B, L), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -190,6 +196,12 @@ class Attention(nn.Module):
             return ops.attend(q_BLNGK, k_BLNK, v_BLNK, *attention_bias(kind.mask(tokens, tokens, self.cfg)),
                                  causal_self=False)
         start = index.value
+        scales = ()
+        if int8:
+            (k_BLNK, k_scale_BLN1), (v_BLNK, v_scale_BLN1) = ops.quantize_kv(k_BLNK), ops.quantize_kv(v_BLNK)
+            k_scale.value = ops.update_cache(k_scale.value, k_scale_BLN1, start)
+            v_scale.value = ops.update_cache(v_scale.value, v_scale_BLN1, start)
+            scales = (k_scale.value, v_scale.value)
         cached_k.value = ops.update_cache(cached_k.value, k_BLNK, start)
         cached_v.value = ops.update_cache(cached_v.value, v_BLNK, start)
         cached_seg.value = jax.lax.dynamic_update_slice(
@@ -205,4 +217,4 @@ class Attention(nn.Module):
             k_prefix_BS = jax.lax.dynamic_update_slice(jnp.zeros((B, S), bool), prefix_BL, (0, start))
         mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
-        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS))
+        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS), *scales)
