@@ -4,11 +4,16 @@ vision-language run answers about an image.
     python -m jaxllm.generate --workdir runs/tiny_lm --prompt "def "
     python -m jaxllm.generate --workdir runs/vlm_digits --image digit.png --prompt "what digit is this?"
     python -m jaxllm.generate --workdir runs/distill_tiny_teacher --draft runs/distill_tiny --gamma 4 --prompt "def "
+    python -m jaxllm.generate --workdir runs/tiny_lm --prompts_file prompts.txt --slots 8
+
+A prompts file holds one prompt per line; a line starting with a double quote is a JSON string
+(for prompts with newlines). Its prompts are decoded by continuous batching (jaxllm/batching.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
@@ -17,6 +22,7 @@ import jax
 import numpy as np
 
 from jaxllm import images, restore
+from jaxllm.batching import ContinuousBatcher
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ConfigError
 from jaxllm.decoding import PADDING_SIDES, Generator, SamplingConfig, answer_images
@@ -40,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="shard heads and MLP over this many devices (batch over the rest)")
     parser.add_argument("--draft", help="run directory of a draft model sharing the vocabulary: speculative decoding")
     parser.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per round (with --draft)")
+    parser.add_argument("--prompts_file", help="one prompt per line, decoded by continuous batching")
+    parser.add_argument("--slots", type=int, default=8, help="rows decoded together (with --prompts_file)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error(f"--max_new_tokens {args.max_new_tokens} must be 0 or more")
@@ -53,7 +61,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--tensor {args.tensor} must be 1 or more")
     if args.gamma < 1:
         parser.error(f"--gamma {args.gamma} must be 1 or more")
+    if args.prompts_file and (args.prompt or args.image or args.draft):
+        parser.error("give --prompts_file or --prompt (with --image or --draft), not both")
     prompts = args.prompt or [""]
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file) as f:
+                prompts = [json.loads(line) if line.startswith('"') else line
+                           for line in f.read().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--prompts_file {args.prompts_file}: {e}")
+        if not prompts:
+            parser.error(f"--prompts_file {args.prompts_file} holds no prompt")
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     try:
         cfg, params = restore.load_params(args.workdir, tensor=args.tensor)
@@ -82,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise ConfigError(f"{len(files)} --image for {len(prompts)} --prompt: give one image, or one per prompt")
             pixels = images.normalise(np.stack([images.load_image(f, cfg.vision) for f in files]), cfg.vision)
             outputs = answer_images(cfg, params, pixels, prompts, sampling, jax.random.key(args.seed), mesh)
+        elif args.prompts_file:
+            ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
+            outputs = ContinuousBatcher(cfg.model, args.slots, mesh=mesh).generate(
+                params, ids, sampling, jax.random.key(args.seed))
         elif args.draft:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
             spec = SpeculativeGenerator(cfg.model, draft_cfg.model, args.gamma, mesh)
