@@ -60,12 +60,17 @@ class ContinuousBatcher:
             return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
         return jax.tree_util.tree_map_with_path(visit, cache, row_cache)
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, rng) -> list[list[int]]:
+    def generate(self, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, rng,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[int]]:
         """The generated token ids per prompt, in the prompts' order (without the prompt, cut after
-        EOS), as `Generator.generate` returns them."""
+        EOS), as `Generator.generate` returns them. `max_new_tokens`: a limit per prompt (each at
+        most sampling.max_new_tokens), as requests to a server each bring their own."""
         gen, R = self.gen, self.slots
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (BOS counts)")
+        limits = [sampling.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+        if len(limits) != len(prompts) or not all(0 <= n <= sampling.max_new_tokens for n in limits):
+            raise ValueError(f"max_new_tokens needs one limit in [0, {sampling.max_new_tokens}] per prompt")
         if sampling.max_new_tokens == 0:
             return [[] for _ in prompts]
         start_time = time.perf_counter()
@@ -81,7 +86,7 @@ class ContinuousBatcher:
 
         def finished(row: int) -> bool:
             out = row_out[row]
-            return len(out) >= sampling.max_new_tokens or (sampling.stop_at_eos and out[-1] == gen.eos_id)
+            return len(out) >= limits[row_prompt[row]] or (sampling.stop_at_eos and out[-1] == gen.eos_id)
 
         def admit(row: int):
             nonlocal cache, rng
@@ -124,7 +129,8 @@ class ContinuousBatcher:
                 refill(row)
         stats["seconds"] = time.perf_counter() - start_time
         results = []
-        for out in outputs:
+        for out, limit in zip(outputs, limits):
+            out = out[:limit]  # a limit of 0 still had its first token drawn
             if sampling.stop_at_eos and gen.eos_id in out:
                 out = out[:out.index(gen.eos_id) + 1]
             results.append([t for t in out if t != gen.pad_id])  # as Generator.generate drops padding

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm import data, decoding, ops
-from jaxllm.config import Config, ConfigError
+from jaxllm.config import ConfigError
 from jaxllm.models import Transformer
 from jaxllm.validation import validate
 from helpers import tiny_config
