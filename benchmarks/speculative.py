@@ -40,11 +40,12 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperatures", default="0,1")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the built-in prompts")
     args = parser.parse_args()
     target_cfg, target_params = restore.load_params(args.target)
     draft_cfg, draft_params = restore.load_params(args.draft)
     untrained = nn.meta.unbox(Transformer(draft_cfg.model).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-    prompts = [[data.BOS_ID] + list(p[:PROMPT_CHARS].encode()) for p in PROMPTS]
+    prompts = [[data.BOS_ID] + list(p[:PROMPT_CHARS].encode()) for p in PROMPTS[:args.prompts]]
     gammas = [int(g) for g in args.gammas.split(",")]
 
     for temperature in (float(t) for t in args.temperatures.split(",")):

@@ -13,6 +13,7 @@ A prompts file holds one prompt per line; a line starting with a double quote is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Sequence
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="shard heads and MLP over this many devices (batch over the rest)")
     parser.add_argument("--draft", help="run directory of a draft model sharing the vocabulary: speculative decoding")
     parser.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per round (with --draft)")
+    parser.add_argument("--kv_cache_dtype", choices=("auto", "float32", "bfloat16", "int8"),
+                        help="storage of the KV cache (default: the run's model.kv_cache_dtype)")
     parser.add_argument("--prompts_file", help="one prompt per line, decoded by continuous batching")
     parser.add_argument("--slots", type=int, default=8, help="rows decoded together (with --prompts_file)")
     args = parser.parse_args(argv)
@@ -76,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     try:
         cfg, params = restore.load_params(args.workdir, tensor=args.tensor)
+        if args.kv_cache_dtype:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kv_cache_dtype=args.kv_cache_dtype))
         if args.draft:
             draft_cfg, draft_params = restore.load_params(args.draft, tensor=args.tensor)
             check_draft(cfg.model, draft_cfg.model, f"--draft {args.draft}")
