@@ -148,6 +148,9 @@ class ModelConfig:
     # (multi-head latent attention, with the dimensions in `mla`); attention_kind still masks it.
     attention_layer: str = "gqa"
     mla: MlaConfig = MlaConfig()
+    # dtype of the KV cache in cached decoding: "auto" (the compute dtype), "float32", "bfloat16",
+    # or "int8" (symmetric, one float32 scale per token and KV head; ops.quantize_kv).
+    kv_cache_dtype: str = "auto"
 
     @property
     def kv_heads(self) -> int:

@@ -95,6 +95,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.loss_chunk is for family causal_lm, not {cfg.family}; set train.loss_chunk=0")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={m.dtype!r}; choose float32, bfloat16 or float16")
+    if m.kv_cache_dtype not in ("auto", "float32", "bfloat16", "int8"):
+        raise ConfigError(f"model.kv_cache_dtype={m.kv_cache_dtype!r}; choose auto, float32, bfloat16 or int8")
     if m.attention_impl not in ("xla", "cudnn", "splash", "auto"):
         raise ConfigError(f"model.attention_impl={m.attention_impl!r}; choose xla, cudnn, splash or auto")
     if m.attention_impl == "splash" and (t.seq_len % 128 or m.head_size % 128):

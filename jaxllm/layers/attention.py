@@ -226,8 +226,14 @@ class Attention(nn.Module):
         B, L, N, K = k_BLNK.shape
         is_init = not self.has_variable("cache", "key")
         # At init the input length is the cache capacity (the longest sequence to be generated).
-        cached_k = self.variable("cache", "key", jnp.zeros, ops.cache_shape(B, L, N, K), k_BLNK.dtype)
-        cached_v = self.variable("cache", "value", jnp.zeros, ops.cache_shape(B, L, N, K), v_BLNK.dtype)
+        kv_dtype = self.cfg.kv_cache_dtype
+        int8 = kv_dtype == "int8"
+        cache_dtype = k_BLNK.dtype if kv_dtype == "auto" else jnp.dtype(kv_dtype)
+        cached_k = self.variable("cache", "key", jnp.zeros, ops.cache_shape(B, L, N, K), cache_dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, ops.cache_shape(B, L, N, K), cache_dtype)
+        if int8:  # one scale per slot and KV head
+            k_scale = self.variable("cache", "key_scale", jnp.ones, ops.cache_shape(B, L, N, 1), jnp.float32)
+            v_scale = self.variable("cache", "value_scale", jnp.ones, ops.cache_shape(B, L, N, 1), jnp.float32)
         cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (B, L), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -236,11 +242,20 @@ class Attention(nn.Module):
             return ops.attend(q_BLNGK, k_BLNK, v_BLNK, *attention_bias(kind.mask(tokens, tokens, self.cfg)),
                               causal_self=False, scale=self.cfg.query_scale or None, softcap=self.cfg.attn_logit_softcap)
         start = index.value
+        scales = ()
+        if int8:
+            (k_BLNK, k_scale_BLN1), (v_BLNK, v_scale_BLN1) = ops.quantize_kv(k_BLNK), ops.quantize_kv(v_BLNK)
+            k_scale.value = ops.update_cache(k_scale.value, k_scale_BLN1, start)
+            v_scale.value = ops.update_cache(v_scale.value, v_scale_BLN1, start)
+            scales = (k_scale.value, v_scale.value)
         cached_k.value = ops.update_cache(cached_k.value, k_BLNK, start)
         cached_v.value = ops.update_cache(cached_v.value, v_BLNK, start)
-        cached_seg.value = jax.lax.dynamic_update_slice(
-            cached_seg.value, segment_ids_BL.astype(jnp.int32), (0, start)
-        )
+        # A cache whose index has one entry per row (continuous batching: rows at different
+        # lengths) writes each row at its own slot; the usual one index writes all rows alike.
+        per_row = jnp.ndim(start) == 1
+        write = ((lambda x, new: ops.update_rows(x, new, start)) if per_row
+                 else (lambda x, new: jax.lax.dynamic_update_slice(x, new, (0, start))))
+        cached_seg.value = write(cached_seg.value, segment_ids_BL.astype(jnp.int32))
         index.value = start + L
         S = cached_seg.value.shape[1]
         k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -248,10 +263,11 @@ class Attention(nn.Module):
         if prefix_BL is not None:
             # Keys written by earlier calls precede every query of this one, so only this call's
             # prefix flags change what is visible.
-            k_prefix_BS = jax.lax.dynamic_update_slice(jnp.zeros((B, S), bool), prefix_BL, (0, start))
-        mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
+            k_prefix_BS = write(jnp.zeros((B, S), bool), prefix_BL)
+        start_B1 = start[:, None] if per_row else start
+        mask_BLS = kind.mask(Tokens(segment_ids_BL, start_B1 + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
-        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS),
+        return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS), *scales,
                                     scale=self.cfg.query_scale or None, softcap=self.cfg.attn_logit_softcap)
 
 

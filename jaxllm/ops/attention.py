@@ -203,26 +203,61 @@ def _constrain_cache(x_XSK):
     )
 
 
+KV_INT8_MAX = 127
+
+
+def quantize_kv(x_BLNK):
+    """(int8 values, float32 scales [B, L, N, 1]) of keys or values: symmetric, one scale per token
+    and KV head (max |x| over the head dim / 127); |dequantized - x| <= scale / 2."""
+    amax = jnp.max(jnp.abs(x_BLNK.astype(jnp.float32)), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / KV_INT8_MAX, 1.0)
+    values = jnp.clip(jnp.round(x_BLNK / scale), -KV_INT8_MAX, KV_INT8_MAX).astype(jnp.int8)
+    return values, scale
+
+
 def update_cache(cache_XSK, new_BLNK, start):
-    """The cache with `new` written at slots start .. start + L."""
+    """The cache with `new` written at slots start .. start + L (converted to the cache's dtype);
+    `start` is one slot for all rows, or [B] one per row (continuous batching)."""
     B, L, N, K = new_BLNK.shape
-    new_XLK = jnp.swapaxes(new_BLNK, 1, 2).reshape(B * N, L, K)
-    updated = jax.lax.dynamic_update_slice(cache_XSK, new_XLK, (0, start, 0))
+    new_XLK = jnp.swapaxes(new_BLNK, 1, 2).reshape(B * N, L, K).astype(cache_XSK.dtype)
+    if jnp.ndim(start) == 1:
+        updated = update_rows(cache_XSK, new_XLK, jnp.repeat(start, N))
+    else:
+        updated = jax.lax.dynamic_update_slice(cache_XSK, new_XLK, (0, start, 0))
     # Sharded like the keys and values themselves, so a sharded step never gathers it.
     return _constrain_cache(updated)
 
 
-def cached_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1, scale=None, softcap=0.0):
-    """`attention` over a KV cache whose rows are the (batch, KV head) pairs: X = B·N, b-major."""
+def update_rows(x_BS, new_BL, start_B):
+    """x with each row b's new_BL[b] written at its own slot start_B[b] (along axis 1)."""
+    write = lambda row, new, start: jax.lax.dynamic_update_slice(row, new, (start,) + (0,) * (row.ndim - 1))  # noqa: E731
+    return jax.vmap(write)(x_BS, new_BL, start_B)
+
+
+def cached_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1, k_scale_XS1=None, v_scale_XS1=None,
+                     scale=None, softcap=0.0):
+    """`attention` over a KV cache whose rows are the (batch, KV head) pairs: X = B·N, b-major.
+
+    An int8 cache comes with its per-slot scales (`quantize_kv`): they multiply the scores (keys)
+    and the probabilities (values) rather than the cache, so no dequantized copy of the whole
+    cache is made."""
     B, L, N, G, K = q_BLNGK.shape
     S = k_XSK.shape[1]
-    scale = jnp.asarray(1.0 / math.sqrt(K) if scale is None else scale, q_BLNGK.dtype)
+    dtype = q_BLNGK.dtype
+    scale = jnp.asarray(1.0 / math.sqrt(K) if scale is None else scale, dtype)
     q_XMK = jnp.transpose(q_BLNGK * scale, (0, 2, 3, 1, 4)).reshape(B * N, G * L, K)  # M = G·L
+    k_scale_X1S, v_scale_X1S = (None if s is None else jnp.swapaxes(s, 1, 2) for s in (k_scale_XS1, v_scale_XS1))
 
     def attend(q_XmK, m):  # m = G'·L query rows per cache row
-        scores_XmS = _softcap(jnp.einsum("xmk,xsk->xms", q_XmK, k_XSK), softcap)
+        scores_XmS = jnp.einsum("xmk,xsk->xms", q_XmK, k_XSK.astype(dtype))
+        if k_scale_X1S is not None:
+            scores_XmS = scores_XmS * k_scale_X1S
+        scores_XmS = _softcap(scores_XmS, softcap)
         probs = _masked_softmax(scores_XmS.reshape(B, N, m // L, L, S), bias_B11LS, has_keys_B11L1)
-        return jnp.einsum("xms,xsk->xmk", probs.reshape(B * N, m, S).astype(v_XSK.dtype), v_XSK)
+        probs_XmS = probs.reshape(B * N, m, S)
+        if v_scale_X1S is not None:
+            probs_XmS = probs_XmS * v_scale_X1S
+        return jnp.einsum("xms,xsk->xmk", probs_XmS.astype(dtype), v_XSK.astype(dtype))
 
     if L == 1 and G > 1 and target_platform() == "cpu":
         # XLA:CPU runs a batched [1, K]·[K, S] product on a fast matrix-vector path, and any
