@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance
 
 from jaxllm import data
 from jaxllm.cli import eval as eval_cli
-from jaxllm.evaluation import harness
+from jaxllm.evaluation import harness, runner
 from jaxllm.models import Transformer
 from helpers import save_fresh_run, tiny_config
 
@@ -134,16 +134,37 @@ def test_an_ensemble_of_one_scores_alike(run, lm):
         assert a[1] == b[1]
 
 
-def test_the_command_evaluates_an_embedded_task_and_writes_json(run, capsys):
+LOCAL_TASK = """task: local_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def test_the_command_evaluates_embedded_and_local_tasks_and_writes_json(run, capsys, tmp_path):
+    """An embedded task, and a task from --include_path over a local JSONL file (how any
+    standard task runs offline): a copy of the first 3 questions, which scores them alike."""
     workdir = run[0]
+    with open(os.path.join(runner.TASKS_DIR, "data", "stdlib_qa.jsonl")) as f:
+        (tmp_path / "qa.jsonl").write_text("".join(f.readlines()[:3]))
+    (tmp_path / "local_qa.yaml").write_text(LOCAL_TASK.format(data=tmp_path / "qa.jsonl"))
     out = os.path.join(workdir, "results.json")
-    eval_cli.main(["--workdir", workdir, "--tasks", "jaxllm_stdlib_qa", "--limit", "4", "--batch_size", "4",
-                   "--output", out])
+    eval_cli.main(["--workdir", workdir, "--tasks", "jaxllm_stdlib_qa,local_qa", "--limit", "3",
+                   "--batch_size", "4", "--include_path", str(tmp_path), "--output", out])
     printed = capsys.readouterr().out
-    assert "|jaxllm_stdlib_qa" in printed and "acc_norm" in printed
+    assert "|jaxllm_stdlib_qa" in printed and "|local_qa" in printed and "acc_norm" in printed
     with open(out) as f:
-        results = json.load(f)["results"]["jaxllm_stdlib_qa"]
-    assert 0.0 <= results["acc,none"] <= 1.0
+        results = json.load(f)["results"]
+    assert results["local_qa"]["acc,none"] == results["jaxllm_stdlib_qa"]["acc,none"]
 
 
 def test_a_missing_task_or_run_is_a_one_line_error(run, capsys, tmp_path):
