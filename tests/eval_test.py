@@ -12,9 +12,12 @@ import pytest
 from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 
+from jaxllm import config as C
 from jaxllm import data
+from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.cli import eval as eval_cli
 from jaxllm.evaluation import harness, runner
+from jaxllm.interop import hf
 from jaxllm.models import Transformer
 from helpers import save_fresh_run, tiny_config
 
@@ -177,3 +180,23 @@ def test_a_missing_task_or_run_is_a_one_line_error(run, capsys, tmp_path):
         eval_cli.main(["--workdir", str(tmp_path / "missing"), "--tasks", "jaxllm_stdlib_qa"])
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_an_imported_run_scores_with_its_tokenizer_json(tmp_path):
+    """The llama3 fixture imported (a BPE tokenizer.json with BOS): loglikelihood is the log-prob
+    of the continuation's tokens after BOS + the context's, read from a plain forward pass."""
+    workdir = str(tmp_path / "llama3")
+    hf.import_checkpoint(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama3"), workdir,
+                         C.Config())
+    lm = harness.JaxllmLM(workdir, batch_size=2)
+    cfg, params = lm.runs.cfgs[0], jax.device_get(lm.runs.params[0])
+    tok = tokenizer_lib.load(cfg.model.tokenizer)
+    requests = [("def add(a, b):\n    return", " a + b"), ("import", " numpy as np")]
+    got = lm.loglikelihood([ll_request(*r) for r in requests], disable_tqdm=True)
+    logits_fn = jax.jit(lambda tokens: Transformer(cfg.model).apply({"params": params}, tokens))
+    for (context, continuation), (logp, _) in zip(requests, got):
+        whole, head = tok.encode(context + continuation).tolist(), tok.encode(context).tolist()
+        assert whole[:len(head)] == head  # the split lm-eval makes falls on a token boundary here
+        tokens = [tok.bos_id] + whole
+        per_token = reference_log_probs(logits_fn)(tokens)[0]
+        np.testing.assert_allclose(logp, per_token[len(head):].sum(), rtol=1e-5, atol=1e-5)
