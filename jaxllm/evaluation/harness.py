@@ -4,14 +4,17 @@ distilled, imported runs; a list of runs is an ensemble, jaxllm/combine/ensemble
 run's mesh.
 
     lm = JaxllmLM("runs/tiny_lm", batch_size=16)
-    lm_eval.simple_evaluate(model=lm, tasks=["jaxllm_stdlib_qa"], task_manager=...)
+    lm_eval.simple_evaluate(model=lm, tasks=["jaxllm_stdlib_qa"], task_manager=runner.task_manager(...))
+    # or, once jaxllm.evaluation is imported (it registers the class):
+    lm_eval.simple_evaluate(model="jaxllm", model_args="workdir=runs/tiny_lm", tasks=[...], ...)
 
 Scoring (loglikelihood, loglikelihood_rolling): requests sorted by length, `batch_size` rows a
 call padded on the right to the next of a few bucket lengths (powers of two up to max_length),
 so jit compiles one program per bucket; padding is masked (segment id 0), so it changes no
 score. A context starts with BOS, as every training document does. generate_until: jaxllm's
 cached decoding (decoding.Generator, greedy unless the task asks to sample), cut at the first
-stop string.
+stop string; the Generator has no stop-string hook, so a batch decodes max_gen_toks tokens (fewer
+only when every row reaches EOS).
 
 Shape legend: B batch, L length, V vocabulary, M ensemble members.
 """
@@ -181,6 +184,7 @@ class JaxllmLM(TemplateLM):
     # -- scoring -------------------------------------------------------------------------------
 
     def _rows_per_call(self) -> int:
+        # batch_size rounded up to a multiple of the mesh's batch shards (rows are split over them).
         return -(-self.batch_size_per_call // self._shards) * self._shards
 
     def score_tokens(self, rows: Sequence[tuple[list[int], int]], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
