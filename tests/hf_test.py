@@ -251,7 +251,7 @@ def _edit_config(**changes):
                                          r"\[\d+, \d+\], but config.json implies \[\d+, \d+\]"),
     (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),
      "shard model-00002-of-00003.safetensors listed in .* is missing"),
-    (_edit_config(architectures=["GPT2LMHeadModel"]), "jaxllm imports one of LlamaForCausalLM"),
+    (_edit_config(architectures=["T5ForConditionalGeneration"]), "jaxllm imports one of LlamaForCausalLM"),
     (lambda d: os.truncate(os.path.join(d, "model-00001-of-00003.safetensors"),
                            os.path.getsize(os.path.join(d, "model-00001-of-00003.safetensors")) - 100),
      r"model-00001-of-00003.safetensors is truncated: tensor \S+ ends at byte \d+ of \d+"),
