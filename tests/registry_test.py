@@ -16,7 +16,7 @@ from jaxllm.registry import Registry
     ("model.position_kind=alibi", "rope, learned, none"),
     ("model.attention_pattern=sliding_window,flash", "causal, dot_product, bidirectional, prefix_lm, sliding_window"),
     ("model.remat=some", "none, full, save_dots"),
-    ("family=vision", "causal_lm, classifier, late_fusion, vlm"),
+    ("family=vision", "causal_lm, masked_lm, classifier, late_fusion, vlm"),
     ("model.moe.router=sinkhorn", "softmax_topk, topk_softmax"),
     ("model.moe.dispatch=ragged", "capacity, dropless, expert_choice"),
     ("model.moe.grouped_matmul=megablocks", "auto, blocked, ragged_dot, dense"),
