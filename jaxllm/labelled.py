@@ -502,6 +502,21 @@ class ExampleBatches:
         return self.local_batch(step, 0, 1)
 
 
+def example_ends(tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids before and after an example's text: [BOS] (if the tokenizer has one); an encoder's
+    tokenizer (BERT, RoBERTa: [CLS] and [SEP] ids) [CLS] text [SEP], as its own post-processor."""
+    if tok.cls_id is not None and tok.sep_id is not None:
+        return [tok.cls_id], [tok.sep_id]
+    return ([] if tok.bos_id is None else [tok.bos_id]), []
+
+
+def example_ids(tok: Tokenizer, text_ids, length: int) -> np.ndarray:
+    """An example's ids, its text cut so that the ends fit in `length`."""
+    prefix, suffix = example_ends(tok)
+    text_ids = np.asarray(text_ids)[:max(length - len(prefix) - len(suffix), 0)]
+    return np.concatenate([prefix, text_ids, suffix])[:length].astype(np.int32)
+
+
 class LabelledBatches(ExampleBatches):
     """Labelled text in batches (see `ExampleBatches` for the order).
 
@@ -519,11 +534,7 @@ class LabelledBatches(ExampleBatches):
         self.left = d.padding_side == "left"
         self.class_names = class_names(cfg)
         self.pad_id = tokenizer.pad_or_eos
-        self.prefix = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
-        self.suffix = np.zeros(0, np.int32)
-        if tokenizer.cls_id is not None and tokenizer.sep_id is not None:
-            # An encoder's tokenizer (BERT, RoBERTa): [CLS] text [SEP], as its own post-processor makes them.
-            self.prefix, self.suffix = np.array([tokenizer.cls_id], np.int32), np.array([tokenizer.sep_id], np.int32)
+        self.tokenizer = tokenizer
         self.tokens, self.starts, self.labels = tokenized(d, split, tokenizer)
         if not len(self.labels):
             raise ConfigError(f"{d.dataset}[{split}] has no examples")
@@ -539,8 +550,7 @@ class LabelledBatches(ExampleBatches):
         for r, e in enumerate(examples):
             if e < 0:
                 continue
-            text = self.tokens[self.starts[e]:self.starts[e + 1]][:max(L - len(self.prefix) - len(self.suffix), 0)]
-            ids = np.concatenate([self.prefix, text, self.suffix])[:L].astype(np.int32)
+            ids = example_ids(self.tokenizer, self.tokens[self.starts[e]:self.starts[e + 1]], L)
             cols = slice(L - len(ids), L) if self.left else slice(0, len(ids))
             out["inputs"][r, cols], out["segment_ids"][r, cols] = ids, 1
             out["positions"][r, cols] = np.arange(len(ids))

@@ -263,7 +263,7 @@ def _edit_config(**changes):
                                          r"\[\d+, \d+\], but config.json implies \[\d+, \d+\]"),
     (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),
      "shard model-00002-of-00003.safetensors listed in .* is missing"),
-    (_edit_config(architectures=["GPT2LMHeadModel"]), "jaxllm imports one of LlamaForCausalLM"),
+    (_edit_config(architectures=["T5ForConditionalGeneration"]), "jaxllm imports one of LlamaForCausalLM"),
     (_edit_config(model_type="mistral"), r"config.json model_type='mistral' disagrees with "
                                          r"architectures=\['LlamaForCausalLM'\] \(model_type 'llama'\)"),
     (lambda d: open(os.path.join(d, "config.json"), "w").write('{"architectures": ["LlamaForCausalLM"],'),

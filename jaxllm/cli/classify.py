@@ -27,8 +27,7 @@ def classify(workdir: str, texts: Sequence[str]) -> list[dict]:
     names = cfg.data.classes or labelled.class_names(cfg)  # runs keep their class names in their config
     tok = tokenizer_lib.load(cfg.model.tokenizer)
     L = cfg.train.seq_len
-    bos = [] if tok.bos_id is None else [tok.bos_id]
-    rows = [(bos + tok.encode(t).tolist())[:L] for t in texts]
+    rows = [labelled.example_ids(tok, tok.encode(t), L) for t in texts]
     inputs = np.full((len(rows), L), tok.pad_or_eos, np.int32)
     segment_ids = np.zeros((len(rows), L), np.int32)
     for i, ids in enumerate(rows):

@@ -69,17 +69,28 @@ def _compile_train_step(cfg: Config, mesh):
     return s, batch, lowered.compile()
 
 
-def _unscanned(cfg: Config, groups: int) -> Config:
+def _unscanned(cfg: Config, groups: int, loss_chunk: int) -> Config:
     model = dataclasses.replace(cfg.model, num_layers=groups * group_size(cfg.model), scan_layers=False)
-    return dataclasses.replace(cfg, model=model)
+    return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, loss_chunk=loss_chunk))
 
 
 def layer_cost(cfg: Config, mesh) -> dict[str, Any]:
-    """XLA's flops, bytes and seconds for the whole step, the loop body counted `groups` times."""
+    """XLA's flops, bytes and seconds for the whole step, the loop body counted `groups` times.
+
+    The chunked loss is a loop too, so the cost compiles compute the loss in one piece (the same
+    arithmetic); where those logits do not fit the chip, they keep the chunks and say so."""
     groups = cfg.model.num_layers // group_size(cfg.model)
-    c1 = hlo.cost(_compile_train_step(_unscanned(cfg, 1), mesh)[2])
-    c2 = hlo.cost(_compile_train_step(_unscanned(cfg, 2), mesh)[2])
-    return {k: c1[k] + (groups - 1) * (c2[k] - c1[k]) for k in c1} | {"one_group": c1, "two_groups": c2}
+    loss_chunk, loss_loop_once = 0, False
+    try:
+        c1 = hlo.cost(_compile_train_step(_unscanned(cfg, 1, 0), mesh)[2])
+    except Exception as e:  # noqa: BLE001 - the compiler's out-of-memory error has no type of its own
+        if not cfg.train.loss_chunk or _does_not_fit(e) is None:
+            raise
+        loss_chunk, loss_loop_once = cfg.train.loss_chunk, True
+        c1 = hlo.cost(_compile_train_step(_unscanned(cfg, 1, loss_chunk), mesh)[2])
+    c2 = hlo.cost(_compile_train_step(_unscanned(cfg, 2, loss_chunk), mesh)[2])
+    return ({k: c1[k] + (groups - 1) * (c2[k] - c1[k]) for k in c1}
+            | {"one_group": c1, "two_groups": c2, "loss_loop_counted_once": loss_loop_once})
 
 
 def _does_not_fit(error: Exception) -> tuple[float, float] | None:
@@ -159,7 +170,7 @@ def plan(cfg: Config, topo: Topology, costs: bool = True, generation: dict[str, 
         report["xla_flops_per_device"] = xla["flops"]
         report["xla_bytes_per_device"] = xla["bytes"]
         report["xla_step_s"] = xla["seconds"]
-        report["xla_cost_parts"] = {k: v for k, v in xla.items() if k.endswith(("group", "groups"))}
+        report["xla_cost_parts"] = {k: v for k, v in xla.items() if k.endswith(("group", "groups", "once"))}
         # XLA's own estimate can come out negative (libtpu's cost model on the MoE layers'
         # expert matmuls); the roofline of its flops and bytes is the fallback, named as such.
         report["roofline_step_s"] = max(xla["flops"] / chip.peak_flops, xla["bytes"] / chip.hbm_bandwidth)
