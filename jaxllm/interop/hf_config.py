@@ -86,9 +86,10 @@ def _rope(hf: dict, layer_type: str = "full_attention") -> tuple[float, dict]:
     Gemma 3's local layers: rope_local_base_freq, unscaled) or 5 (both inside rope_parameters, per
     layer type for Gemma 3)."""
     parameters = hf.get("rope_parameters") or {}
-    if layer_type in parameters:
+    if layer_type in parameters:  # per layer type: that entry decides, whatever the top level says
         parameters = parameters[layer_type] or {}
-    elif layer_type == "sliding_attention" and "rope_local_base_freq" in hf:
+        return float(parameters.get("rope_theta", hf.get("rope_theta", 10_000.0))), parameters
+    if layer_type == "sliding_attention" and "rope_local_base_freq" in hf:
         return float(hf["rope_local_base_freq"]), {}
     theta = float(hf.get("rope_theta", parameters.get("rope_theta", 10_000.0)))
     return theta, hf.get("rope_scaling") or parameters
