@@ -55,7 +55,10 @@ def handles(hf_dir: str) -> bool:
     if not os.path.exists(path):
         return False
     with open(path) as f:
-        return architecture_of(json.load(f)) is not None
+        try:
+            return architecture_of(json.load(f)) is not None
+        except json.JSONDecodeError:
+            return False  # the decoder importer reports a broken config.json in one line
 
 
 def _check(hf: dict, checks) -> None:
