@@ -10,9 +10,7 @@ import pytest
 
 from jaxllm import config as C
 from jaxllm import sharding, validation
-from jaxllm.decoding import unstack_layers
 from jaxllm.layers import moe
-from jaxllm.models.transformer import Transformer
 from helpers import tiny_config, two_train_steps, with_model
 from moe_test import D, EXPERT_MESHES, SINGLE, assert_trees_close, layer_inputs, layer_params, run_layer
 
@@ -114,16 +112,6 @@ def test_deepseek_train_step_equals_single_device_and_moves_only_the_biases_by_t
     steps = np.round(np.asarray(bias) / 0.01)  # two steps of +-0.01 (or 0 for an expert at the mean)
     assert np.all(np.isin(steps, [-2, -1, 0, 1, 2])) and np.all(np.abs(np.asarray(bias) - 0.01 * steps) < 1e-7)
     assert np.any(steps != 0)
-
-
-def test_dense_first_blocks_scanned_equal_unscanned():
-    cfg = deepseek_model_config(SINGLE).model
-    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 259)
-    params = Transformer(cfg).init(jax.random.key(1), tokens)["params"]
-    scanned = Transformer(cfg).apply({"params": params}, tokens)
-    plain_cfg = dataclasses.replace(cfg, scan_layers=False)
-    unscanned = Transformer(plain_cfg).apply({"params": unstack_layers(cfg, params)}, tokens)
-    np.testing.assert_allclose(unscanned, scanned, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -8,11 +8,10 @@ import pytest
 
 from jaxllm import config as C
 from jaxllm import data, decoding, speculative
-from jaxllm.cli import generate as generate_cli
 from jaxllm.compression import quantize
 from jaxllm.config import ConfigError
 from jaxllm.models import Transformer
-from helpers import save_fresh_run, tiny_config, with_model
+from helpers import tiny_config
 
 GREEDY = decoding.SamplingConfig(max_new_tokens=9, temperature=0.0, stop_at_eos=False)
 PROMPTS = [[data.BOS_ID, 10, 11, 12, 13], [data.BOS_ID, 40]]
@@ -99,18 +98,3 @@ def test_a_draft_with_another_vocabulary_is_refused(target):
     cfg, _ = target
     with pytest.raises(ConfigError, match="same vocabulary"):
         speculative.SpeculativeGenerator(cfg, dataclasses.replace(cfg, vocab_size=512), gamma=2)
-
-
-def test_generate_command_with_a_draft(tmp_path, capsys):
-    cfg = tiny_config()
-    target_dir, draft_dir, other_dir = (str(tmp_path / n) for n in ("target", "draft", "other"))
-    save_fresh_run(dataclasses.replace(cfg, workdir=target_dir))
-    save_fresh_run(dataclasses.replace(cfg, workdir=draft_dir), seed=1)
-    generate_cli.main(["--workdir", target_dir, "--draft", draft_dir, "--gamma", "2", "--prompt", "def ",
-                       "--max_new_tokens", "4", "--temperature", "0"])
-    captured = capsys.readouterr()
-    assert captured.out.startswith("def ") and "speculative decoding: acceptance rate" in captured.err
-    save_fresh_run(with_model(dataclasses.replace(cfg, workdir=other_dir), vocab_size=512))
-    with pytest.raises(SystemExit) as bad:
-        generate_cli.main(["--workdir", target_dir, "--draft", other_dir])
-    assert bad.value.code == 2 and "same vocabulary" in capsys.readouterr().err
