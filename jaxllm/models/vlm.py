@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxllm import images
 from jaxllm.config import Config, ModelConfig, VisionConfig
-from jaxllm.models import causal_lm
 from jaxllm.models.causal_lm import eval_metrics as lm_eval_metrics, eval_sums, token_bytes
+from jaxllm.models.causal_lm import loss_fn as lm_loss_fn
 from jaxllm.models.family import MODELS, ModelFamily
 from jaxllm.models.transformer import Transformer
 from jaxllm.models.vit import PROJECTORS, VisionTower
@@ -81,7 +81,7 @@ def model_inputs(batch) -> tuple:
 
 
 # Cross entropy on the answer tokens (the batch's weights; + z-loss, + the router losses).
-loss_fn = functools.partial(causal_lm.loss_fn, model_inputs=model_inputs)
+loss_fn = functools.partial(lm_loss_fn, model_inputs=model_inputs)
 
 
 def eval_fn(model, cfg: Config):

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops import splash
+from jaxllm.ops.splash import splash_attention, supported as splash_supported
 from jaxllm.ops.projection import dense, map_kernels
 from jaxllm.sharding import ACT_KV_HEADS, BATCH, LENGTH, target_platform
 
@@ -146,7 +146,7 @@ def resolve_impl(impl: str, dtype, L: int, K: int) -> str:
     if impl != "auto":
         return impl
     platform = target_platform()
-    if platform == "tpu" and splash.supported(L, K):
+    if platform == "tpu" and splash_supported(L, K):
         return "splash"
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
@@ -167,7 +167,7 @@ def attend(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self: boo
         if impl == "cudnn":
             return fused_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1)
         if impl == "splash":
-            return splash.splash_attention(q_BLNGK, k_BSNK, v_BSNK, segment_ids_BL)
+            return splash_attention(q_BLNGK, k_BSNK, v_BSNK, segment_ids_BL)
     return dot_product_attention(q_BLNGK, k_BSNK, v_BSNK, bias_B11LS, has_keys_B11L1, causal_self=causal_self,
                                  scale=scale, softcap=softcap)
 
