@@ -429,21 +429,32 @@ def import_checkpoint(hf_dir: str, workdir: str, base: Config = Config()) -> Con
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(restore.inference_config(cfg, mesh), mesh)
     params = read_params(hf_dir, cfg, mesh)
+    copy_tokenizer(hf_dir, workdir)
+    if jax.process_index() == 0:
+        shutil.copyfile(config_file, os.path.join(workdir, SOURCE_CONFIG))
+    save_imported_run(workdir, hf_dir, cfg, params)
+    return cfg
+
+
+def copy_tokenizer(hf_dir: str, workdir: str) -> None:
+    """The checkpoint's tokenizer files into the run directory (made if missing)."""
     os.makedirs(workdir, exist_ok=True)
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(hf_dir, name)):
             shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, name))
+
+
+def save_imported_run(workdir: str, hf_dir: str, cfg: Config, params) -> None:
+    """An imported model as a run directory: its config.json and a step-0 checkpoint."""
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(cfg))
-        shutil.copyfile(config_file, os.path.join(workdir, SOURCE_CONFIG))
     writer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir))
     try:
         writer.save(0, {"params": params}, {"data_step": 0, "config": config_lib.to_dict(cfg),
                                              "imported_from": os.path.abspath(hf_dir)})
     finally:
         writer.close()
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxllm import restore, sharding
-from jaxllm import config as config_lib
 from jaxllm import tokenizer as tokenizer_lib
-from jaxllm.config import ClassifierConfig, Config, ModelConfig, MoeConfig
-from jaxllm.interop.hf import DTYPES, TOKENIZER_FILES, SafetensorsFiles
+from jaxllm.config import ClassifierConfig, Config, MoeConfig
+from jaxllm.interop.hf import DTYPES, TOKENIZER_FILES, SafetensorsFiles, copy_tokenizer, save_imported_run
 from jaxllm.interop.hf_config import HFError
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
@@ -314,20 +313,9 @@ def import_checkpoint(hf_dir: str, workdir: str, base: Config = Config()) -> Con
     cfg = dataclasses.replace(config_from_hf(hf, workdir if has_tokenizer else "bytes", base), workdir=workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisibility(restore.inference_config(cfg, mesh), mesh)
-    os.makedirs(workdir, exist_ok=True)
-    for name in TOKENIZER_FILES:  # before reading params: the tokenizer is part of the config
-        if os.path.exists(os.path.join(hf_dir, name)):
-            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(workdir, name))
+    copy_tokenizer(hf_dir, workdir)  # before reading params: the tokenizer is part of the config
     params = read_params(hf_dir, arch, hf, cfg, mesh)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(cfg))
-    writer = ckpt.Checkpointer(ckpt.checkpoint_dir(workdir))
-    try:
-        writer.save(0, {"params": params}, {"data_step": 0, "config": config_lib.to_dict(cfg),
-                                             "imported_from": os.path.abspath(hf_dir)})
-    finally:
-        writer.close()
+    save_imported_run(workdir, hf_dir, cfg, params)
     return cfg
 
 

@@ -77,34 +77,28 @@ NORM_KINDS = Registry("model.norm_kind")
 @NORM_KINDS.register("rmsnorm")
 class RMSNorm(nn.Module):
     cfg: ModelConfig
+    # The stored scale's initial value and what is added to it before it multiplies.
+    scale_init = staticmethod(nn.initializers.ones)
+    scale_offset = 0.0
 
     @nn.compact
     def __call__(self, x):
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            "scale", nn.with_logical_partitioning(self.scale_init, ("norm",)),
             (x.shape[-1],), jnp.float32,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return (x32 * scale).astype(x.dtype)
+        return (x32 * (scale + self.scale_offset if self.scale_offset else scale)).astype(x.dtype)
 
 
 @NORM_KINDS.register("rmsnorm_plus_one")
-class RMSNormPlusOne(nn.Module):
+class RMSNormPlusOne(RMSNorm):
     """RMSNorm whose stored scale w starts at 0 and multiplies by 1 + w (Gemma): weight decay pulls
     the scale towards 1, not 0, and the stored values are the checkpoint's own."""
 
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-            (x.shape[-1],), jnp.float32,
-        )
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return (x32 * (1.0 + scale)).astype(x.dtype)
+    scale_init = staticmethod(nn.initializers.zeros)
+    scale_offset = 1.0
 
 
 @NORM_KINDS.register("layernorm")

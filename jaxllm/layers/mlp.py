@@ -29,6 +29,15 @@ def _bias(module: nn.Module, name: str, size: int, axis: str):
     return module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, (axis,)), (size,), jnp.float32)
 
 
+def _down_projection(module, h_BLF, w_down, dtype):
+    """h W_down (+ the down bias with model.mlp_bias), the output of every MLP kind."""
+    out_BLD = ops.dense(h_BLF, w_down, 1, dtype)
+    if module.cfg.mlp_bias:
+        out_BLD = out_BLD + _bias(module, "down_bias", module.cfg.d_model, "embed").astype(dtype)
+    return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
+
+
+
 @MLP_KINDS.register("swiglu")
 class Mlp(nn.Module):
     """Gated feed-forward: (act(x W_gate) * x W_up) W_down; SwiGLU (act = silu). Subclasses
@@ -60,10 +69,7 @@ class Mlp(nn.Module):
             gate_up_BLJF = gate_up_BLJF + b_JF.astype(dtype)
         gate_up_BLJF = constrain(gate_up_BLJF, (BATCH, LENGTH, None, ACT_MLP))
         h_BLF = constrain(self.glu(gate_up_BLJF), (BATCH, LENGTH, ACT_MLP))
-        out_BLD = ops.dense(h_BLF, w_down, 1, dtype)
-        if cfg.mlp_bias:
-            out_BLD = out_BLD + _bias(self, "down_bias", D, "embed").astype(dtype)
-        return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
+        return _down_projection(self, h_BLF, w_down, dtype)
 
 
 @MLP_KINDS.register("geglu")
@@ -96,10 +102,7 @@ class GeluMlp(nn.Module):
         if cfg.mlp_bias:
             h_BLF = h_BLF + _bias(self, "up_bias", F, "mlp").astype(dtype)
         h_BLF = constrain(jax.nn.gelu(h_BLF, approximate=self.approximate), (BATCH, LENGTH, ACT_MLP))
-        out_BLD = ops.dense(h_BLF, w_down, 1, dtype)
-        if cfg.mlp_bias:
-            out_BLD = out_BLD + _bias(self, "down_bias", D, "embed").astype(dtype)
-        return constrain(out_BLD, (BATCH, LENGTH, ACT_EMBED))
+        return _down_projection(self, h_BLF, w_down, dtype)
 
 
 @MLP_KINDS.register("gelu_tanh")

@@ -27,7 +27,7 @@ from jaxllm import losses, masking
 from jaxllm.config import Config, ModelConfig
 from jaxllm.layers.attention import layer_contexts
 from jaxllm.layers.base import POSITION_KINDS, Embed, PositionEmbed, compute_dtype, constrain, dense_init, norm
-from jaxllm.models.causal_lm import forward, router_extras, text_inputs
+from jaxllm.models.causal_lm import batch_spec, forward, router_extras, text_inputs  # the same token rows
 from jaxllm.models.family import MODELS, ModelFamily
 from jaxllm.models.transformer import NORM_PLACEMENTS, block_stack
 from jaxllm.sharding import ACT_EMBED, ACT_VOCAB, BATCH, LENGTH
@@ -139,12 +139,6 @@ def eval_fn(model, cfg: Config, model_inputs=text_inputs):
 def eval_metrics(sums: dict) -> dict:
     count = max(float(sums["weight_sum"]), 1.0)
     return {"eval_loss": float(sums["loss_sum"]) / count, "eval_accuracy": float(sums["correct"]) / count}
-
-
-def batch_spec(cfg: Config) -> dict:
-    rows = (cfg.train.batch_size, cfg.train.seq_len)
-    return {**{k: (rows, jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")},
-            "weights": (rows, jnp.float32)}
 
 
 def batches(cfg: Config, split: str) -> masking.MaskedBatches:
