@@ -76,9 +76,13 @@ def test_fused_attention_wrapper_equals_masked_softmax_with_gradients():
         lambda *args: attention_ops.fused_attention(*args, implementation="xla"), (2, 64, 2, 3, 16), seed=5)
 
 
-def test_splash_attention_equals_masked_softmax_with_gradients():
+@pytest.mark.parametrize("fused_bwd_max_bytes", [splash_ops.FUSED_BWD_MAX_BYTES, 0], ids=["fused", "separate_dq"])
+def test_splash_attention_equals_masked_softmax_with_gradients(monkeypatch, fused_bwd_max_bytes):
     """The TPU splash kernel's wrapper (segment ids for documents and padding, GQA heads, the
-    fused backward) through the Pallas interpreter, since there is no TPU here."""
+    fused backward and the separate dq kernel that long sequences get) through the Pallas
+    interpreter, since there is no TPU here."""
+    monkeypatch.setattr(splash_ops, "FUSED_BWD_MAX_BYTES", fused_bwd_max_bytes)
+    splash_ops._kernel.cache_clear()
     _check_attention_against_reference(
         lambda q, k, v, segment_ids: splash_ops.splash_attention(q, k, v, segment_ids, interpret=True),
         (2, 256, 2, 2, 128), seed=6, segments=True)

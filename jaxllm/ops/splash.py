@@ -24,9 +24,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.sharding import BATCH_AXES
 
-# The kernel's tiles: 512 (clipped to the length) is what the large TPU runs use; the fused
-# backward computes dq, dk and dv in one pass over the blocks.
+# The kernel's tiles: 512 (clipped to the length) is what the large TPU runs use.
 BLOCK = 512
+# The fused backward computes dq, dk and dv in one pass but writes dq once per kv block
+# ([L / block, H, L, K] bf16: 1 GiB per row for Llama-3-8B at 8192 tokens) before summing them;
+# above this size the separate dq kernel (one more pass over the blocks) is the better trade.
+FUSED_BWD_MAX_BYTES = 64 * 2**20
 
 
 def supported(L: int, K: int) -> bool:
@@ -35,18 +38,20 @@ def supported(L: int, K: int) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _kernel(H: int, L: int, interpret: bool):
+def _kernel(H: int, L: int, K: int, interpret: bool):
     block = math.gcd(BLOCK, L)
+    fused = (L // block) * H * L * K * 2 <= FUSED_BWD_MAX_BYTES
     sizes = kernels.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                                block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                               use_fused_bwd_kernel=True)
+                               use_fused_bwd_kernel=fused,
+                               **({} if fused else {"block_q_dq": block, "block_kv_dq": block}))
     mask = masks.MultiHeadMask([masks.CausalMask((L, L)) for _ in range(H)])
     return kernels.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _local(q_bLNGK, k_bLNK, v_bLNK, segment_ids_bL, interpret: bool):
     b, L, N, G, K = q_bLNGK.shape
-    kernel = _kernel(N * G, L, interpret)
+    kernel = _kernel(N * G, L, K, interpret)
     scale = jnp.asarray(1.0 / math.sqrt(K), q_bLNGK.dtype)
     # The kernel wants heads major: q [H, L, K] with query head h = n·G + g reading KV head n.
     q_bHLK = jnp.transpose(q_bLNGK * scale, (0, 2, 3, 1, 4)).reshape(b, N * G, L, K)
