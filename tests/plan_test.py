@@ -151,11 +151,16 @@ def test_loss_chunk_must_divide_the_sequence():
 
 def test_a_moe_plan_reports_a_roofline_where_xla_estimates_a_negative_time():
     """libtpu's cost model gives the MoE layers' expert matmuls a negative time; the plan then
-    quotes the roofline of XLA's flops and bytes, and says so."""
+    quotes the roofline of XLA's flops and bytes, and says so. The scanned stack's cost is
+    extrapolated from compiles of the dense first blocks plus one and two MoE groups; with two
+    groups in all, the second of those compiles is the whole unscanned model."""
     cfg = dataclasses.replace(
-        with_model(_planned_config(), moe=C.MoeConfig(num_experts=4, top_k=2, router="topk_softmax")),
+        with_model(_planned_config(), num_layers=4,
+                   moe=C.MoeConfig(num_experts=4, top_k=2, router="topk_softmax", first_dense=2)),
         mesh=C.MeshConfig(data=1, fsdp=-1, expert=2))
     report = plan.plan(cfg, topology.parse("v5e:2x2"))
+    assert report["xla_flops_per_device"] == pytest.approx(report["xla_cost_parts"]["two_groups"]["flops"])
+    assert report["xla_cost_parts"]["one_group"]["flops"] < report["xla_flops_per_device"]
     chip = topology.CHIPS["v5e"]
     assert report["roofline_step_s"] == pytest.approx(max(report["xla_flops_per_device"] / chip.peak_flops,
                                                           report["xla_bytes_per_device"] / chip.hbm_bandwidth))

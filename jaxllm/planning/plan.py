@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxllm import sharding
 from jaxllm.config import Config, ConfigError
 from jaxllm.models import MODELS, count_params
-from jaxllm.models.transformer import group_size
+from jaxllm.models.transformer import dense_prefix, group_size
 from jaxllm.planning import generation as generation_lib
 from jaxllm.planning import hlo
 from jaxllm.planning.topology import GIB, Topology
@@ -70,7 +70,9 @@ def _compile_train_step(cfg: Config, mesh):
 
 
 def _unscanned(cfg: Config, groups: int, loss_chunk: int) -> Config:
-    model = dataclasses.replace(cfg.model, num_layers=groups * group_size(cfg.model), scan_layers=False)
+    """`cfg` unscanned and cut to its dense prefix (moe.first_dense) plus `groups` scanned groups."""
+    layers = dense_prefix(cfg.model) + groups * group_size(cfg.model)
+    model = dataclasses.replace(cfg.model, num_layers=layers, scan_layers=False)
     return dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, loss_chunk=loss_chunk))
 
 
@@ -79,7 +81,7 @@ def layer_cost(cfg: Config, mesh) -> dict[str, Any]:
 
     The chunked loss is a loop too, so the cost compiles compute the loss in one piece (the same
     arithmetic); where those logits do not fit the chip, they keep the chunks and say so."""
-    groups = cfg.model.num_layers // group_size(cfg.model)
+    groups = (cfg.model.num_layers - dense_prefix(cfg.model)) // group_size(cfg.model)
     loss_chunk, loss_loop_once = 0, False
     try:
         c1 = hlo.cost(_compile_train_step(_unscanned(cfg, 1, 0), mesh)[2])
@@ -151,6 +153,11 @@ def plan(cfg: Config, topo: Topology, costs: bool = True, generation: dict[str, 
         "code": mem.generated_code_size_in_bytes,
         "total": total,
     }
+    # Newer libtpu also reports the live peak of its heap simulation (arguments included), which
+    # the temps' reservation above can exceed by the allocator's fragmentation.
+    peak = getattr(mem, "peak_memory_in_bytes", 0)
+    if peak:
+        memory["live_peak"] = peak
     report["memory_gib"] = {k: v / GIB for k, v in memory.items()}
     report["fits"] = total <= chip.hbm_bytes
     report["headroom_gib"] = (chip.hbm_bytes - total) / GIB
@@ -196,7 +203,8 @@ def format_report(r: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines.append(f"{r['model']['params'] / 1e9:.2f}B params; per device GiB: params {m['params']:.2f}, optimizer "
                  f"{m['optimizer']:.2f}, batch {m['batch']:.3f}, temps (gradients, activations) {m['temps']:.2f}, "
-                 f"total {m['total']:.2f} of {r['hbm_gib']:.0f}")
+                 f"total {m['total']:.2f} of {r['hbm_gib']:.0f}"
+                 + (f" (live peak {m['live_peak']:.2f})" if "live_peak" in m else ""))
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     lines.append(f"{verdict}: {abs(r['headroom_gib']):.2f} GiB {'to spare' if r['fits'] else 'over'}")
     if r.get("xla_step_s") is not None and r["xla_step_s"] <= 0:
