@@ -3,11 +3,13 @@ against a fixture written by transformers 5.24 (tests/fixtures/make_hf_fixtures_
 tiny random model with multi-head latent attention (q and kv low-rank, RoPE rows stored as
 interleaved pairs), a dense first block, then MoE blocks of 8 routed experts (sigmoid, top 2,
 2 groups of which 1 is kept, a correction bias, routed scale 2.5) and a shared expert; its
-reference logits on an 80-token input and a 16-token greedy continuation."""
+reference logits on an 80-token input and a 16-token greedy continuation; and a Qwen3-MoE whose
+mlp_only_layers leave MoE blocks 2 and 4 of 5."""
 
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -18,7 +20,7 @@ from jaxllm import restore, sharding
 from jaxllm.decoding import Generator, SamplingConfig
 from jaxllm.interop import hf
 from jaxllm.layers.base import apply_rotary, rotary_sin_cos
-from jaxllm.models import Transformer
+from jaxllm.models import Transformer, transformer
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "deepseek_v3")
 
@@ -137,3 +139,55 @@ def test_an_mla_model_without_a_deepseek_counterpart_is_refused_on_export(change
     cfg = dataclasses.replace(hf.model_config(source_config()), **change)
     with pytest.raises(hf.HFError, match=message):
         hf.hf_architecture(cfg)
+
+
+# Qwen3-MoE's dense blocks (mlp_only_layers, decoder_sparse_step): a fixture from the same script
+# whose mlp_only_layers [0, 1, 3] leave MoE blocks 2 and 4 of 5.
+QWEN3_MOE_DENSE = os.path.join(os.path.dirname(FIXTURE), "qwen3_moe_dense")
+
+
+def test_qwen3_moe_mlp_only_layers_import_to_the_reference_logits_and_export_back():
+    source = json.load(open(os.path.join(QWEN3_MOE_DENSE, "config.json")))
+    cfg = dataclasses.replace(C.Config(), model=hf.model_config(source))
+    assert (cfg.model.moe.first_dense, cfg.model.moe.every, cfg.model.scan_layers) == (1, 2, True)
+    params = hf.read_params(QWEN3_MOE_DENSE, cfg, sharding.make_mesh(C.MeshConfig(1, 1, 1, 1), jax.devices()[:1]))
+    assert "block_0" in params and "router" in params["blocks"]["block_1"]["mlp"]  # dense prefix, then (dense, MoE) x 2
+    ref = dict(np.load(os.path.join(QWEN3_MOE_DENSE, "golden.npz")))
+    logits = jax.jit(Transformer(cfg.model).apply)({"params": params}, ref["input_ids"])
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+    # Export: the same tensors under the same names, and the same dense blocks in config.json.
+    original = hf.SafetensorsFiles(QWEN3_MOE_DENSE)
+    exported = dict(hf._hf_tensors("Qwen3MoeForCausalLM", params, np.float32))
+    assert set(exported) == set(original.where) - {"lm_head.weight"}  # tied
+    for name, array in exported.items():
+        np.testing.assert_array_equal(array, original.read(name), err_msg=name)
+    written = hf.hf_config(cfg.model, {}, "float32")
+    assert (written["decoder_sparse_step"], written["mlp_only_layers"]) == (1, [0, 1, 3])
+
+
+@pytest.mark.parametrize("layers, step, dense, layout", [
+    (2, 2, [], (0, 2)),  # every second block
+    (4, 1, [0], (1, 1)),  # a dense first block
+    (5, 1, [0, 1, 3], (1, 2)),  # the fixture's
+    (6, 2, [1], (2, 2)),  # a dense prefix of whole periods keeps decoder_sparse_step
+    (4, 1, [0, 1, 2, 3], None),  # no MoE block: a dense model
+    (5, 2, [], "MoE blocks here: [1, 3]"),  # a dense last block
+    (4, 1, [2], "MoE blocks here: [0, 1, 3]"),
+])
+def test_qwen3_moe_dense_blocks_map_to_first_dense_and_every(layers, step, dense, layout):
+    """Which (model.moe.first_dense, model.moe.every) gives Qwen3-MoE's MoE blocks, and that
+    export writes fields that read back as the same model."""
+    source = {**json.load(open(os.path.join(QWEN3_MOE_DENSE, "config.json"))),
+              "num_hidden_layers": layers, "decoder_sparse_step": step, "mlp_only_layers": dense}
+    if isinstance(layout, str):
+        with pytest.raises(hf.HFError, match=r"config.json mlp_only_layers=.* cannot be represented: .*" + re.escape(layout)):
+            hf.model_config(source)
+        return
+    model = hf.model_config(source)
+    if layout is None:
+        assert model.moe.num_experts == 0 and hf.hf_architecture(model) == "Qwen3ForCausalLM"
+        return
+    assert (model.moe.first_dense, model.moe.every) == layout
+    moe_blocks = [i for i in range(layers) if (i + 1) % step == 0 and i not in dense]
+    assert [i for i in range(layers) if transformer.is_moe_layer(model, i)] == moe_blocks
+    assert hf.model_config(hf.hf_config(model, {}, "float32")) == model

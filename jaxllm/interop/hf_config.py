@@ -70,8 +70,6 @@ def _unsupported(hf: dict, arch: str) -> None:
          "Gemma's MLP is GeGLU with gelu_pytorch_tanh"),
         ("use_sliding_window", arch in QWEN3 and bool(hf.get("use_sliding_window", False)),
          "Qwen3's per-layer sliding window is not supported"),
-        ("mlp_only_layers", arch == "Qwen3MoeForCausalLM" and bool(hf.get("mlp_only_layers")),
-         "dense layers other than every decoder_sparse_step-th are not supported"),
         ("use_bidirectional_attention", bool(hf.get("use_bidirectional_attention")),
          "bidirectional attention in a causal LM is not supported"),
         ("attention_bias", bool(hf.get("attention_bias", False)), "biases on q/k/v/o are not supported (Qwen2's q/k/v biases are)"),
@@ -213,6 +211,31 @@ def _deepseek_fields(hf: dict) -> dict:
     return fields
 
 
+def _moe_layers(num_layers: int, first: int, every: int) -> set[int]:
+    """The MoE blocks of jaxllm's layout (transformer.is_moe_layer)."""
+    return {i for i in range(first, num_layers) if (i - first + 1) % every == 0}
+
+
+def _qwen3_moe_layout(hf: dict) -> tuple[int, int]:
+    """(model.moe.first_dense, model.moe.every) giving Qwen3-MoE's MoE blocks: block i is MoE when
+    (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers. (0, 0) when no block is;
+    a set no (first_dense, every) gives (a dense block after the first MoE one other than every
+    k-th) is a one-line error."""
+    n, step = int(hf["num_hidden_layers"]), int(hf.get("decoder_sparse_step") or 1)
+    dense = {int(i) for i in hf.get("mlp_only_layers") or []}
+    want = {i for i in range(n) if (i + 1) % step == 0 and i not in dense}
+    if not want:
+        return 0, 0
+    # decoder_sparse_step itself first: an exported model reads back as it was.
+    for every in (step, *range(1, n + 1)):
+        first = min(want) - every + 1
+        if first >= 0 and (n - first) % every == 0 and _moe_layers(n, first, every) == want:
+            return first, every
+    raise HFError(f"config.json mlp_only_layers={sorted(dense)} with decoder_sparse_step={step} cannot be represented: "
+                  f"jaxllm's MoE blocks are every model.moe.every-th after model.moe.first_dense dense ones, "
+                  f"through the last block (MoE blocks here: {sorted(want)})")
+
+
 def interleaved_rope_dims(hf: dict) -> int:
     """The RoPE dimensions whose q/k projection rows a checkpoint stores as DeepSeek's interleaved
     pairs (x0, x1), (x2, x3), ... (rope_interleave, transformers' default): jaxllm's rotate-half
@@ -264,14 +287,16 @@ def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelCo
     # transformers 5 writes num_local_experts, the Hub's checkpoints num_experts.
     experts = int(hf.get("num_experts", hf.get("num_local_experts")) or 0)
     if arch == "Qwen3MoeForCausalLM" and experts:
-        # Softmax over all experts, top k, renormalised when norm_topk_prob; every
-        # decoder_sparse_step-th block is MoE with experts of moe_intermediate_size.
-        cfg = dataclasses.replace(cfg, moe=MoeConfig(
-            num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
-            expert_dim=int(hf["moe_intermediate_size"]), every=int(hf.get("decoder_sparse_step") or 1),
-            router="softmax_topk", renormalize=bool(hf.get("norm_topk_prob", False)), dispatch="dropless",
-            aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0))
-        if cfg.scan_layers and cfg.num_layers % cfg.moe.every:
+        # Softmax over all experts, top k, renormalised when norm_topk_prob; the MoE blocks (every
+        # decoder_sparse_step-th, less mlp_only_layers) have experts of moe_intermediate_size.
+        first, every = _qwen3_moe_layout(hf)
+        if every:
+            cfg = dataclasses.replace(cfg, moe=MoeConfig(
+                num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
+                expert_dim=int(hf["moe_intermediate_size"]), every=every, first_dense=first,
+                router="softmax_topk", renormalize=bool(hf.get("norm_topk_prob", False)), dispatch="dropless",
+                aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0))
+        if cfg.scan_layers and (cfg.num_layers - cfg.moe.first_dense) % cfg.moe.every:
             cfg = dataclasses.replace(cfg, scan_layers=False)
     if arch in GEMMA:
         cfg = dataclasses.replace(cfg, **_gemma_fields(hf, arch, base))
@@ -355,6 +380,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if m.num_experts:
         problems = [name for name, bad in (
             ("model.moe.every", m.every != 1), ("model.moe.num_shared", m.num_shared > 0),
+            ("model.moe.first_dense", m.first_dense > 0),
             ("model.moe.router", m.router != "topk_softmax"), ("model.qkv_bias", cfg.qkv_bias),
             ("model.moe.expert_dim", (m.expert_dim or cfg.mlp_dim) != cfg.mlp_dim)) if bad]
         if problems:
@@ -430,8 +456,13 @@ def hf_config(cfg: ModelConfig, special_ids: dict, torch_dtype: str, source: dic
                    router_aux_loss_coef=cfg.moe.aux_loss_weight, router_jitter_noise=cfg.moe.jitter)
     if arch == "Qwen3MoeForCausalLM":
         m = cfg.moe
+        # Qwen3-MoE's MoE blocks are every decoder_sparse_step-th less mlp_only_layers: a dense
+        # prefix that is not whole periods takes step 1 and every dense block listed.
+        step = m.every if m.first_dense % m.every == 0 else 1
+        moe = _moe_layers(cfg.num_layers, m.first_dense, m.every)
         out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim or cfg.mlp_dim,
-                   norm_topk_prob=m.renormalize, decoder_sparse_step=m.every, mlp_only_layers=[],
+                   norm_topk_prob=m.renormalize, decoder_sparse_step=step,
+                   mlp_only_layers=[i for i in range(cfg.num_layers) if (i + 1) % step == 0 and i not in moe],
                    router_aux_loss_coef=m.aux_loss_weight)
     if arch in GEMMA:
         del out["hidden_act"]
