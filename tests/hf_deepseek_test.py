@@ -43,7 +43,8 @@ def run(tmp_path_factory):
 def test_imported_logits_and_cached_greedy_decoding_equal_transformers(run):
     cfg, params = restore.load_params(run)
     m = cfg.model
-    assert (m.attention_layer, m.moe.router, m.moe.first_dense, m.moe.num_groups, m.moe.routed_scale) == ("mla", "sigmoid", 1, 2, 2.5)
+    assert (m.attention_layer, m.moe.router, m.moe.first_dense, m.moe.num_groups, m.moe.routed_scale) == (
+        "mla", "sigmoid", 1, 2, 2.5)
     assert "block_0" in params and "router_bias" in params["blocks"]["mlp"]  # dense prefix, scanned MoE blocks
     ref = golden()
     logits = jax.jit(Transformer(m).apply)({"params": params}, ref["input_ids"])

@@ -106,7 +106,8 @@ def _layer_maps(arch: str, moe: bool, rope_tail: int = 0) -> dict[str, TensorMap
     if moe and arch == DEEPSEEK:  # routed experts as Qwen3-MoE's (below), plus the correction bias and shared experts
         maps["mlp/router_bias"] = TensorMap(lambda i: layer.format(i=i) + "mlp.gate.e_score_correction_bias")
         for p in ("gate", "up", "down"):
-            maps[f"mlp/shared/{p}"] = TensorMap(lambda i, p=p: layer.format(i=i) + f"mlp.shared_experts.{p}_proj.weight", kernel=1)
+            maps[f"mlp/shared/{p}"] = TensorMap(
+                lambda i, p=p: layer.format(i=i) + f"mlp.shared_experts.{p}_proj.weight", kernel=1)
     if moe and arch == "MixtralForCausalLM":
         moe_prefix = "model.layers.{i}.block_sparse_moe"
         maps["mlp/router"] = TensorMap(lambda i: moe_prefix.format(i=i) + ".gate.weight", kernel=1)
