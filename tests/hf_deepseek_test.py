@@ -192,3 +192,16 @@ def test_qwen3_moe_dense_blocks_map_to_first_dense_and_every(layers, step, dense
     moe_blocks = [i for i in range(layers) if (i + 1) % step == 0 and i not in dense]
     assert [i for i in range(layers) if transformer.is_moe_layer(model, i)] == moe_blocks
     assert hf.model_config(hf.hf_config(model, {}, "float32")) == model
+
+
+def test_the_hubs_deepseek_v3_config_layout_gives_the_same_model():
+    """DeepSeek-V3 on the Hub (transformers 4 / its own code): rope_theta and rope_scaling at the
+    top, scoring_func, topk_method, moe_layer_freq, ep_size, an MTP layer, no rope_interleave
+    (interleaved is the default)."""
+    new = source_config()
+    hub = {k: v for k, v in new.items() if k not in ("rope_parameters", "rope_interleave", "dtype")}
+    hub.update(rope_theta=10000.0, rope_scaling=None, torch_dtype="bfloat16", scoring_func="sigmoid",
+               topk_method="noaux_tc", moe_layer_freq=1, ep_size=1, num_nextn_predict_layers=1)
+    assert hf.model_config(hub) == hf.model_config(new)
+    assert hf.interleaved_rope_dims(hub) == hf.interleaved_rope_dims(new) == 8
+    assert hf.interleaved_rope_dims({**new, "rope_interleave": False}) == 0
