@@ -18,7 +18,7 @@ from jaxllm.layers.base import NORM_KINDS, POSITION_KINDS, ROPE_SCALINGS
 from jaxllm.losses import DISTILL_LOSSES, HIDDEN_LOSSES
 from jaxllm.models import MODELS, NORM_PLACEMENTS, REMAT_POLICIES
 from jaxllm.models.classifier import BACKBONES, POOLINGS
-from jaxllm.models.transformer import group_size
+from jaxllm.models.transformer import dense_prefix, group_size
 from jaxllm.models.vit import POSEMBS, PROJECTORS
 from jaxllm.ops import GROUPED_FFNS
 
@@ -140,7 +140,7 @@ def validate_recipe(m, cfg: Config) -> None:
                           f"model.attention_pattern ({len(m.attention_pattern)}), 0 for model.rope_theta")
     if any(t < 0 for t in m.rope_thetas):
         raise ConfigError(f"model.rope_thetas={m.rope_thetas} must be >= 0 (0: model.rope_theta)")
-    if m.scan_layers and m.num_layers % group_size(m):
+    if m.scan_layers and (m.num_layers - dense_prefix(m)) % group_size(m):
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not a multiple of the blocks' period {group_size(m)} "
             "(model.attention_pattern, model.moe.every), which the scan repeats; set model.scan_layers=false")

@@ -3,14 +3,17 @@ latent-only cache) equals full recompute; sharded training and decoding equal on
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from jaxllm import config as C
+from jaxllm.compression import quantize
 from jaxllm.decoding import Generator, SamplingConfig, left_pad
 from jaxllm.layers import mla
 from jaxllm.models.transformer import Transformer
+from jaxllm.ops.projection import is_quantized
 from jaxllm.training import train
 from helpers import tiny_config, two_train_steps, with_model
 
@@ -68,3 +71,36 @@ def test_mla_train_step_and_decoding_sharded_equal_single_device():
 def test_bad_mla_dimensions_are_a_clear_error():
     with pytest.raises(C.ConfigError, match="qk_rope_head_dim=7"):
         train.setup(mla_config(mla=dataclasses.replace(MLA, qk_rope_head_dim=7)))
+
+
+def test_int8_mla_is_close_to_float_and_its_cached_decoding_equals_full_recompute():
+    """Every MLA projection is quantized (compression/quantize.py); the logit error stays within
+    quantize_test's bounds (RMS at most 2% of what the quantized kernels contribute, max 5% of
+    the logits' spread), and decoding, which expands the cache through the int8 kv_b instead of
+    absorbing it, equals the quantized model's full recompute."""
+    cfg = mla_config(scan_layers=False, num_layers=1).model
+    params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+    quantized = quantize.quantize_params(params)
+    for name in ("q_a", "q_b", "kv_a", "kv_b", "o"):
+        assert is_quantized(quantized["block_0"]["attn"][name]), name
+    rng = np.random.default_rng(4)
+    prompt, continuation = rng.integers(0, 259, (1, 9)).astype(np.int32), rng.integers(0, 259, (1, 4)).astype(np.int32)
+    tokens = np.concatenate([prompt, continuation], axis=1)
+    apply = jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens))
+    float_logits, int8_logits = np.asarray(apply(params)), np.asarray(apply(quantized))
+    without_kernels = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if quantize.contracting_axes(quantize._path_str(path)) is None else 0 * x, params)
+    contribution = float_logits - np.asarray(apply(without_kernels))
+    error = int8_logits - float_logits
+    assert 0 < np.sqrt(np.mean(error ** 2)) <= 0.02 * contribution.std()
+    assert np.abs(error).max() <= 0.05 * float_logits.std()
+    gen = Generator(cfg)
+    cache = gen.init_cache(1, tokens.shape[1])
+    positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
+    logits, cache = gen.forward(quantized, cache, prompt, np.ones_like(prompt), positions[:, :9])
+    cached = [logits[:, -1]]
+    for t in range(continuation.shape[1] - 1):
+        logits, cache = gen.forward(quantized, cache, continuation[:, t:t + 1], np.ones((1, 1), np.int32),
+                                    positions[:, 9 + t:10 + t])
+        cached.append(logits[:, -1])
+    np.testing.assert_allclose(np.concatenate(cached), int8_logits[0, 8:12], rtol=1e-4, atol=1e-4)

@@ -32,6 +32,9 @@ QUANTIZED_KERNELS: tuple[tuple[str, tuple[int, ...]], ...] = (
     # Dense MLPs, experts [.., E, D, F] and shared experts (mlp/shared/...).
     (r"(^|/)mlp/(.+/)?(gate|up)$", (-2,)),  # [.., D, F] and experts [.., E, D, F]
     (r"(^|/)mlp/(.+/)?down$", (-2,)),  # [.., F, D] and experts [.., E, F, D]
+    # Multi-head latent attention (layers/mla.py; its q and o match the rules above).
+    (r"(^|/)attn/(q_a|kv_a)$", (-2,)),  # [.., D, Q] and [.., D, C + R]
+    (r"(^|/)attn/(q_b|kv_b)$", (-3,)),  # [.., Q, H, A + R] and [.., C, H, A + V]
 )
 
 INT8_MAX = 127

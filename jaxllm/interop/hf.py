@@ -1,5 +1,5 @@
 """Hugging Face checkpoints in and out (Llama, Mistral, Qwen2, Mixtral, Qwen3, Qwen3-MoE, Gemma 2,
-Gemma 3): safetensors files, shards and their index, config.json and the tokenizer.
+Gemma 3, DeepSeek-V3): safetensors files, shards and their index, config.json and the tokenizer.
 
 Import builds the target param tree with `jax.eval_shape` on the destination mesh and reads every
 array with `jax.make_array_from_callback`: each device's shard is read from the safetensors files
@@ -11,7 +11,8 @@ other way.
 
 Layouts: a Hugging Face linear weight is [out, in]; a jaxllm kernel is [in..., out...] (q [D, H, K],
 o [H, K, D], gate [D, F], experts [E, D, F], router [D, E]), so kernel = W.T reshaped. Both use
-rotate-half RoPE over each head's dimensions, so q and k need no permutation. Scanned models stack
+rotate-half RoPE over each head's dimensions, so q and k need no permutation, except DeepSeek-V3's
+RoPE rows, stored as interleaved pairs (`rope_rows`). Scanned models stack
 the layers on a leading axis (and experts on the next), which this module reads layer by layer.
 """
 
@@ -37,7 +38,8 @@ from jaxllm import restore, sharding
 from jaxllm import config as config_lib
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config
-from jaxllm.interop.hf_config import GEMMA, HFError, hf_architecture, hf_config, model_config, read_config
+from jaxllm.interop.hf_config import (DEEPSEEK, GEMMA, HFError, hf_architecture, hf_config, interleaved_rope_dims,
+                                      model_config, read_config)
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
 
@@ -58,10 +60,25 @@ class TensorMap:
     stack: tuple[str, ...] = ()
     kernel: int = 0
     flat: bool = False  # stored flattened (a bias [H·K] for jaxllm's [H, K])
+    # The last rope_tail entries of each output row block (the kernel's last axis) are interleaved
+    # RoPE pairs in the file (DeepSeek-V3); see `rope_rows`.
+    rope_tail: int = 0
 
 
-def _layer_maps(arch: str, moe: bool) -> dict[str, TensorMap]:
-    """Maps of the params inside one block (an MoE block if `moe`), by their path below the block."""
+def rope_rows(out_shape, tail: int) -> np.ndarray:
+    """The Hugging Face row of each jaxllm output row (flat over `out_shape`) of a projection whose
+    last `tail` entries of each out_shape[-1] block are RoPE pairs (x0, x1), (x2, x3), ... in the
+    file: jaxllm holds them as evens then odds, the rotate-half layout its RoPE rotates (HF's
+    interleaved rotation of the pairs equals rotate-half of that permutation, output included)."""
+    width = out_shape[-1]
+    within = np.arange(width)
+    within[width - tail:] = width - tail + np.concatenate([np.arange(0, tail, 2), np.arange(1, tail, 2)])
+    return (np.arange(math.prod(out_shape) // width)[:, None] * width + within).reshape(-1)
+
+
+def _layer_maps(arch: str, moe: bool, rope_tail: int = 0) -> dict[str, TensorMap]:
+    """Maps of the params inside one block (an MoE block if `moe`), by their path below the block;
+    `rope_tail`: DeepSeek's interleaved RoPE dimensions (hf_config.interleaved_rope_dims)."""
     attn = "model.layers.{i}.self_attn.{p}_proj"
     layer = "model.layers.{i}."
     norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
@@ -78,6 +95,19 @@ def _layer_maps(arch: str, moe: bool) -> dict[str, TensorMap]:
     if arch == "Qwen2ForCausalLM":
         maps.update({f"attn/{p}_bias": TensorMap(lambda i, p=p: attn.format(i=i, p=p) + ".bias", flat=True)
                      for p in "qkv"})
+    if arch == DEEPSEEK:  # multi-head latent attention (layers/mla.py)
+        proj = lambda p, **kw: TensorMap(lambda i: attn.format(i=i, p=p) + ".weight", kernel=1, **kw)  # noqa: E731
+        maps.update({"attn/q_a": proj("q_a"), "attn/q_b": proj("q_b", rope_tail=rope_tail),
+                     "attn/q": proj("q", rope_tail=rope_tail), "attn/kv_a": proj("kv_a", rope_tail=rope_tail),
+                     "attn/kv_b": proj("kv_b"),
+                     **{f"attn/{p}_norm/scale": TensorMap(lambda i, p=p: layer.format(i=i) + f"self_attn.{p}_a_layernorm.weight")
+                        for p in ("q", "kv")}})
+        maps["attn/kv_a"] = dataclasses.replace(maps["attn/kv_a"], name=lambda i: attn.format(i=i, p="kv_a") + "_with_mqa.weight")
+    if moe and arch == DEEPSEEK:  # routed experts as Qwen3-MoE's (below), plus the correction bias and shared experts
+        maps["mlp/router_bias"] = TensorMap(lambda i: layer.format(i=i) + "mlp.gate.e_score_correction_bias")
+        for p in ("gate", "up", "down"):
+            maps[f"mlp/shared/{p}"] = TensorMap(
+                lambda i, p=p: layer.format(i=i) + f"mlp.shared_experts.{p}_proj.weight", kernel=1)
     if moe and arch == "MixtralForCausalLM":
         moe_prefix = "model.layers.{i}.block_sparse_moe"
         maps["mlp/router"] = TensorMap(lambda i: moe_prefix.format(i=i) + ".gate.weight", kernel=1)
@@ -95,9 +125,9 @@ def _layer_maps(arch: str, moe: bool) -> dict[str, TensorMap]:
     return maps
 
 
-def param_maps(arch: str, params) -> dict[tuple, TensorMap]:
+def param_maps(arch: str, params, rope_tail: int = 0) -> dict[tuple, TensorMap]:
     """{param path: TensorMap} for every leaf of `params` (abstract or real; scanned or not, in
-    groups of blocks or one by one)."""
+    groups of blocks or one by one; a scanned stack after unscanned dense blocks block_0 ..)."""
     top = {"embed/embedding": TensorMap(lambda: "model.embed_tokens.weight"),
            "final_norm/scale": TensorMap(lambda: "model.norm.weight"),
            "unembed": TensorMap(lambda: "lm_head.weight", kernel=1)}
@@ -105,6 +135,8 @@ def param_maps(arch: str, params) -> dict[tuple, TensorMap]:
     # A block is MoE when it has a router; scanned groups hold blocks/block_j, k of them.
     moe_blocks = {p[:p.index("mlp")] for p in paths if "mlp" in p and p[p.index("mlp") + 1:] == ("router",)}
     group = len({p[1] for p in paths if p[0] == "blocks" and re.fullmatch(r"block_\d+", p[1])})
+    # The scanned stack's first layer: after the unscanned dense prefix (model.moe.first_dense).
+    first = len({p[0] for p in paths if re.fullmatch(r"block_\d+", p[0])}) if any(p[0] == "blocks" for p in paths) else 0
     maps = {}
     for keys in paths:
         joined = "/".join(keys)
@@ -113,19 +145,20 @@ def param_maps(arch: str, params) -> dict[tuple, TensorMap]:
             continue
         if keys[0] == "blocks" and group:  # blocks/block_j: position j of each group of `group` blocks
             j, prefix = int(keys[1][len("block_"):]), keys[:2]
-            layer = _layer_maps(arch, prefix in moe_blocks)
+            layer = _layer_maps(arch, prefix in moe_blocks, rope_tail)
             if "/".join(keys[2:]) in layer:
                 m = layer["/".join(keys[2:])]
                 maps[keys] = dataclasses.replace(m, stack=("layer", *m.stack),
-                                                 name=lambda g, *idx, m=m, j=j: m.name(g * group + j, *idx))
+                                                 name=lambda g, *idx, m=m, j=j: m.name(first + g * group + j, *idx))
                 continue
         elif keys[0] == "blocks":
-            m = _layer_maps(arch, ("blocks",) in moe_blocks).get("/".join(keys[1:]))
+            m = _layer_maps(arch, ("blocks",) in moe_blocks, rope_tail).get("/".join(keys[1:]))
             if m is not None:
-                maps[keys] = dataclasses.replace(m, stack=("layer", *m.stack))
+                maps[keys] = dataclasses.replace(m, stack=("layer", *m.stack),
+                                                 name=lambda i, *idx, m=m: m.name(first + i, *idx))
                 continue
         elif re.fullmatch(r"block_\d+", keys[0]):
-            m, i = _layer_maps(arch, keys[:1] in moe_blocks).get("/".join(keys[1:])), int(keys[0][len("block_"):])
+            m, i = _layer_maps(arch, keys[:1] in moe_blocks, rope_tail).get("/".join(keys[1:])), int(keys[0][len("block_"):])
             if m is not None:
                 maps[keys] = dataclasses.replace(m, name=lambda *idx, m=m, i=i: m.name(i, *idx))
                 continue
@@ -291,7 +324,10 @@ def _read_block_into(files: SafetensorsFiles, name: str, m: TensorMap, shape, in
         in_shape, out_shape = shape[:m.kernel], shape[m.kernel:]
         rows, rest_out = _group_slice(index[m.kernel:], out_shape)
         cols, rest_in = _group_slice(index[:m.kernel], in_shape)
-        source = files.rows(name, rows)[:, cols]  # [flat out, flat in], on the file's pages
+        if m.rope_tail:  # permuted rows: gathered from the whole tensor
+            source = files.rows(name)[rope_rows(out_shape, m.rope_tail)[rows]][:, cols]
+        else:
+            source = files.rows(name, rows)[:, cols]  # [flat out, flat in], on the file's pages
         blocked = (_length(index[0]), *in_shape[1:], _length(index[m.kernel]), *out_shape[1:])
         if _whole(rest_in[1:], in_shape[1:]) and _whole(rest_out[1:], out_shape[1:]):
             into = out.view()
@@ -384,10 +420,11 @@ def _check_shapes(files: SafetensorsFiles, maps, abstract) -> None:
 def read_params(hf_dir: str, cfg: Config, mesh: jax.sharding.Mesh):
     """The params of the Hugging Face checkpoint in `hf_dir`, read onto `mesh` in `cfg`'s layout
     (and model.param_dtype)."""
-    arch = hf_architecture(model_config(read_config(os.path.join(hf_dir, "config.json"))))
+    hf = read_config(os.path.join(hf_dir, "config.json"))
+    arch = hf_architecture(model_config(hf))
     files = SafetensorsFiles(hf_dir)
     abstract = restore.abstract_params(cfg, mesh)
-    maps = param_maps(arch, abstract)
+    maps = param_maps(arch, abstract, interleaved_rope_dims(hf))
     _check_shapes(files, maps, abstract)
     dtype = DTYPES[cfg.model.param_dtype]
 
@@ -461,9 +498,9 @@ def save_imported_run(workdir: str, hf_dir: str, cfg: Config, params) -> None:
 # Writing
 
 
-def _hf_tensors(arch: str, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_tensors(arch: str, params, dtype, rope_tail: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) of every Hugging Face tensor of `params`, gathered one at a time."""
-    maps = param_maps(arch, params)
+    maps = param_maps(arch, params, rope_tail)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         m = maps[tuple(str(getattr(k, "key", k)) for k in path)]
         n = len(m.stack)
@@ -472,6 +509,10 @@ def _hf_tensors(arch: str, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
             block = np.asarray(jax.device_get(leaf[idx] if n else leaf), np.float32)
             if m.kernel:
                 block = block.reshape(math.prod(tensor_shape[:m.kernel]), -1).T
+                if m.rope_tail:
+                    interleaved = np.empty_like(block)
+                    interleaved[rope_rows(tensor_shape[m.kernel:], m.rope_tail)] = block
+                    block = interleaved
             elif m.flat:
                 block = block.reshape(-1)
             yield m.name(*idx), np.ascontiguousarray(block).astype(dtype)
@@ -514,7 +555,8 @@ def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_
     if cfg.model.tokenizer == "bytes" and source:  # no tokenizer of its own: the source's ids, not the bytes'
         special = {k: source.get(k) for k in special}
     shards, current, size, total = [], {}, 0, 0
-    for name, array in _hf_tensors(arch, params, DTYPES[dtype]):
+    rope_tail = cfg.model.mla.qk_rope_head_dim if arch == DEEPSEEK else 0  # written interleaved (rope_interleave)
+    for name, array in _hf_tensors(arch, params, DTYPES[dtype], rope_tail):
         if current and size + array.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0

@@ -1,7 +1,9 @@
 """Hugging Face `config.json` <-> jaxllm ModelConfig: the Llama family (Llama incl. Llama 3 rope
 scaling, Mistral's sliding window, Qwen2's q/k/v biases, Mixtral's MoE), Qwen3 (q/k norms),
-Qwen3-MoE (fine-grained experts, normalised top-k) and Gemma 2 / Gemma 3 (GeGLU, sandwich norms
-with 1 + w, scaled embeddings, local:global attention pattern, soft-caps).
+Qwen3-MoE (fine-grained experts, normalised top-k), Gemma 2 / Gemma 3 (GeGLU, sandwich norms
+with 1 + w, scaled embeddings, local:global attention pattern, soft-caps) and DeepSeek-V3
+(multi-head latent attention, dense first blocks, shared experts, sigmoid group-limited routing
+with a correction bias).
 
 Every field that changes the mathematics is mapped; a field the model cannot represent is a
 one-line error naming it, never a silent approximation.
@@ -13,15 +15,18 @@ import dataclasses
 import json
 import math
 
-from jaxllm.config import RECIPE_FIELDS, ConfigError, ModelConfig, MoeConfig, RopeScalingConfig
+from jaxllm.config import RECIPE_FIELDS, ConfigError, MlaConfig, ModelConfig, MoeConfig, RopeScalingConfig
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM",
-                 "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+                 "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                 "DeepseekV3ForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "MixtralForCausalLM": "mixtral", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe",
-               "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+               "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+               "DeepseekV3ForCausalLM": "deepseek_v3"}
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 QWEN3 = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+DEEPSEEK = "DeepseekV3ForCausalLM"
 # Gemma's layer_types -> jaxllm attention kinds.
 LAYER_TYPES = {"sliding_attention": "sliding_window", "full_attention": "causal"}
 
@@ -65,8 +70,6 @@ def _unsupported(hf: dict, arch: str) -> None:
          "Gemma's MLP is GeGLU with gelu_pytorch_tanh"),
         ("use_sliding_window", arch in QWEN3 and bool(hf.get("use_sliding_window", False)),
          "Qwen3's per-layer sliding window is not supported"),
-        ("mlp_only_layers", arch == "Qwen3MoeForCausalLM" and bool(hf.get("mlp_only_layers")),
-         "dense layers other than every decoder_sparse_step-th are not supported"),
         ("use_bidirectional_attention", bool(hf.get("use_bidirectional_attention")),
          "bidirectional attention in a causal LM is not supported"),
         ("attention_bias", bool(hf.get("attention_bias", False)), "biases on q/k/v/o are not supported (Qwen2's q/k/v biases are)"),
@@ -159,11 +162,96 @@ def _gemma_fields(hf: dict, arch: str, base: ModelConfig) -> dict:
     return fields
 
 
+def _deepseek_unsupported(hf: dict) -> None:
+    """DeepSeek-V3 fields whose values jaxllm's model would not reproduce."""
+    _, scaling = _rope(hf)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    heads = int(hf["num_attention_heads"])
+    checks = [
+        ("rope_scaling", kind, kind not in (None, "default"),
+         "RoPE scaling (DeepSeek-V3's YaRN included) of multi-head latent attention is not supported"),
+        ("rms_norm_eps", hf.get("rms_norm_eps"), float(hf.get("rms_norm_eps", 1e-6)) != 1e-6,
+         "the latent norms use transformers' fixed 1e-6, so jaxllm's one norm_eps must be 1e-6"),
+        ("num_key_value_heads", hf.get("num_key_value_heads"), int(hf.get("num_key_value_heads") or heads) != heads,
+         "multi-head latent attention expands the latent into one key per query head"),
+        ("scoring_func", hf.get("scoring_func"), hf.get("scoring_func", "sigmoid") != "sigmoid",
+         "only DeepSeek-V3's sigmoid affinities are supported"),
+        ("topk_method", hf.get("topk_method"), hf.get("topk_method", "noaux_tc") != "noaux_tc",
+         "only DeepSeek-V3's noaux_tc routing is supported"),
+        ("moe_layer_freq", hf.get("moe_layer_freq"), int(hf.get("moe_layer_freq", 1)) != 1,
+         "transformers makes every block after the dense ones MoE"),
+    ]
+    for name, value, bad, why in checks:
+        if bad:
+            raise HFError(f"config.json {name}={value!r} cannot be represented: {why}")
+
+
+def _deepseek_fields(hf: dict) -> dict:
+    """DeepSeek-V3's recipe: multi-head latent attention, first_k_dense_replace dense blocks, then
+    MoE blocks of sigmoid-routed experts (top k of affinity + e_score_correction_bias inside the
+    topk_group best of n_group groups, weighted by the affinities, normalised if norm_topk_prob,
+    times routed_scaling_factor) plus n_shared_experts shared ones. Missing fields take
+    transformers' defaults."""
+    mla = MlaConfig(q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+                    qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+                    v_head_dim=int(hf["v_head_dim"]))
+    fields = dict(attention_layer="mla", mla=mla, num_kv_heads=int(hf["num_attention_heads"]),
+                  head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+    first = int(hf.get("first_k_dense_replace", 3) or 0)
+    experts = int(hf.get("n_routed_experts", hf.get("num_local_experts", 256)) or 0)
+    if experts and first < int(hf["num_hidden_layers"]):
+        # Aux-loss-free: no balance loss; the bias moves only if model.moe.bias_update_rate is set.
+        fields["moe"] = MoeConfig(
+            num_experts=experts, top_k=int(hf.get("num_experts_per_tok", 8)),
+            expert_dim=int(hf.get("moe_intermediate_size", 2048)), num_shared=int(hf.get("n_shared_experts", 1) or 0),
+            router="sigmoid", renormalize=bool(hf.get("norm_topk_prob", True)),
+            routed_scale=float(hf.get("routed_scaling_factor", 2.5)), router_bias=True,
+            num_groups=int(hf.get("n_group", 8) or 1), topk_groups=int(hf.get("topk_group", 4) or 1),
+            first_dense=first, dispatch="dropless", aux_loss_weight=0.0, z_loss_weight=0.0)
+    return fields
+
+
+def _moe_layers(num_layers: int, first: int, every: int) -> set[int]:
+    """The MoE blocks of jaxllm's layout (transformer.is_moe_layer)."""
+    return {i for i in range(first, num_layers) if (i - first + 1) % every == 0}
+
+
+def _qwen3_moe_layout(hf: dict) -> tuple[int, int]:
+    """(model.moe.first_dense, model.moe.every) giving Qwen3-MoE's MoE blocks: block i is MoE when
+    (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers. (0, 0) when no block is;
+    a set no (first_dense, every) gives (a dense block after the first MoE one other than every
+    k-th) is a one-line error."""
+    n, step = int(hf["num_hidden_layers"]), int(hf.get("decoder_sparse_step") or 1)
+    dense = {int(i) for i in hf.get("mlp_only_layers") or []}
+    want = {i for i in range(n) if (i + 1) % step == 0 and i not in dense}
+    if not want:
+        return 0, 0
+    # decoder_sparse_step itself first: an exported model reads back as it was.
+    for every in (step, *range(1, n + 1)):
+        first = min(want) - every + 1
+        if first >= 0 and (n - first) % every == 0 and _moe_layers(n, first, every) == want:
+            return first, every
+    raise HFError(f"config.json mlp_only_layers={sorted(dense)} with decoder_sparse_step={step} cannot be represented: "
+                  f"jaxllm's MoE blocks are every model.moe.every-th after model.moe.first_dense dense ones, "
+                  f"through the last block (MoE blocks here: {sorted(want)})")
+
+
+def interleaved_rope_dims(hf: dict) -> int:
+    """The RoPE dimensions whose q/k projection rows a checkpoint stores as DeepSeek's interleaved
+    pairs (x0, x1), (x2, x3), ... (rope_interleave, transformers' default): jaxllm's rotate-half
+    RoPE reads them permuted (evens, then odds), which gives the same scores. 0: none."""
+    if architecture(hf) == DEEPSEEK and hf.get("rope_interleave", True):
+        return int(hf["qk_rope_head_dim"])
+    return 0
+
+
 def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelConfig()) -> ModelConfig:
     """The ModelConfig of a Hugging Face config.json; layout options (scan, remat, dtypes) come
     from `base`."""
     arch = architecture(hf)
     _unsupported(hf, arch)
+    if arch == DEEPSEEK:
+        _deepseek_unsupported(hf)
     base = base.with_default_recipe()  # the checkpoint, not the base, decides the block
     heads = int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
@@ -199,17 +287,21 @@ def model_config(hf: dict, tokenizer: str = "bytes", base: ModelConfig = ModelCo
     # transformers 5 writes num_local_experts, the Hub's checkpoints num_experts.
     experts = int(hf.get("num_experts", hf.get("num_local_experts")) or 0)
     if arch == "Qwen3MoeForCausalLM" and experts:
-        # Softmax over all experts, top k, renormalised when norm_topk_prob; every
-        # decoder_sparse_step-th block is MoE with experts of moe_intermediate_size.
-        cfg = dataclasses.replace(cfg, moe=MoeConfig(
-            num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
-            expert_dim=int(hf["moe_intermediate_size"]), every=int(hf.get("decoder_sparse_step") or 1),
-            router="softmax_topk", renormalize=bool(hf.get("norm_topk_prob", False)), dispatch="dropless",
-            aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0))
-        if cfg.scan_layers and cfg.num_layers % cfg.moe.every:
+        # Softmax over all experts, top k, renormalised when norm_topk_prob; the MoE blocks (every
+        # decoder_sparse_step-th, less mlp_only_layers) have experts of moe_intermediate_size.
+        first, every = _qwen3_moe_layout(hf)
+        if every:
+            cfg = dataclasses.replace(cfg, moe=MoeConfig(
+                num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
+                expert_dim=int(hf["moe_intermediate_size"]), every=every, first_dense=first,
+                router="softmax_topk", renormalize=bool(hf.get("norm_topk_prob", False)), dispatch="dropless",
+                aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_weight=0.0))
+        if cfg.scan_layers and (cfg.num_layers - cfg.moe.first_dense) % cfg.moe.every:
             cfg = dataclasses.replace(cfg, scan_layers=False)
     if arch in GEMMA:
         cfg = dataclasses.replace(cfg, **_gemma_fields(hf, arch, base))
+    if arch == DEEPSEEK:
+        cfg = dataclasses.replace(cfg, **_deepseek_fields(hf))
     return cfg
 
 
@@ -222,6 +314,7 @@ _FAMILY_RECIPES = {
                "embed_scale", "final_logit_softcap"),
 }
 _FAMILY_RECIPES["gemma3"] = (*_FAMILY_RECIPES["gemma2"], "qk_norm", "rope_thetas")
+_FAMILY_RECIPES["deepseek_v3"] = ()
 
 
 def _check_recipe(cfg: ModelConfig, family: str, arch: str) -> None:
@@ -249,6 +342,20 @@ def _check_gemma(cfg: ModelConfig, arch: str) -> None:
 def hf_architecture(cfg: ModelConfig) -> str:
     """The Hugging Face architecture that represents `cfg`, or an error saying what does not fit."""
     m = cfg.moe
+    if cfg.attention_layer == "mla":
+        _check_recipe(cfg, "deepseek_v3", DEEPSEEK)
+        problems = [name for name, bad in (
+            ("model.mlp_kind", cfg.mlp_kind != "swiglu"), ("model.qkv_bias", cfg.qkv_bias),
+            ("model.attention_kind", cfg.attention_kind not in ("causal", "dot_product")),
+            ("model.rope_scaling", cfg.rope_scaling.kind != "none"), ("model.norm_eps", cfg.norm_eps != 1e-6),
+            ("model.moe.router", m.num_experts and m.router != "sigmoid"),
+            ("model.moe.router_bias", m.num_experts and not m.router_bias), ("model.moe.every", m.num_experts and m.every != 1),
+            ("model.moe.num_shared", m.num_experts and m.num_shared < 1),
+            ("model.moe.shared_dim", m.num_experts and m.shared_dim not in (0, m.expert_dim or cfg.mlp_dim)),
+        ) if bad]
+        if problems:
+            raise HFError(f"this model is not a DeepseekV3: {', '.join(problems)} differ(s) from its recipe")
+        return DEEPSEEK
     if cfg.norm_kind == "rmsnorm_plus_one":
         arch = "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
         _check_recipe(cfg, "gemma3" if cfg.qk_norm else "gemma2", arch)
@@ -273,6 +380,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if m.num_experts:
         problems = [name for name, bad in (
             ("model.moe.every", m.every != 1), ("model.moe.num_shared", m.num_shared > 0),
+            ("model.moe.first_dense", m.first_dense > 0),
             ("model.moe.router", m.router != "topk_softmax"), ("model.qkv_bias", cfg.qkv_bias),
             ("model.moe.expert_dim", (m.expert_dim or cfg.mlp_dim) != cfg.mlp_dim)) if bad]
         if problems:
@@ -348,10 +456,34 @@ def hf_config(cfg: ModelConfig, special_ids: dict, torch_dtype: str, source: dic
                    router_aux_loss_coef=cfg.moe.aux_loss_weight, router_jitter_noise=cfg.moe.jitter)
     if arch == "Qwen3MoeForCausalLM":
         m = cfg.moe
+        # Qwen3-MoE's MoE blocks are every decoder_sparse_step-th less mlp_only_layers: a dense
+        # prefix that is not whole periods takes step 1 and every dense block listed.
+        step = m.every if m.first_dense % m.every == 0 else 1
+        moe = _moe_layers(cfg.num_layers, m.first_dense, m.every)
         out.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_dim or cfg.mlp_dim,
-                   norm_topk_prob=m.renormalize, decoder_sparse_step=m.every, mlp_only_layers=[],
+                   norm_topk_prob=m.renormalize, decoder_sparse_step=step,
+                   mlp_only_layers=[i for i in range(cfg.num_layers) if (i + 1) % step == 0 and i not in moe],
                    router_aux_loss_coef=m.aux_loss_weight)
     if arch in GEMMA:
         del out["hidden_act"]
         out.update(_gemma_json(cfg, arch))
+    if arch == DEEPSEEK:
+        out.update(_deepseek_json(cfg))
     return out
+
+
+def _deepseek_json(cfg: ModelConfig) -> dict:
+    """DeepSeek-V3's fields; the q/k RoPE rows are written interleaved (rope_interleave), as the
+    Hub's checkpoints and vLLM have them. scoring_func, topk_method and moe_layer_freq are for
+    readers other than transformers."""
+    a, m = cfg.mla, cfg.moe
+    out = dict(num_key_value_heads=cfg.num_heads, head_dim=a.qk_rope_head_dim, q_lora_rank=a.q_lora_rank or None,
+               kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+               v_head_dim=a.v_head_dim, rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0)
+    if not m.num_experts:  # every block dense
+        return {**out, "first_k_dense_replace": cfg.num_layers, "n_routed_experts": 0, "n_shared_experts": 0}
+    return {**out, "n_routed_experts": m.num_experts, "num_experts_per_tok": m.top_k,
+            "moe_intermediate_size": m.expert_dim or cfg.mlp_dim, "n_shared_experts": m.num_shared,
+            "routed_scaling_factor": m.routed_scale, "n_group": m.num_groups, "topk_group": m.topk_groups,
+            "first_k_dense_replace": m.first_dense, "norm_topk_prob": m.renormalize, "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc", "moe_layer_freq": 1}
