@@ -23,6 +23,7 @@ from jaxllm.models import MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf_encoders")
+FIXTURES2 = os.path.join(ROOT, "tests", "fixtures", "hf_encoders2")  # make_hf_fixtures_encoders2.py
 
 
 def golden(name):
@@ -92,6 +93,33 @@ def test_import_export_import_is_bit_identical(name, tmp_path):
     _, first = restore.load_params(workdir)
     _, second = restore.load_params(again)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), jax.device_get(second))
+
+
+def test_roberta_classifier_logits_and_round_trip(tmp_path):
+    """RobertaForSequenceClassification: its head (dense, tanh, out_proj on <s>) is imported as
+    BERT's pooler and score; logits equal transformers', and export writes RoBERTa's names back."""
+    source = os.path.join(FIXTURES2, "roberta_cls")
+    workdir = str(tmp_path / "run")
+    hf_encoders.import_checkpoint(source, workdir)
+    cfg, params = restore.load_params(workdir)
+    assert cfg.family == "classifier" and cfg.classifier.pooler and cfg.classifier.score_bias
+    ref = dict(np.load(os.path.join(source, "golden.npz")))
+    np.testing.assert_allclose(outputs(cfg, params, ref), ref["logits"], atol=1e-4, rtol=0)
+    out = str(tmp_path / "exported")
+    hf_cli.main(["export", "--workdir", workdir, "--out", out])
+    original, exported = hf.SafetensorsFiles(source), hf.SafetensorsFiles(out)
+    assert set(exported.where) == set(original.where)
+    for tensor in original.where:
+        theirs, ours = original.read(tensor), exported.read(tensor)
+        if tensor.endswith("position_embeddings.weight"):
+            theirs, ours = theirs[2:], ours[2:]  # rows 0-1 belong to padding: written back as zeros
+        np.testing.assert_array_equal(ours, theirs, err_msg=tensor)
+    hf_config = json.load(open(os.path.join(out, "config.json")))
+    assert hf_config["architectures"] == ["RobertaForSequenceClassification"]
+    assert hf_config["num_labels"] == 3 and hf_config["max_position_embeddings"] == 130
+    again = str(tmp_path / "again")
+    hf_cli.main(["import", "--hf_dir", out, "--workdir", again])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(restore.load_params(again)[1]))
 
 
 def test_unsupported_configs_and_missing_tensors_are_one_line_errors(tmp_path):

@@ -3,7 +3,7 @@ classifier) and GPT-2 (a causal LM): config.json <-> Config, safetensors <-> par
 
     BertForMaskedLM, RobertaForMaskedLM     -> family masked_lm (models/masked_lm.py)
     BertForSequenceClassification           -> family classifier, classifier.backbone=encoder,
-                                               [CLS] pooling, BERT's pooler, score bias
+    RobertaForSequenceClassification           [CLS] pooling, BERT's pooler, score bias
     GPT2LMHeadModel                         -> family causal_lm with LayerNorm, learned positions,
                                                tanh-gelu MLP and biases
 
@@ -11,7 +11,8 @@ Layouts: a torch Linear weight is [out, in] (kernel = W.T reshaped); GPT-2's Con
 already [in, out] (kernel = W reshaped), and its c_attn holds q, k and v side by side in its
 columns. RoBERTa's position table starts at padding_idx + 1 (its first rows belong to padding):
 jaxllm keeps the rows from there, so position p is row p as in BERT, and writes zeros back for
-the rows it drops. Tied output projections are not stored (as transformers saves them).
+the rows it drops. RoBERTa's classification head (dense, tanh, out_proj on <s>) is BERT's pooler
+and classifier under other names. Tied output projections are not stored (as transformers saves them).
 
 Each Hugging Face tensor is read whole, one at a time, and each param (its layers stacked) is
 placed on the mesh before the next one is read.
@@ -37,9 +38,11 @@ from jaxllm.interop.hf_config import HFError
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
 
-ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "RobertaForMaskedLM", "GPT2LMHeadModel")
+ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "RobertaForMaskedLM",
+                 "RobertaForSequenceClassification", "GPT2LMHeadModel")
 MODEL_TYPES = {"BertForMaskedLM": "bert", "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta",
-               "GPT2LMHeadModel": "gpt2"}
+               "RobertaForSequenceClassification": "roberta", "GPT2LMHeadModel": "gpt2"}
+CLASSIFIERS = ("BertForSequenceClassification", "RobertaForSequenceClassification")
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -109,7 +112,7 @@ def _config_from_hf(hf: dict, tokenizer: str, base: Config) -> Config:
         attention_kind="bidirectional", max_positions=int(hf["max_position_embeddings"]) - offset,
         norm_placement="post", embed_norm=True, norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         type_vocab_size=int(hf.get("type_vocab_size", 2)))
-    if arch != "BertForSequenceClassification":
+    if arch not in CLASSIFIERS:
         return dataclasses.replace(base, family="masked_lm", model=model)
     labels = hf.get("id2label") or {}
     num = int(hf.get("num_labels") or len(labels) or 2)
@@ -199,6 +202,11 @@ def rules(arch: str, hf: dict) -> list[Rule]:
         return ([dataclasses.replace(r, ours=tuple(f"backbone/{o}" for o in r.ours)) for r in _bert_rules("bert", None, 0)]
                 + [Rule("bert.pooler.dense.weight", ("pooler/kernel",), "linear"), Rule("bert.pooler.dense.bias", ("pooler/bias",)),
                    Rule("classifier.weight", ("score",), "linear"), Rule("classifier.bias", ("score_bias",))])
+    if arch == "RobertaForSequenceClassification":
+        backbone = _bert_rules("roberta", None, _position_offset(hf))
+        return ([dataclasses.replace(r, ours=tuple(f"backbone/{o}" for o in r.ours)) for r in backbone]
+                + [Rule("classifier.dense.weight", ("pooler/kernel",), "linear"), Rule("classifier.dense.bias", ("pooler/bias",)),
+                   Rule("classifier.out_proj.weight", ("score",), "linear"), Rule("classifier.out_proj.bias", ("score_bias",))])
     head = "roberta" if arch == "RobertaForMaskedLM" else "bert"
     return _bert_rules(head, head, _position_offset(hf))
 
@@ -345,11 +353,12 @@ def hf_architecture(cfg: Config) -> str | None:
                                       ("classifier.score_bias", not c.score_bias)) if bad]
     if problems:
         raise HFError(f"this encoder is not a BERT: {', '.join(problems)} differ(s) from BERT's")
-    if cfg.family == "classifier":
-        return "BertForSequenceClassification"
     tok = tokenizer_lib.load(m.tokenizer)
     # RoBERTa's table starts at padding_idx + 1; its tokenizer has <s> as [CLS] and BOS.
-    return "RobertaForMaskedLM" if tok.cls_id is not None and tok.cls_id == tok.bos_id and m.tokenizer != "bytes" else "BertForMaskedLM"
+    roberta = tok.cls_id is not None and tok.cls_id == tok.bos_id and m.tokenizer != "bytes"
+    if cfg.family == "classifier":
+        return "RobertaForSequenceClassification" if roberta else "BertForSequenceClassification"
+    return "RobertaForMaskedLM" if roberta else "BertForMaskedLM"
 
 
 def hf_config(cfg: Config, arch: str, tok, dtype: str) -> dict:
@@ -362,7 +371,7 @@ def hf_config(cfg: Config, arch: str, tok, dtype: str) -> dict:
                 "n_positions": m.max_positions, "activation_function": act, "layer_norm_epsilon": m.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    roberta = arch == "RobertaForMaskedLM"
+    roberta = MODEL_TYPES[arch] == "roberta"
     pad = tok.pad_id if tok.pad_id is not None else (1 if roberta else 0)
     out = {**common, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
            "intermediate_size": m.mlp_dim, "hidden_act": act, "layer_norm_eps": m.norm_eps,
@@ -371,7 +380,7 @@ def hf_config(cfg: Config, arch: str, tok, dtype: str) -> dict:
            "pad_token_id": pad}
     if roberta:
         out.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    if arch == "BertForSequenceClassification":
+    if arch in CLASSIFIERS:
         names = cfg.data.classes or tuple(f"LABEL_{i}" for i in range(cfg.classifier.num_classes))
         out.update(num_labels=cfg.classifier.num_classes, id2label={str(i): n for i, n in enumerate(names)},
                    label2id={n: i for i, n in enumerate(names)})
