@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxllm import config as C
-from jaxllm import labelled, restore
+from jaxllm import labelled, restore, sharding
 from jaxllm.cli.plan import load_experiment
 from jaxllm.cli import hf as hf_cli
 from jaxllm.decoding import Generator, SamplingConfig
@@ -120,6 +120,31 @@ def test_roberta_classifier_logits_and_round_trip(tmp_path):
     again = str(tmp_path / "again")
     hf_cli.main(["import", "--hf_dir", out, "--workdir", again])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(restore.load_params(again)[1]))
+
+
+@pytest.mark.parametrize("name,sharded_tensor", [("bert", "bert.embeddings.word_embeddings.weight"),
+                                                 ("gpt2", "transformer.h.0.attn.c_attn.weight")])
+def test_sharded_import_reads_blocks_and_equals_one_device(name, sharded_tensor, monkeypatch):
+    """Streaming reads: on 8 devices (fsdp 4 x tensor 2) each device reads only its block of a
+    sharded tensor (never all of `sharded_tensor`'s rows), and the params equal a one-device import."""
+    hf_dir = os.path.join(FIXTURES, name)
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    arch = hf_encoders.architecture_of(config)
+    cfg = hf_encoders.config_from_hf(config, hf_dir, C.Config())
+    reads, rows = [], hf.SafetensorsFiles.rows
+
+    def recording(self, tensor, index=None):
+        view = rows(self, tensor, index)
+        reads.append((tensor, view.shape[0], self.shape(tensor)[0]))
+        return view
+
+    monkeypatch.setattr(hf.SafetensorsFiles, "rows", recording)
+    eight = hf_encoders.read_params(hf_dir, arch, config, cfg, sharding.make_mesh(C.MeshConfig(fsdp=4, tensor=2)))
+    assert {n < total for tensor, n, total in reads if tensor == sharded_tensor} == {True}
+    one = hf_encoders.read_params(hf_dir, arch, config, cfg,
+                                  sharding.make_mesh(C.MeshConfig(fsdp=1), devices=jax.devices()[:1]))
+    assert len(jax.tree.leaves(one)[0].sharding.device_set) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(eight), jax.device_get(one))
 
 
 def test_unsupported_configs_and_missing_tensors_are_one_line_errors(tmp_path):

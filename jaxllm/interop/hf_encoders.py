@@ -14,8 +14,10 @@ jaxllm keeps the rows from there, so position p is row p as in BERT, and writes 
 the rows it drops. RoBERTa's classification head (dense, tanh, out_proj on <s>) is BERT's pooler
 and classifier under other names. Tied output projections are not stored (as transformers saves them).
 
-Each Hugging Face tensor is read whole, one at a time, and each param (its layers stacked) is
-placed on the mesh before the next one is read.
+Import reads as the Llama family's importer does (interop/hf.py): the target params are built
+abstractly on the destination mesh and each device's shard is read from the safetensors files as
+a block of the tensor it comes from (only the rows it needs are mapped), so no host holds the
+whole model.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from safetensors.numpy import save_file
 from jaxllm import restore, sharding
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ClassifierConfig, Config, MoeConfig
-from jaxllm.interop.hf import DTYPES, TOKENIZER_FILES, SafetensorsFiles, copy_tokenizer, save_imported_run
+from jaxllm.interop.hf import (DTYPES, TOKENIZER_FILES, SafetensorsFiles, _group_slice, _length, _normalise, aligned_empty,
+                               copy_tokenizer, save_imported_run)
 from jaxllm.interop.hf_config import HFError
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
@@ -216,19 +219,37 @@ def _kernel_in_axes(path: str) -> int:
     return 2 if path.endswith("attn/o") else 1
 
 
-def _to_ours(rule: Rule, tensor: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """The jaxllm arrays (of `shapes`) that one Hugging Face tensor holds."""
-    if rule.kind == "linear":
-        tensor = tensor.T
-    tensor = tensor[rule.offset:]
+def _hf_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of the Hugging Face tensor that holds the jaxllm arrays of `shapes`."""
     if rule.kind in ("linear", "conv"):
-        tensor = tensor.reshape(math.prod(shapes[0][:_kernel_in_axes(rule.ours[0])]), -1)
-    widths = [math.prod(s) // (tensor.shape[0] if tensor.ndim == 2 else 1) for s in shapes]
-    if sum(widths) != tensor.shape[-1]:
-        raise HFError(f"tensor {rule.name} has shape {list(tensor.shape)}, but config.json implies jaxllm "
-                      f"{', '.join(f'{o} {list(s)}' for o, s in zip(rule.ours, shapes))}")
-    parts = np.split(tensor, np.cumsum(widths)[:-1], axis=-1)
-    return [np.ascontiguousarray(part).reshape(shape) for part, shape in zip(parts, shapes)]
+        n_in = _kernel_in_axes(rule.ours[0])
+        ins, outs = math.prod(shapes[0][:n_in]), sum(math.prod(s[n_in:]) for s in shapes)
+        return (outs, ins) if rule.kind == "linear" else (ins, outs)
+    if rule.ours[0].endswith("embedding"):  # a table [rows, D]
+        return (shapes[0][0] + rule.offset, shapes[0][1])
+    return (sum(math.prod(s) for s in shapes),)
+
+
+def _read_block(files: SafetensorsFiles, name: str, rule: Rule, shapes: list[tuple[int, ...]], part: int,
+                index: tuple[slice, ...]) -> np.ndarray:
+    """Block `index` of the jaxllm array rule.ours[part] (of shape shapes[part]) that tensor `name`
+    holds, reading only the file rows the block needs: a kernel's input or output rows, a
+    table's rows, a vector's span."""
+    shape = shapes[part]
+    if rule.kind in ("linear", "conv"):
+        n_in = _kernel_in_axes(rule.ours[0])
+        start = sum(math.prod(s[n_in:]) for s in shapes[:part])  # the part's first output column
+        ins, rest_in = _group_slice(index[:n_in], shape[:n_in])
+        outs, rest_out = _group_slice(index[n_in:], shape[n_in:])
+        outs = slice(start + outs.start, start + outs.stop)
+        block = files.rows(name, outs)[:, ins].T if rule.kind == "linear" else files.rows(name, ins)[:, outs]
+        block = block.reshape(_length(index[0]), *shape[1:n_in], _length(index[n_in]), *shape[n_in + 1:])
+        return block[(*rest_in, *rest_out)]
+    if rule.ours[0].endswith("embedding"):
+        return files.rows(name, slice(rule.offset + index[0].start, rule.offset + index[0].stop))[:, index[1]]
+    start = sum(math.prod(s) for s in shapes[:part])
+    flat, rest = _group_slice(index, shape)
+    return files.rows(name, slice(start + flat.start, start + flat.stop)).reshape(_length(index[0]), *shape[1:])[rest]
 
 
 def _to_theirs(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
@@ -268,6 +289,8 @@ def _index(rules_: list[Rule]) -> dict[str, tuple[Rule, int]]:
 
 
 def read_params(hf_dir: str, arch: str, hf: dict, cfg: Config, mesh):
+    """The params on `mesh`, each device's shard read from the safetensors files as a block of
+    the one tensor (per layer) it comes from: no host holds a whole sharded tensor."""
     files = SafetensorsFiles(hf_dir)
     abstract = restore.abstract_params(cfg, mesh)
     rules_ = rules(arch, hf)
@@ -281,26 +304,40 @@ def read_params(hf_dir: str, arch: str, hf: dict, cfg: Config, mesh):
         if key not in by_ours:
             raise HFError(f"param {'/'.join(keys)} has no Hugging Face counterpart in {arch}")
         layers = range(a.shape[0]) if block == "blocks" else [int(block[6:])] if block else [None]
-        layout[keys] = (key, layers, a.shape[1:] if block == "blocks" else a.shape)
-    shapes = {key: shape for key, _, shape in layout.values()}
-    dtype = DTYPES[cfg.model.param_dtype]
-    host: dict[tuple, np.ndarray] = {}  # (ours key, layer) -> array, filled rule by rule
-    wanted = {(key, i) for key, layers, _ in layout.values() for i in layers}
-    for rule in rules_:
-        layer_ids = sorted({i for (k, i) in wanted if k in rule.ours}, key=lambda i: -1 if i is None else i)
+        layout[keys] = (key, layers, a.shape[1:] if block == "blocks" else a.shape, block == "blocks")
+    shapes = {key: shape for key, _, shape, _ in layout.values()}
+    wanted = {(key, i) for key, layers, _, _ in layout.values() for i in layers}
+    for rule in rules_:  # every tensor present and of the right shape before any is read
         missing = [o for o in rule.ours if o not in shapes]
         if missing:
             raise HFError(f"tensor {rule.name} maps to {', '.join(missing)}, which this config's model does not have")
-        for i in layer_ids:
+        want = _hf_shape(rule, [shapes[o] for o in rule.ours])
+        for i in sorted({i for (k, i) in wanted if k in rule.ours}, key=lambda i: -1 if i is None else i):
             name = rule.name.format(i=i) if rule.per_layer else rule.name
-            parts = _to_ours(rule, files.read(name).astype(np.float32), [shapes[o] for o in rule.ours])
-            host.update({(o, i): p for o, p in zip(rule.ours, parts)})
+            if files.shape(name) != want:
+                raise HFError(f"tensor {name} has shape {list(files.shape(name))}, but config.json implies jaxllm "
+                              f"{', '.join(f'{o} {list(shapes[o])}' for o in rule.ours)}")
+    dtype = DTYPES[cfg.model.param_dtype]
 
     def load(path, target):
-        key, layers, _ = layout[_keys(path)]
-        full = np.stack([host[(key, i)] for i in layers]) if _split_path(_keys(path))[1] == "blocks" else host[(key, layers[0])]
-        full = full.astype(dtype)
-        return jax.make_array_from_callback(target.shape, target.sharding, lambda index: full[index])
+        key, layers, shape, stacked = layout[_keys(path)]
+        rule, part = by_ours[key]
+        parts = [shapes[o] for o in rule.ours]
+
+        def shard(index):
+            index = _normalise(index, target.shape)
+            out = aligned_empty(tuple(_length(s) for s in index), dtype)
+            ids, inner = (layers[index[0]], index[1:]) if stacked else (layers, index)
+            for k, i in enumerate(ids):
+                name = rule.name.format(i=i) if rule.per_layer else rule.name
+                block = _read_block(files, name, rule, parts, part, inner).astype(np.float32)
+                if stacked:
+                    out[k] = block
+                else:
+                    out[...] = block
+            return out
+
+        return jax.make_array_from_callback(target.shape, target.sharding, shard)
 
     return jax.tree_util.tree_map_with_path(load, abstract)
 
