@@ -1,7 +1,8 @@
-"""Hugging Face BERT, RoBERTa, BertForSequenceClassification and GPT-2 in and out
-(interop/hf_encoders.py) against fixtures written by `transformers`
-(tests/fixtures/make_hf_fixtures_encoders.py): logits of a 96-token pair and of a padded row,
-GPT-2's cached greedy continuation, import -> export -> import, one-line errors."""
+"""Hugging Face BERT, RoBERTa, BertForSequenceClassification, RobertaForSequenceClassification
+and GPT-2 in and out (interop/hf_encoders.py) against fixtures written by `transformers`
+(tests/fixtures/make_hf_fixtures_encoders.py, make_hf_fixtures_encoders2.py): logits of a
+96-token pair and of a padded row, GPT-2's cached greedy continuation, import -> export -> import,
+per-shard reads on 8 devices equal to one device, one-line errors."""
 
 import dataclasses
 import json
