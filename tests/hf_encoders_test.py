@@ -1,7 +1,8 @@
-"""Hugging Face BERT, RoBERTa, BertForSequenceClassification and GPT-2 in and out
-(interop/hf_encoders.py) against fixtures written by `transformers`
-(tests/fixtures/make_hf_fixtures_encoders.py): logits of a 96-token pair and of a padded row,
-GPT-2's cached greedy continuation, import -> export -> import, one-line errors."""
+"""Hugging Face BERT, RoBERTa, BertForSequenceClassification, RobertaForSequenceClassification
+and GPT-2 in and out (interop/hf_encoders.py) against fixtures written by `transformers`
+(tests/fixtures/make_hf_fixtures_encoders.py, make_hf_fixtures_encoders2.py): logits of a
+96-token pair and of a padded row, GPT-2's cached greedy continuation, import -> export -> import,
+per-shard reads on 8 devices equal to one device, one-line errors."""
 
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxllm import config as C
-from jaxllm import labelled, restore
+from jaxllm import labelled, restore, sharding
 from jaxllm.cli.plan import load_experiment
 from jaxllm.cli import hf as hf_cli
 from jaxllm.decoding import Generator, SamplingConfig
@@ -23,6 +24,7 @@ from jaxllm.models import MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "hf_encoders")
+FIXTURES2 = os.path.join(ROOT, "tests", "fixtures", "hf_encoders2")  # make_hf_fixtures_encoders2.py
 
 
 def golden(name):
@@ -92,6 +94,58 @@ def test_import_export_import_is_bit_identical(name, tmp_path):
     _, first = restore.load_params(workdir)
     _, second = restore.load_params(again)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), jax.device_get(second))
+
+
+def test_roberta_classifier_logits_and_round_trip(tmp_path):
+    """RobertaForSequenceClassification: its head (dense, tanh, out_proj on <s>) is imported as
+    BERT's pooler and score; logits equal transformers', and export writes RoBERTa's names back."""
+    source = os.path.join(FIXTURES2, "roberta_cls")
+    workdir = str(tmp_path / "run")
+    hf_encoders.import_checkpoint(source, workdir)
+    cfg, params = restore.load_params(workdir)
+    assert cfg.family == "classifier" and cfg.classifier.pooler and cfg.classifier.score_bias
+    ref = dict(np.load(os.path.join(source, "golden.npz")))
+    np.testing.assert_allclose(outputs(cfg, params, ref), ref["logits"], atol=1e-4, rtol=0)
+    out = str(tmp_path / "exported")
+    hf_cli.main(["export", "--workdir", workdir, "--out", out])
+    original, exported = hf.SafetensorsFiles(source), hf.SafetensorsFiles(out)
+    assert set(exported.where) == set(original.where)
+    for tensor in original.where:
+        theirs, ours = original.read(tensor), exported.read(tensor)
+        if tensor.endswith("position_embeddings.weight"):
+            theirs, ours = theirs[2:], ours[2:]  # rows 0-1 belong to padding: written back as zeros
+        np.testing.assert_array_equal(ours, theirs, err_msg=tensor)
+    hf_config = json.load(open(os.path.join(out, "config.json")))
+    assert hf_config["architectures"] == ["RobertaForSequenceClassification"]
+    assert hf_config["num_labels"] == 3 and hf_config["max_position_embeddings"] == 130
+    again = str(tmp_path / "again")
+    hf_cli.main(["import", "--hf_dir", out, "--workdir", again])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(restore.load_params(again)[1]))
+
+
+@pytest.mark.parametrize("name,sharded_tensor", [("bert", "bert.embeddings.word_embeddings.weight"),
+                                                 ("gpt2", "transformer.h.0.attn.c_attn.weight")])
+def test_sharded_import_reads_blocks_and_equals_one_device(name, sharded_tensor, monkeypatch):
+    """Streaming reads: on 8 devices (fsdp 4 x tensor 2) each device reads only its block of a
+    sharded tensor (never all of `sharded_tensor`'s rows), and the params equal a one-device import."""
+    hf_dir = os.path.join(FIXTURES, name)
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    arch = hf_encoders.architecture_of(config)
+    cfg = hf_encoders.config_from_hf(config, hf_dir, C.Config())
+    reads, rows = [], hf.SafetensorsFiles.rows
+
+    def recording(self, tensor, index=None):
+        view = rows(self, tensor, index)
+        reads.append((tensor, view.shape[0], self.shape(tensor)[0]))
+        return view
+
+    monkeypatch.setattr(hf.SafetensorsFiles, "rows", recording)
+    eight = hf_encoders.read_params(hf_dir, arch, config, cfg, sharding.make_mesh(C.MeshConfig(fsdp=4, tensor=2)))
+    assert {n < total for tensor, n, total in reads if tensor == sharded_tensor} == {True}
+    one = hf_encoders.read_params(hf_dir, arch, config, cfg,
+                                  sharding.make_mesh(C.MeshConfig(fsdp=1), devices=jax.devices()[:1]))
+    assert len(jax.tree.leaves(one)[0].sharding.device_set) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(eight), jax.device_get(one))
 
 
 def test_unsupported_configs_and_missing_tensors_are_one_line_errors(tmp_path):

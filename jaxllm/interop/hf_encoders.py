@@ -3,7 +3,7 @@ classifier) and GPT-2 (a causal LM): config.json <-> Config, safetensors <-> par
 
     BertForMaskedLM, RobertaForMaskedLM     -> family masked_lm (models/masked_lm.py)
     BertForSequenceClassification           -> family classifier, classifier.backbone=encoder,
-                                               [CLS] pooling, BERT's pooler, score bias
+    RobertaForSequenceClassification           [CLS] pooling, BERT's pooler, score bias
     GPT2LMHeadModel                         -> family causal_lm with LayerNorm, learned positions,
                                                tanh-gelu MLP and biases
 
@@ -11,10 +11,13 @@ Layouts: a torch Linear weight is [out, in] (kernel = W.T reshaped); GPT-2's Con
 already [in, out] (kernel = W reshaped), and its c_attn holds q, k and v side by side in its
 columns. RoBERTa's position table starts at padding_idx + 1 (its first rows belong to padding):
 jaxllm keeps the rows from there, so position p is row p as in BERT, and writes zeros back for
-the rows it drops. Tied output projections are not stored (as transformers saves them).
+the rows it drops. RoBERTa's classification head (dense, tanh, out_proj on <s>) is BERT's pooler
+and classifier under other names. Tied output projections are not stored (as transformers saves them).
 
-Each Hugging Face tensor is read whole, one at a time, and each param (its layers stacked) is
-placed on the mesh before the next one is read.
+Import reads as the Llama family's importer does (interop/hf.py): the target params are built
+abstractly on the destination mesh and each device's shard is read from the safetensors files as
+a block of the tensor it comes from (only the rows it needs are mapped), so no host holds the
+whole model.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from safetensors.numpy import save_file
 from jaxllm import restore, sharding
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import ClassifierConfig, Config, MoeConfig
-from jaxllm.interop.hf import DTYPES, TOKENIZER_FILES, SafetensorsFiles, copy_tokenizer, save_imported_run
+from jaxllm.interop.hf import (DTYPES, TOKENIZER_FILES, SafetensorsFiles, _group_slice, _length, _normalise, aligned_empty,
+                               copy_tokenizer, save_imported_run)
 from jaxllm.interop.hf_config import HFError
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
 
-ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "RobertaForMaskedLM", "GPT2LMHeadModel")
+ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "RobertaForMaskedLM",
+                 "RobertaForSequenceClassification", "GPT2LMHeadModel")
 MODEL_TYPES = {"BertForMaskedLM": "bert", "BertForSequenceClassification": "bert", "RobertaForMaskedLM": "roberta",
-               "GPT2LMHeadModel": "gpt2"}
+               "RobertaForSequenceClassification": "roberta", "GPT2LMHeadModel": "gpt2"}
+CLASSIFIERS = ("BertForSequenceClassification", "RobertaForSequenceClassification")
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -109,7 +115,7 @@ def _config_from_hf(hf: dict, tokenizer: str, base: Config) -> Config:
         attention_kind="bidirectional", max_positions=int(hf["max_position_embeddings"]) - offset,
         norm_placement="post", embed_norm=True, norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         type_vocab_size=int(hf.get("type_vocab_size", 2)))
-    if arch != "BertForSequenceClassification":
+    if arch not in CLASSIFIERS:
         return dataclasses.replace(base, family="masked_lm", model=model)
     labels = hf.get("id2label") or {}
     num = int(hf.get("num_labels") or len(labels) or 2)
@@ -199,6 +205,11 @@ def rules(arch: str, hf: dict) -> list[Rule]:
         return ([dataclasses.replace(r, ours=tuple(f"backbone/{o}" for o in r.ours)) for r in _bert_rules("bert", None, 0)]
                 + [Rule("bert.pooler.dense.weight", ("pooler/kernel",), "linear"), Rule("bert.pooler.dense.bias", ("pooler/bias",)),
                    Rule("classifier.weight", ("score",), "linear"), Rule("classifier.bias", ("score_bias",))])
+    if arch == "RobertaForSequenceClassification":
+        backbone = _bert_rules("roberta", None, _position_offset(hf))
+        return ([dataclasses.replace(r, ours=tuple(f"backbone/{o}" for o in r.ours)) for r in backbone]
+                + [Rule("classifier.dense.weight", ("pooler/kernel",), "linear"), Rule("classifier.dense.bias", ("pooler/bias",)),
+                   Rule("classifier.out_proj.weight", ("score",), "linear"), Rule("classifier.out_proj.bias", ("score_bias",))])
     head = "roberta" if arch == "RobertaForMaskedLM" else "bert"
     return _bert_rules(head, head, _position_offset(hf))
 
@@ -208,19 +219,37 @@ def _kernel_in_axes(path: str) -> int:
     return 2 if path.endswith("attn/o") else 1
 
 
-def _to_ours(rule: Rule, tensor: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """The jaxllm arrays (of `shapes`) that one Hugging Face tensor holds."""
-    if rule.kind == "linear":
-        tensor = tensor.T
-    tensor = tensor[rule.offset:]
+def _hf_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of the Hugging Face tensor that holds the jaxllm arrays of `shapes`."""
     if rule.kind in ("linear", "conv"):
-        tensor = tensor.reshape(math.prod(shapes[0][:_kernel_in_axes(rule.ours[0])]), -1)
-    widths = [math.prod(s) // (tensor.shape[0] if tensor.ndim == 2 else 1) for s in shapes]
-    if sum(widths) != tensor.shape[-1]:
-        raise HFError(f"tensor {rule.name} has shape {list(tensor.shape)}, but config.json implies jaxllm "
-                      f"{', '.join(f'{o} {list(s)}' for o, s in zip(rule.ours, shapes))}")
-    parts = np.split(tensor, np.cumsum(widths)[:-1], axis=-1)
-    return [np.ascontiguousarray(part).reshape(shape) for part, shape in zip(parts, shapes)]
+        n_in = _kernel_in_axes(rule.ours[0])
+        ins, outs = math.prod(shapes[0][:n_in]), sum(math.prod(s[n_in:]) for s in shapes)
+        return (outs, ins) if rule.kind == "linear" else (ins, outs)
+    if rule.ours[0].endswith("embedding"):  # a table [rows, D]
+        return (shapes[0][0] + rule.offset, shapes[0][1])
+    return (sum(math.prod(s) for s in shapes),)
+
+
+def _read_block(files: SafetensorsFiles, name: str, rule: Rule, shapes: list[tuple[int, ...]], part: int,
+                index: tuple[slice, ...]) -> np.ndarray:
+    """Block `index` of the jaxllm array rule.ours[part] (of shape shapes[part]) that tensor `name`
+    holds, reading only the file rows the block needs: a kernel's input or output rows, a
+    table's rows, a vector's span."""
+    shape = shapes[part]
+    if rule.kind in ("linear", "conv"):
+        n_in = _kernel_in_axes(rule.ours[0])
+        start = sum(math.prod(s[n_in:]) for s in shapes[:part])  # the part's first output column
+        ins, rest_in = _group_slice(index[:n_in], shape[:n_in])
+        outs, rest_out = _group_slice(index[n_in:], shape[n_in:])
+        outs = slice(start + outs.start, start + outs.stop)
+        block = files.rows(name, outs)[:, ins].T if rule.kind == "linear" else files.rows(name, ins)[:, outs]
+        block = block.reshape(_length(index[0]), *shape[1:n_in], _length(index[n_in]), *shape[n_in + 1:])
+        return block[(*rest_in, *rest_out)]
+    if rule.ours[0].endswith("embedding"):
+        return files.rows(name, slice(rule.offset + index[0].start, rule.offset + index[0].stop))[:, index[1]]
+    start = sum(math.prod(s) for s in shapes[:part])
+    flat, rest = _group_slice(index, shape)
+    return files.rows(name, slice(start + flat.start, start + flat.stop)).reshape(_length(index[0]), *shape[1:])[rest]
 
 
 def _to_theirs(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
@@ -260,6 +289,8 @@ def _index(rules_: list[Rule]) -> dict[str, tuple[Rule, int]]:
 
 
 def read_params(hf_dir: str, arch: str, hf: dict, cfg: Config, mesh):
+    """The params on `mesh`, each device's shard read from the safetensors files as a block of
+    the one tensor (per layer) it comes from: no host holds a whole sharded tensor."""
     files = SafetensorsFiles(hf_dir)
     abstract = restore.abstract_params(cfg, mesh)
     rules_ = rules(arch, hf)
@@ -273,26 +304,40 @@ def read_params(hf_dir: str, arch: str, hf: dict, cfg: Config, mesh):
         if key not in by_ours:
             raise HFError(f"param {'/'.join(keys)} has no Hugging Face counterpart in {arch}")
         layers = range(a.shape[0]) if block == "blocks" else [int(block[6:])] if block else [None]
-        layout[keys] = (key, layers, a.shape[1:] if block == "blocks" else a.shape)
-    shapes = {key: shape for key, _, shape in layout.values()}
-    dtype = DTYPES[cfg.model.param_dtype]
-    host: dict[tuple, np.ndarray] = {}  # (ours key, layer) -> array, filled rule by rule
-    wanted = {(key, i) for key, layers, _ in layout.values() for i in layers}
-    for rule in rules_:
-        layer_ids = sorted({i for (k, i) in wanted if k in rule.ours}, key=lambda i: -1 if i is None else i)
+        layout[keys] = (key, layers, a.shape[1:] if block == "blocks" else a.shape, block == "blocks")
+    shapes = {key: shape for key, _, shape, _ in layout.values()}
+    wanted = {(key, i) for key, layers, _, _ in layout.values() for i in layers}
+    for rule in rules_:  # every tensor present and of the right shape before any is read
         missing = [o for o in rule.ours if o not in shapes]
         if missing:
             raise HFError(f"tensor {rule.name} maps to {', '.join(missing)}, which this config's model does not have")
-        for i in layer_ids:
+        want = _hf_shape(rule, [shapes[o] for o in rule.ours])
+        for i in sorted({i for (k, i) in wanted if k in rule.ours}, key=lambda i: -1 if i is None else i):
             name = rule.name.format(i=i) if rule.per_layer else rule.name
-            parts = _to_ours(rule, files.read(name).astype(np.float32), [shapes[o] for o in rule.ours])
-            host.update({(o, i): p for o, p in zip(rule.ours, parts)})
+            if files.shape(name) != want:
+                raise HFError(f"tensor {name} has shape {list(files.shape(name))}, but config.json implies jaxllm "
+                              f"{', '.join(f'{o} {list(shapes[o])}' for o in rule.ours)}")
+    dtype = DTYPES[cfg.model.param_dtype]
 
     def load(path, target):
-        key, layers, _ = layout[_keys(path)]
-        full = np.stack([host[(key, i)] for i in layers]) if _split_path(_keys(path))[1] == "blocks" else host[(key, layers[0])]
-        full = full.astype(dtype)
-        return jax.make_array_from_callback(target.shape, target.sharding, lambda index: full[index])
+        key, layers, shape, stacked = layout[_keys(path)]
+        rule, part = by_ours[key]
+        parts = [shapes[o] for o in rule.ours]
+
+        def shard(index):
+            index = _normalise(index, target.shape)
+            out = aligned_empty(tuple(_length(s) for s in index), dtype)
+            ids, inner = (layers[index[0]], index[1:]) if stacked else (layers, index)
+            for k, i in enumerate(ids):
+                name = rule.name.format(i=i) if rule.per_layer else rule.name
+                block = _read_block(files, name, rule, parts, part, inner).astype(np.float32)
+                if stacked:
+                    out[k] = block
+                else:
+                    out[...] = block
+            return out
+
+        return jax.make_array_from_callback(target.shape, target.sharding, shard)
 
     return jax.tree_util.tree_map_with_path(load, abstract)
 
@@ -345,11 +390,12 @@ def hf_architecture(cfg: Config) -> str | None:
                                       ("classifier.score_bias", not c.score_bias)) if bad]
     if problems:
         raise HFError(f"this encoder is not a BERT: {', '.join(problems)} differ(s) from BERT's")
-    if cfg.family == "classifier":
-        return "BertForSequenceClassification"
     tok = tokenizer_lib.load(m.tokenizer)
     # RoBERTa's table starts at padding_idx + 1; its tokenizer has <s> as [CLS] and BOS.
-    return "RobertaForMaskedLM" if tok.cls_id is not None and tok.cls_id == tok.bos_id and m.tokenizer != "bytes" else "BertForMaskedLM"
+    roberta = tok.cls_id is not None and tok.cls_id == tok.bos_id and m.tokenizer != "bytes"
+    if cfg.family == "classifier":
+        return "RobertaForSequenceClassification" if roberta else "BertForSequenceClassification"
+    return "RobertaForMaskedLM" if roberta else "BertForMaskedLM"
 
 
 def hf_config(cfg: Config, arch: str, tok, dtype: str) -> dict:
@@ -362,7 +408,7 @@ def hf_config(cfg: Config, arch: str, tok, dtype: str) -> dict:
                 "n_positions": m.max_positions, "activation_function": act, "layer_norm_epsilon": m.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    roberta = arch == "RobertaForMaskedLM"
+    roberta = MODEL_TYPES[arch] == "roberta"
     pad = tok.pad_id if tok.pad_id is not None else (1 if roberta else 0)
     out = {**common, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
            "intermediate_size": m.mlp_dim, "hidden_act": act, "layer_norm_eps": m.norm_eps,
@@ -371,7 +417,7 @@ def hf_config(cfg: Config, arch: str, tok, dtype: str) -> dict:
            "pad_token_id": pad}
     if roberta:
         out.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    if arch == "BertForSequenceClassification":
+    if arch in CLASSIFIERS:
         names = cfg.data.classes or tuple(f"LABEL_{i}" for i in range(cfg.classifier.num_classes))
         out.update(num_labels=cfg.classifier.num_classes, id2label={str(i): n for i, n in enumerate(names)},
                    label2id={n: i for i, n in enumerate(names)})
