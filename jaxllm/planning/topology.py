@@ -56,6 +56,21 @@ class Topology:
     def accelerator_type(self) -> str:
         return f"{self.chip.generation}-{self.chips * self.chip.cores_per_chip}"
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(side) for side in self.name.split(":")[1].split("x"))
+
+    @property
+    def wraparound(self) -> tuple[bool, bool, bool]:
+        """Which sides of the slice close into rings. A 3-D torus (v4, v5p) has its wraparound
+        links once every side is a multiple of 4 (whole 4x4x4 cubes), none below that; a 2-D grid
+        (v5e, v6e) wraps the sides of 16, a whole pod's. libtpu picks collective algorithms by it:
+        without the rings an fsdp all-gather becomes an all-reduce of twice the traffic."""
+        shape = self.shape
+        if self.chip.dims == 3:
+            return (all(side % 4 == 0 for side in shape),) * 3
+        return tuple(side == 16 for side in shape) + (False,)
+
     def describe(self) -> str:
         slices = f"{self.num_slices} x " if self.num_slices > 1 else ""
         return f"{slices}{self.accelerator_type} ({self.name}, {self.chips} chips)"
@@ -101,8 +116,13 @@ def devices(topology: Topology):
     # libtpu reads the accelerator type at start-up and warns when it is unset.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.name,
-                                            num_slices=topology.num_slices)
+        # As a Cloud slice is built: v4/v5p chips run their two TensorCores as one device
+        # ("megacore"), hosts hold up to 2x2 chips, and the torus's rings are described.
+        hosts = tuple(min(2, side) for side in topology.shape[:2]) + (1,)
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology.name, num_slices=topology.num_slices,
+            chip_config_name="megacore" if topology.chip.dims == 3 else "default",
+            chips_per_host_bounds=hosts, wrap=topology.wraparound)
     except Exception as e:  # noqa: BLE001 - libtpu's errors name no type we could catch more narrowly
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"cannot describe TPU topology {topology.name} ({first}); install the TPU "
