@@ -28,6 +28,12 @@ def test_topology_names():
     assert topology.parse("v5p:4x4x8", num_slices=2).num_devices == 256
     with pytest.raises(C.ConfigError, match="unknown TPU topology"):
         topology.parse("h100-8")
+    # The torus's wraparound rings, as Cloud TPU slices have them: whole 4x4x4 cubes on v4/v5p,
+    # sides of 16 on v5e/v6e.
+    assert topology.parse("v5p-128").wraparound == (True, True, True)
+    assert topology.parse("v5p-64").wraparound == (False, False, False)
+    assert topology.parse("v6e-128").wraparound == (False, True, False)
+    assert topology.parse("v5e-256").wraparound == (True, True, False)
 
 
 def test_plan_memory_matches_the_shapes():
