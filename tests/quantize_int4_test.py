@@ -13,8 +13,9 @@ from jaxllm import ops, restore
 from jaxllm.cli import generate as generate_cli
 from jaxllm.cli import quantize as quantize_cli
 from jaxllm.compression import quantize
+from jaxllm.interop import hf
 from jaxllm.models import Transformer
-from helpers import packed_batch, save_fresh_run, tiny_config
+from helpers import packed_batch, tiny_config, write_run
 
 VALUES, SCALE = "int4", "scale"
 
@@ -98,7 +99,8 @@ def test_int4_run_restores_sharded_equal_to_single_device_and_generates(tmp_path
     devices with the same logits as quantizing on one device, and that generate accepts."""
     workdir, out = str(tmp_path / "float"), str(tmp_path / "int4")
     cfg = tiny_config(workdir=workdir)
-    params = jax.device_get(save_fresh_run(cfg).params)
+    params = _float_params(cfg.model)
+    write_run(workdir, cfg, {1: params})
     quantize_cli.main(["--workdir", workdir, "--out", out, "--bits", "4", "--group_size", "32"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Values at half a byte plus one float32 scale per 32 weights: 1/8 + 1/32 of float32.
@@ -117,6 +119,8 @@ def test_int4_run_restores_sharded_equal_to_single_device_and_generates(tmp_path
 
     generate_cli.main(["--workdir", out, "--prompt", "def ", "--max_new_tokens", "3"])
     assert capsys.readouterr().out.startswith("def ")
+    with pytest.raises(hf.HFError, match="holds a quantized checkpoint; export the float run"):
+        hf.export_checkpoint(out, str(tmp_path / "exported"))
 
     for group, message in (("48", "--group_size 48 does not divide the input dimension 64"),
                            ("0", "--group_size 0 must be 1 or more")):
