@@ -93,8 +93,8 @@ def group_scale_shape(shape: Sequence[int], axes: Sequence[int], group_size: int
     A group size that does not tile the contracting axes raises QuantizationError."""
     ndim = len(shape)
     contracted = sorted(a % ndim for a in axes)
-    out, remaining = list(shape), group_size
-    for a in reversed(contracted):
+    out, remaining = list(shape), max(group_size, 0)
+    for a in reversed(contracted if group_size >= 1 else []):
         if remaining >= shape[a] and remaining % shape[a] == 0:  # a group spans this whole axis
             out[a], remaining = 1, remaining // shape[a]
         elif shape[a] % remaining == 0:  # this axis holds whole groups
