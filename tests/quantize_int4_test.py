@@ -133,6 +133,7 @@ def test_int4_run_restores_sharded_equal_to_single_device_and_generates(tmp_path
 
 
 def test_a_group_size_that_does_not_divide_the_input_is_a_one_line_error():
-    params = _float_params(tiny_config().model)  # d_model 64
+    model = Transformer(tiny_config().model)  # d_model 64; shapes are all the check needs
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     with pytest.raises(quantize.QuantizationError, match=r"--group_size 48 does not divide the input dimension 64"):
         quantize.quantize_params(params, bits=4, group_size=48)
