@@ -1,7 +1,7 @@
 """Sampling with a KV cache: one prefill over the (left- or right-padded) prompts, then one jitted
 program per new token (decode step and sampling together). Greedy, temperature, top-k and top-p;
 batched prompts of different lengths; each sequence stops at EOS; optionally sharded over a mesh's
-batch and tensor axes; float or int8-quantized params (compression.quantize). The command line is
+batch and tensor axes; float or int8/int4-quantized params (compression.quantize). The command line is
 `python -m jaxllm.generate` (jaxllm/cli/generate.py).
 
 Shape legend: B batch, P prompt length, S cache length, V vocab, I image (prefix) tokens, D width.
@@ -88,7 +88,7 @@ def choose_tokens(logits_BV, rng, sampling: SamplingConfig):
 def unstack_layers(cfg: ModelConfig, params):
     """The params of a scanned model (`cfg.scan_layers`: blocks stacked along a leading layers
     axis) in the layout of the unscanned one, block_0 .. block_{n-1}; params already in that
-    layout come back as they are. Float or int8-quantized.
+    layout come back as they are. Float or int8/int4-quantized.
 
     With model.moe.every = k > 1 the scan runs over groups of k blocks, `blocks/block_j` holding
     position j of every group, so block j of group g becomes block_{g·k + j} (the MoE blocks land
@@ -110,7 +110,7 @@ class Generator:
 
     With a `mesh`, every call runs under it: prompts, cache and logits are split over the batch
     axes and the KV heads over `tensor` (the params must already be sharded on that mesh, as
-    `load_params` returns them). Params may be float or int8-quantized (jaxllm.quantize).
+    `load_params` returns them). Params may be float or int8/int4-quantized (jaxllm.quantize).
 
     Decoding always runs the blocks unrolled, each with its own cache, whether or not the model
     was trained with `scan_layers`: under nn.scan the cache is one [layers, ...] array carried
@@ -136,6 +136,7 @@ class Generator:
         # Wall-clock seconds of the last `generate` call: the prompt pass ("prefill_s") and each
         # following step ("step_s"), for benchmarks.
         self.last_timings: dict = {}
+        self._cache_shapes: dict = {}
 
     def _run(self, fn, *args):
         if self.mesh is None:
@@ -156,9 +157,13 @@ class Generator:
         return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
     def init_cache(self, batch: int, length: int):
-        tokens = jnp.zeros((batch, length), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.model.init(jax.random.key(0), tokens))["cache"]
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        # The shapes come from tracing the model (~0.2 s on a loaded 2-core CPU), so they are kept
+        # per size: continuous batching makes a one-row cache for every prompt it admits.
+        if (batch, length) not in self._cache_shapes:
+            tokens = jnp.zeros((batch, length), jnp.int32)
+            self._cache_shapes[batch, length] = jax.eval_shape(
+                lambda: self.model.init(jax.random.key(0), tokens))["cache"]
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._cache_shapes[batch, length])
 
     @functools.partial(jax.jit, static_argnums=0)
     def decode_params(self, params):

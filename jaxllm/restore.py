@@ -1,4 +1,4 @@
-"""One restore path: a run directory's params (float, int8-quantized, pruned, MoE, distilled)
+"""One restore path: a run directory's params (float, int8/int4-quantized, pruned, MoE, distilled)
 onto any mesh, for inference and for the tools, without building an optimizer.
 
     cfg, params = restore.load_params("runs/tiny_lm")            # the local devices' mesh
@@ -75,8 +75,8 @@ def restore_tree(directory: str, abstract, mesh: jax.sharding.Mesh, step: int | 
 
 def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: int | None = None):
     """(params, step, meta) of a run's checkpoint `step` (None: the latest) in checkpoint
-    directory `directory`, read onto `mesh`. Only the params are read. An int8-quantized checkpoint
-    comes back quantized, sharded like the float params would be; a probe or lora run's comes back
+    directory `directory`, read onto `mesh`. Only the params are read. An int8- or int4-quantized
+    checkpoint comes back quantized, sharded like the float params would be; a probe or lora run's comes back
     composed with the frozen params of its `init_from` run (adapters merged)."""
     meta = _meta(directory, step)
     family = MODELS.get(cfg.family)
@@ -87,7 +87,14 @@ def restore_params(directory: str, cfg: Config, mesh: jax.sharding.Mesh, step: i
         frozen, _ = restore_tree(ckpt.checkpoint_dir(cfg.init_from), abstract_params(cfg, mesh, part="frozen"), mesh)
         return jax.jit(plan.compose)(trainable, frozen), step, meta
     abstract = abstract_params(cfg, mesh)
-    if meta.get(quantize.META_KEY) is not None:
+    record = meta.get(quantize.META_KEY)
+    if record is not None and record.get("bits", 8) == 4:  # packed in the checkpoint, unpacked here
+        group_size = record["group_size"]
+        stored = quantize.quantized_abstract(abstract, bits=4, group_size=group_size, packed=True)
+        packed, step = restore_tree(directory, stored, mesh, step, key)
+        unpacked = quantize.quantized_abstract(abstract, bits=4, group_size=group_size)
+        return quantize.from_checkpoint(packed, unpacked), step, meta
+    if record is not None:
         abstract = quantize.quantized_abstract(abstract)
     params, step = restore_tree(directory, abstract, mesh, step, key)
     return params, step, meta

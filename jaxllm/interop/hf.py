@@ -37,16 +37,23 @@ from safetensors.numpy import save_file
 from jaxllm import restore, sharding
 from jaxllm import config as config_lib
 from jaxllm import tokenizer as tokenizer_lib
+from jaxllm.compression import quantize
 from jaxllm.config import Config
 from jaxllm.interop.hf_config import (DEEPSEEK, GEMMA, HFError, hf_architecture, hf_config, interleaved_rope_dims,
                                       model_config, read_config)
 from jaxllm.training import checkpoint as ckpt
 from jaxllm.training import workdir_lock
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers >= 4.50 saves a chat template (older ones keep it in
+# tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # The source's config.json, kept in an imported run directory: export reads the special token ids
 # and max_position_embeddings the run's own config does not hold.
 SOURCE_CONFIG = "hf_source_config.json"
+# The source's generation_config.json (eos lists, default sampling settings), merged into the
+# export's own (transformers' generate and vLLM read it).
+SOURCE_GENERATION_CONFIG = "hf_source_generation_config.json"
+GENERATION_CONFIG = "generation_config.json"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -469,6 +476,8 @@ def import_checkpoint(hf_dir: str, workdir: str, base: Config = Config()) -> Con
     copy_tokenizer(hf_dir, workdir)
     if jax.process_index() == 0:
         shutil.copyfile(config_file, os.path.join(workdir, SOURCE_CONFIG))
+        if os.path.exists(os.path.join(hf_dir, GENERATION_CONFIG)):
+            shutil.copyfile(os.path.join(hf_dir, GENERATION_CONFIG), os.path.join(workdir, SOURCE_GENERATION_CONFIG))
     save_imported_run(workdir, hf_dir, cfg, params)
     return cfg
 
@@ -518,13 +527,14 @@ def _hf_tensors(arch: str, params, dtype, rope_tail: int = 0) -> Iterator[tuple[
             yield m.name(*idx), np.ascontiguousarray(block).astype(dtype)
 
 
-def source_config(workdir: str, cfg: Config) -> dict:
-    """The config.json a run was imported from: kept in its workdir, or in the workdir it was
-    fine-tuned from (init_from, followed back); {} for a run trained from scratch."""
+def source_config(workdir: str, cfg: Config, name: str = SOURCE_CONFIG) -> dict:
+    """The config.json (`name`: another file kept from it) a run was imported from: kept in its
+    workdir, or in the workdir it was fine-tuned from (init_from, followed back); {} for a run
+    trained from scratch."""
     seen = set()
     while workdir and workdir not in seen:
         seen.add(workdir)
-        path = os.path.join(workdir, SOURCE_CONFIG)
+        path = os.path.join(workdir, name)
         if os.path.exists(path):
             return read_config(path)
         try:
@@ -538,11 +548,12 @@ def source_config(workdir: str, cfg: Config) -> dict:
 def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_bytes: int = 2 << 30,
                       step: int | None = None) -> dict:
     """Writes `workdir`'s params (checkpoint `step`, default the latest) as a Hugging Face checkpoint
-    directory `out`: safetensors shards of at most `max_shard_bytes`, their index, config.json
-    and the tokenizer files. Returns the index's metadata."""
+    directory `out`: safetensors shards of at most `max_shard_bytes`, their index, config.json,
+    generation_config.json and the tokenizer files (with the chat template, where the source had
+    one). Returns the index's metadata."""
     cfg, params, step = restore.load_params(workdir, return_step=True, step=step)
-    if any(getattr(x, "dtype", None) == np.int8 for x in jax.tree.leaves(params)):
-        raise HFError(f"{workdir} holds an int8-quantized checkpoint; export the float run it came from")
+    if quantize.is_quantized_tree(params):
+        raise HFError(f"{workdir} holds a quantized checkpoint; export the float run it came from")
     arch = hf_architecture(cfg.model)
     if dtype not in DTYPES:
         raise HFError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -581,6 +592,11 @@ def export_checkpoint(workdir: str, out: str, dtype: str = "float32", max_shard_
                 json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(hf_config(cfg.model, special, dtype, source), f, indent=2)
+        # The source's generation settings where it had them (an eos list wins over the single id).
+        generation = {k: v for k, v in special.items() if v is not None}
+        generation.update(source_config(workdir, cfg, SOURCE_GENERATION_CONFIG))
+        with open(os.path.join(out, GENERATION_CONFIG), "w") as f:
+            json.dump(generation, f, indent=2)
         if cfg.model.tokenizer != "bytes":
             source = os.path.dirname(tok.name)
             for name in TOKENIZER_FILES:

@@ -10,7 +10,8 @@ S block size.
 
 An expert kernel is a float array or an int8-quantized one ({"int8": values, "scale": scales}, see
 ops.dense): the values enter the matmul in the compute dtype and the per-output-channel scale
-(shape [E, 1, F]) multiplies its output, so no float copy of the weights is made. It may also be
+(shape [E, 1, F]) multiplies its output, so no float copy of the weights is made; an int4 one's
+per-group scales multiply the kernel as it is converted. It may also be
 an adapted kernel (ops.projection.Adapted, LoRA), one adapter per expert, applied unmerged.
 """
 
@@ -22,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.ops.projection import QUANTIZED_SCALE, QUANTIZED_VALUES, Adapted, dropout, einsum, is_quantized
+from jaxllm.ops.projection import (INT4_VALUES, QUANTIZED_SCALE, QUANTIZED_VALUES, Adapted, dequantize, dropout, einsum,
+                                   is_int4, is_quantized)
 from jaxllm.registry import Registry
 from jaxllm.sharding import target_platform
 
@@ -96,6 +98,8 @@ def _ragged_dot(x_RD, w_EDF, sizes_E, expert_sorted_R):
         h = jax.lax.ragged_dot(x_in, w_EDF.a.astype(x_RD.dtype), sizes_E) * jnp.asarray(w_EDF.scale, x_RD.dtype)
         return (_ragged_dot(x_RD, w_EDF.kernel, sizes_E, expert_sorted_R)
                 + jax.lax.ragged_dot(h, w_EDF.b.astype(x_RD.dtype), sizes_E))
+    if is_int4(w_EDF):  # per-group scales vary along D: scale the kernel
+        return jax.lax.ragged_dot(x_RD, dequantize(w_EDF[INT4_VALUES], w_EDF[QUANTIZED_SCALE], x_RD.dtype), sizes_E)
     if is_quantized(w_EDF):
         y = jax.lax.ragged_dot(x_RD, w_EDF[QUANTIZED_VALUES].astype(x_RD.dtype), sizes_E)
         return y * w_EDF[QUANTIZED_SCALE][expert_sorted_R, 0].astype(x_RD.dtype)

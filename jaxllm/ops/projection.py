@@ -1,5 +1,5 @@
 """Weight projections: `dense(x, w)` is `jnp.tensordot(x, w, contract)` for a float or an
-int8-quantized kernel, or a frozen kernel with a low-rank adapter (`Adapted`), with a backward pass
+int8/int4-quantized kernel, or a frozen kernel with a low-rank adapter (`Adapted`), with a backward pass
 that picks cheap transposes.
 
 Layers call `dense` (and the fused variants in this package) and read as plain einsums; what is
@@ -73,7 +73,7 @@ def project(x, w, contract: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# int8-quantized kernels (see jaxllm.compression.quantize)
+# int8- and int4-quantized kernels (see jaxllm.compression.quantize)
 #
 # A quantized kernel is a dict {"int8": values, "scale": float32 scales} stored under the kernel's
 # own parameter name. The scale keeps the kernel's rank with size 1 on the contracting axes (one
@@ -82,11 +82,39 @@ def project(x, w, contract: int):
 # dict (not a custom pytree class) is what orbax and flax handle without registration; the key
 # "int8" sorts before "scale", so flax's shape check of `self.param` (which compares the first
 # leaf with the initializer's shape) sees the values.
+#
+# An int4 kernel is {"int4": jnp.int4 values of the kernel's shape, "scale": one scale per group
+# of input channels}: on the contracting axes the scale has the group count (their flattened
+# size / group size, see compression.quantize.group_scale_shape), so each value's scale is the
+# scale entry its index falls in along every axis. The values keep the kernel's shape (flax's
+# shape check again); XLA stores int4 two per byte on GPU and TPU, checkpoints pack them into
+# bytes explicitly (compression.quantize.pack_int4).
 QUANTIZED_VALUES, QUANTIZED_SCALE = "int8", "scale"
+INT4_VALUES = "int4"
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, Mapping) and QUANTIZED_VALUES in w
+    return isinstance(w, Mapping) and (QUANTIZED_VALUES in w or INT4_VALUES in w)
+
+
+def is_int4(w) -> bool:
+    return isinstance(w, Mapping) and INT4_VALUES in w
+
+
+def quantized_values(w):
+    """The integer values of a quantized kernel (int8 or int4)."""
+    return w[INT4_VALUES] if is_int4(w) else w[QUANTIZED_VALUES]
+
+
+def dequantize(values, scale, dtype):
+    """values · scale in `dtype`, each scale entry covering a block of values.shape // scale.shape
+    (along every axis): int8's per-output-channel scales and int4's per-group ones alike."""
+    blocks, scales = [], []
+    for v, s in zip(values.shape, scale.shape):
+        blocks += [s, v // s]
+        scales += [s, 1]
+    w = values.astype(jnp.float32).reshape(blocks) * scale.astype(jnp.float32).reshape(scales)
+    return w.reshape(values.shape).astype(dtype)
 
 
 def map_kernels(fn: Callable, *kernels):
@@ -94,11 +122,11 @@ def map_kernels(fn: Callable, *kernels):
 
     `fn` must only rearrange output axes (and must not assume the contracting axes' sizes), e.g.
     `lambda a: a.reshape(a.shape[0], N, G, K)` rather than `a.reshape(D, N, G, K)`."""
-    kinds = {is_quantized(k) for k in kernels}
+    kinds = {(is_quantized(k), is_int4(k)) for k in kernels}
     if len(kinds) > 1:
-        raise ValueError("cannot combine float and int8-quantized kernels in one projection")
-    if kinds == {True}:
-        return {part: fn(*(k[part] for k in kernels)) for part in (QUANTIZED_VALUES, QUANTIZED_SCALE)}
+        raise ValueError("cannot combine float, int8- and int4-quantized kernels in one projection")
+    if is_quantized(kernels[0]):
+        return {part: fn(*(k[part] for k in kernels)) for part in kernels[0]}
     return fn(*kernels)
 
 
@@ -184,27 +212,30 @@ def with_adapter(y, x, w, contract: int, dtype):
 
 
 def dense(x, w, contract: int, dtype, names: tuple | None = None):
-    """`jnp.tensordot(x, w, contract)` in `dtype` for a float or int8-quantized kernel `w`, plus
+    """`jnp.tensordot(x, w, contract)` in `dtype` for a float or int8/int4-quantized kernel `w`, plus
     the adapter's term for an `Adapted` one; `names` are the logical names of w's axes to
     constrain it to (None: no constraint).
 
     A quantized kernel is converted to `dtype` inside the computation (no float copy outlives the
     call) and its per-output-channel scale multiplies the matmul's output, which is the same as
     scaling the kernel since the scale is constant along the contracted axes. The int8 values are
-    constrained before the conversion, so resharding moves a quarter of the float bytes."""
+    constrained before the conversion, so resharding moves a quarter of the float bytes. An int4
+    kernel's per-group scales multiply the kernel as it is converted (`dequantize`)."""
     if isinstance(w, Adapted):
         return dense(x, w.kernel, contract, dtype, names) + lora_delta(x, w, contract, dtype)
     if not is_quantized(w):
         kernel = w.astype(dtype)
         return project(x.astype(dtype), kernel if names is None else nn.with_logical_constraint(kernel, names),
                        contract)
-    values = w[QUANTIZED_VALUES]
+    values = quantized_values(w)
     if names is not None:
         values = nn.with_logical_constraint(values, names)
     # Tied to x, the conversion runs just before its matmul. Otherwise XLA hoists every layer's
     # conversion (it depends on the params alone) to the start of the step, so all the float
     # copies are live at once and have left the cache by the time their matmul reads them.
     x, values = jax.lax.optimization_barrier((x, values))
+    if is_int4(w):  # per-group scales vary along the contracted axes: scale the kernel
+        return project(x.astype(dtype), dequantize(values, w[QUANTIZED_SCALE], dtype), contract)
     y = project(x.astype(dtype), values.astype(dtype), contract)
     scale = w[QUANTIZED_SCALE].reshape(values.shape[contract:]).astype(dtype)
     return y * scale
@@ -212,11 +243,13 @@ def dense(x, w, contract: int, dtype, names: tuple | None = None):
 
 def einsum(spec: str, x, w):
     """`jnp.einsum(spec, x, w)` for a float or int8-quantized `w` whose scale broadcasts against
-    the output (per-output-channel scales laid out like the output's trailing axes), or an
-    `Adapted` one whose batch axes (those of w's letters also in x and the output, e.g. e in
-    "ecd,edf->ecf") lead in x."""
+    the output (per-output-channel scales laid out like the output's trailing axes), an int4 one
+    (dequantized first), or an `Adapted` one whose batch axes (those of w's letters also in x and
+    the output, e.g. e in "ecd,edf->ecf") lead in x."""
     if isinstance(w, Adapted):
         return einsum(spec, x, w.kernel) + _lora_einsum(spec, x, w)
+    if is_int4(w):
+        return jax.numpy.einsum(spec, x, dequantize(w[INT4_VALUES], w[QUANTIZED_SCALE], x.dtype))
     if is_quantized(w):
         y = jax.numpy.einsum(spec, x, w[QUANTIZED_VALUES].astype(x.dtype))
         return y * w[QUANTIZED_SCALE].astype(x.dtype)
