@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxllm import config as C
-from jaxllm import restore, sharding
+from jaxllm import restore, sharding, validation
 from jaxllm.decoding import Generator, SamplingConfig
 from jaxllm.interop import hf
 from jaxllm.layers.base import ROPE_SCALINGS, rotary_sin_cos
@@ -117,3 +117,10 @@ def test_the_hubs_deepseek_v3_yarn_config_imports_and_exports():
     with pytest.raises(hf.HFError, match=r"rope_scaling='llama3' cannot be represented: .* only YaRN"):
         hf.model_config({**hub, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+
+
+def test_yarn_with_beta_slow_above_beta_fast_is_refused():
+    cfg = C.override(C.Config(), ["model.rope_scaling.kind=yarn"])
+    validation.validate(cfg)  # the defaults: factor 8, beta_slow 1, beta_fast 32
+    with pytest.raises(C.ConfigError, match=r"model.rope_scaling \(yarn\) needs .* 0 < beta_slow < beta_fast; got 8.0, 8192, 32.0, 1.0"):
+        validation.validate(C.override(cfg, ["model.rope_scaling.beta_slow=32", "model.rope_scaling.beta_fast=1"]))
