@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` <-> jaxllm ModelConfig: the Llama family (Llama incl. Llama 3 rope
+"""Hugging Face `config.json` <-> jaxllm ModelConfig: the Llama family (Llama incl. Llama 3 and YaRN rope
 scaling, Mistral's sliding window, Qwen2's q/k/v biases, Mixtral's MoE), Qwen3 (q/k norms),
 Qwen3-MoE (fine-grained experts, normalised top-k), Gemma 2 / Gemma 3 (GeGLU, sandwich norms
 with 1 + w, scaled embeddings, local:global attention pattern, soft-caps) and DeepSeek-V3
