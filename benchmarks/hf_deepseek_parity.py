@@ -1,6 +1,7 @@
 """Parity of the DeepSeek-V3 and Qwen3-MoE (mlp_only_layers) importers on the committed fixtures
 written by `transformers` 5.24 (tests/fixtures/hf/deepseek_v3, qwen3_moe_dense;
-tests/fixtures/make_hf_fixtures_deepseek.py). Prints JSON per fixture: the largest absolute logits
+tests/fixtures/make_hf_fixtures_deepseek.py; deepseek_v3_yarn, YaRN RoPE scaling:
+make_hf_fixtures_deepseek_yarn.py). Prints JSON per fixture: the largest absolute logits
 difference from transformers' on the 80-token input (scanned and unscanned import), whether cached
 greedy decoding gives the golden 16 tokens, whether import -> export -> import is bit-identical
 (tensors and config), and the import wall time; and the int8 (compression/quantize.py) logit
@@ -69,10 +70,11 @@ def check(name: str, tmp: str) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--fixtures", nargs="+", default=["deepseek_v3", "qwen3_moe_dense", "deepseek_v3_yarn"])
+    args = parser.parse_args(argv)
     report = {"device": str(jax.devices()[0].device_kind), "fixtures": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("deepseek_v3", "qwen3_moe_dense"):
+        for name in args.fixtures:
             report["fixtures"][name] = check(name, tmp)
     print(json.dumps(report, indent=1))
 

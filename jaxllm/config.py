@@ -75,13 +75,22 @@ class RopeScalingConfig:
     """Rescaling of the RoPE frequencies for long contexts (key of layers.base.ROPE_SCALINGS):
     "none", "linear" (every frequency divided by `factor`) or "llama3" (Llama 3.1: low frequencies
     divided by `factor`, a smooth blend between `low_freq_factor` and `high_freq_factor`
-    wavelengths of the original context)."""
+    wavelengths of the original context) or "yarn" (fields below)."""
 
     kind: str = "none"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_len: int = 8192
+    # "yarn" (YaRN; DeepSeek-V3, Kimi): frequencies ramped from interpolated (/ factor) to kept
+    # between beta_slow and beta_fast rotations over original_max_len; cos/sin times
+    # attention_factor (0: mscale(factor, mscale) / mscale(factor, mscale_all_dim), transformers').
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0
+    truncate: bool = True  # the ramp's ends rounded outwards to whole dimensions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,10 @@ def validate(cfg: Config) -> None:
     if m.param_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.param_dtype={m.param_dtype!r}; choose float32 or bfloat16")
     ROPE_SCALINGS.check(m.rope_scaling.kind)
+    r = m.rope_scaling
+    if r.kind == "yarn" and not (r.factor > 0 and r.original_max_len > 0 and 0 < r.beta_slow < r.beta_fast):
+        raise ConfigError(f"model.rope_scaling (yarn) needs factor > 0, original_max_len > 0 and 0 < beta_slow < beta_fast; "
+                          f"got {r.factor}, {r.original_max_len}, {r.beta_slow}, {r.beta_fast}")
     validate_recipe(m, cfg)
     ATTENTION_LAYERS.check(m.attention_layer)
     if m.attention_layer == "mla":

@@ -116,8 +116,8 @@ def test_rope_rows_turn_interleaved_rope_into_rotate_half():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4, "mscale_all_dim": 1.0}),
-     r"config.json rope_scaling='yarn' cannot be represented: RoPE scaling \(DeepSeek-V3's YaRN included\)"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}),
+     r"config.json rope_scaling='linear' cannot be represented: of multi-head latent attention only YaRN"),
     (dict(rms_norm_eps=1e-5), r"config.json rms_norm_eps=1e-05 cannot be represented: the latent norms"),
     (dict(num_key_value_heads=2), r"num_key_value_heads=2 cannot be represented"),
     (dict(scoring_func="softmax"), r"scoring_func='softmax' cannot be represented"),

@@ -257,8 +257,8 @@ def _edit_config(**changes):
 
 @pytest.mark.parametrize("edit, message", [
     (_edit_config(hidden_act="gelu"), "config.json hidden_act='gelu' cannot be represented"),
-    (_edit_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-     "rope_scaling type 'yarn' cannot be represented"),
+    (_edit_config(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}),
+     "rope_scaling type 'dynamic' cannot be represented"),
     (_edit_config(intermediate_size=96), r"tensor model.layers.0.mlp.(gate|up|down)_proj.weight has shape "
                                          r"\[\d+, \d+\], but config.json implies \[\d+, \d+\]"),
     (lambda d: os.remove(os.path.join(d, "model-00002-of-00003.safetensors")),

@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` <-> jaxllm ModelConfig: the Llama family (Llama incl. Llama 3 rope
+"""Hugging Face `config.json` <-> jaxllm ModelConfig: the Llama family (Llama incl. Llama 3 and YaRN rope
 scaling, Mistral's sliding window, Qwen2's q/k/v biases, Mixtral's MoE), Qwen3 (q/k norms),
 Qwen3-MoE (fine-grained experts, normalised top-k), Gemma 2 / Gemma 3 (GeGLU, sandwich norms
 with 1 + w, scaled embeddings, local:global attention pattern, soft-caps) and DeepSeek-V3
@@ -16,6 +16,7 @@ import json
 import math
 
 from jaxllm.config import RECIPE_FIELDS, ConfigError, MlaConfig, ModelConfig, MoeConfig, RopeScalingConfig
+from jaxllm.layers.base import yarn_mscale
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM",
                  "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
@@ -105,12 +106,32 @@ def _rope_scaling(hf: dict, layer_type: str = "full_attention") -> RopeScalingCo
         return RopeScalingConfig()
     if kind == "linear":
         return RopeScalingConfig(kind="linear", factor=float(scaling["factor"]))
+    if kind == "yarn":
+        return _yarn(hf, scaling)
     if kind != "llama3":
-        raise HFError(f"config.json rope_scaling type {kind!r} cannot be represented: jaxllm supports linear and llama3")
+        raise HFError(f"config.json rope_scaling type {kind!r} cannot be represented: jaxllm supports linear, llama3 and yarn")
     return RopeScalingConfig(
         kind="llama3", factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_len=int(scaling["original_max_position_embeddings"]))
+
+
+def _yarn(hf: dict, scaling: dict) -> RopeScalingConfig:
+    """YaRN with transformers' defaults: original_max_position_embeddings from the top level (which
+    wins), the scaling or max_position_embeddings; factor their ratio where missing; beta_fast 32
+    and beta_slow 1 where missing or 0; the attention factor derived where missing."""
+    original = int(hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = scaling.get("factor")
+    factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
+    if scaling.get("attention_factor") is not None and float(scaling["attention_factor"]) <= 0:
+        raise HFError(f"config.json rope_scaling attention_factor={scaling['attention_factor']!r} cannot be represented: "
+                      f"it must be positive")
+    return RopeScalingConfig(
+        kind="yarn", factor=factor, original_max_len=original, beta_fast=float(scaling.get("beta_fast") or 32),
+        beta_slow=float(scaling.get("beta_slow") or 1), mscale=float(scaling.get("mscale") or 0),
+        mscale_all_dim=float(scaling.get("mscale_all_dim") or 0), attention_factor=float(scaling.get("attention_factor") or 0),
+        truncate=bool(scaling.get("truncate", True)))
 
 
 def _layer_types(hf: dict, arch: str) -> list[str]:
@@ -168,8 +189,8 @@ def _deepseek_unsupported(hf: dict) -> None:
     kind = scaling.get("rope_type", scaling.get("type"))
     heads = int(hf["num_attention_heads"])
     checks = [
-        ("rope_scaling", kind, kind not in (None, "default"),
-         "RoPE scaling (DeepSeek-V3's YaRN included) of multi-head latent attention is not supported"),
+        ("rope_scaling", kind, kind not in (None, "default", "yarn"),
+         "of multi-head latent attention only YaRN (DeepSeek-V3's) is supported"),
         ("rms_norm_eps", hf.get("rms_norm_eps"), float(hf.get("rms_norm_eps", 1e-6)) != 1e-6,
          "the latent norms use transformers' fixed 1e-6, so jaxllm's one norm_eps must be 1e-6"),
         ("num_key_value_heads", hf.get("num_key_value_heads"), int(hf.get("num_key_value_heads") or heads) != heads,
@@ -196,7 +217,8 @@ def _deepseek_fields(hf: dict) -> dict:
                     qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
                     v_head_dim=int(hf["v_head_dim"]))
     fields = dict(attention_layer="mla", mla=mla, num_kv_heads=int(hf["num_attention_heads"]),
-                  head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+                  head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim,
+                  query_scale=deepseek_query_scale(mla, _rope_scaling(hf)))
     first = int(hf.get("first_k_dense_replace", 3) or 0)
     experts = int(hf.get("n_routed_experts", hf.get("num_local_experts", 256)) or 0)
     if experts and first < int(hf["num_hidden_layers"]):
@@ -209,6 +231,16 @@ def _deepseek_fields(hf: dict) -> dict:
             num_groups=int(hf.get("n_group", 8) or 1), topk_groups=int(hf.get("topk_group", 4) or 1),
             first_dense=first, dispatch="dropless", aux_loss_weight=0.0, z_loss_weight=0.0)
     return fields
+
+
+def deepseek_query_scale(mla: MlaConfig, scaling: RopeScalingConfig) -> float:
+    """model.query_scale of DeepSeek-V3's attention: with YaRN and mscale_all_dim, transformers
+    multiplies the score scale (A + R)^-1/2 by mscale(factor, mscale_all_dim)^2; 0 (the default
+    (A + R)^-1/2) otherwise."""
+    if scaling.kind != "yarn" or not scaling.mscale_all_dim:
+        return 0.0
+    m = yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    return (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** (-0.5) * m * m  # transformers' order of operations
 
 
 def _moe_layers(num_layers: int, first: int, every: int) -> set[int]:
@@ -314,7 +346,7 @@ _FAMILY_RECIPES = {
                "embed_scale", "final_logit_softcap"),
 }
 _FAMILY_RECIPES["gemma3"] = (*_FAMILY_RECIPES["gemma2"], "qk_norm", "rope_thetas")
-_FAMILY_RECIPES["deepseek_v3"] = ()
+_FAMILY_RECIPES["deepseek_v3"] = ("query_scale",)  # set by YaRN's mscale_all_dim, checked in hf_architecture
 
 
 def _check_recipe(cfg: ModelConfig, family: str, arch: str) -> None:
@@ -347,7 +379,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
         problems = [name for name, bad in (
             ("model.mlp_kind", cfg.mlp_kind != "swiglu"), ("model.qkv_bias", cfg.qkv_bias),
             ("model.attention_kind", cfg.attention_kind not in ("causal", "dot_product")),
-            ("model.rope_scaling", cfg.rope_scaling.kind != "none"), ("model.norm_eps", cfg.norm_eps != 1e-6),
+            ("model.rope_scaling", cfg.rope_scaling.kind not in ("none", "yarn")), ("model.norm_eps", cfg.norm_eps != 1e-6),
+            ("model.query_scale", cfg.query_scale != deepseek_query_scale(cfg.mla, cfg.rope_scaling)),
             ("model.moe.router", m.num_experts and m.router != "sigmoid"),
             ("model.moe.router_bias", m.num_experts and not m.router_bias), ("model.moe.every", m.num_experts and m.every != 1),
             ("model.moe.num_shared", m.num_experts and m.num_shared < 1),
@@ -404,6 +437,14 @@ def _rope_json(cfg: ModelConfig) -> dict:
         out = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
                "high_freq_factor": r.high_freq_factor, "original_max_position_embeddings": r.original_max_len,
                "rope_theta": cfg.rope_theta}
+    elif r.kind == "yarn":
+        out = {"rope_type": "yarn", "factor": r.factor, "original_max_position_embeddings": r.original_max_len,
+               "beta_fast": r.beta_fast, "beta_slow": r.beta_slow, "rope_theta": cfg.rope_theta}
+        # The optional ones only where set: absent and 0 read the same.
+        out.update({k: v for k, v in (("mscale", r.mscale), ("mscale_all_dim", r.mscale_all_dim),
+                                      ("attention_factor", r.attention_factor)) if v})
+        if not r.truncate:
+            out["truncate"] = False
     return out
 
 
@@ -445,6 +486,11 @@ def hf_config(cfg: ModelConfig, special_ids: dict, torch_dtype: str, source: dic
         # Both layouts: transformers 4 reads rope_scaling, 5 rope_parameters.
         out["rope_parameters"] = _rope_json(cfg)
         out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"}
+    if cfg.rope_scaling.kind == "yarn":
+        # DeepSeek's own (remote) code reads rope_scaling["type"]; YaRN's context is factor times the original.
+        out["rope_scaling"]["type"] = "yarn"
+        if not source.get("max_position_embeddings"):
+            out["max_position_embeddings"] = round(cfg.rope_scaling.original_max_len * cfg.rope_scaling.factor)
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         out["sliding_window"] = cfg.window or None
     if arch in ("Qwen2ForCausalLM", *QWEN3):

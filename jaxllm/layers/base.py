@@ -159,29 +159,75 @@ class PositionEmbed(nn.Module):
         return constrain(x_BLD + pos_BLD, (BATCH, LENGTH, ACT_EMBED))
 
 
-# model.rope_scaling.kind: (inverse frequencies [K/2], RopeScalingConfig) -> rescaled frequencies.
+# model.rope_scaling.kind: (inverse frequencies [K/2], RopeScalingConfig, RoPE base) -> (rescaled
+# frequencies, the factor cos and sin are multiplied by).
 ROPE_SCALINGS = Registry("model.rope_scaling.kind")
-ROPE_SCALINGS.register("none", lambda inv_freq, scaling: inv_freq)
-ROPE_SCALINGS.register("linear", lambda inv_freq, scaling: inv_freq / scaling.factor)  # positions / factor
+ROPE_SCALINGS.register("none", lambda inv_freq, scaling, theta: (inv_freq, 1.0))
+ROPE_SCALINGS.register("linear", lambda inv_freq, scaling, theta: (inv_freq / scaling.factor, 1.0))  # positions / factor
 
 
 @ROPE_SCALINGS.register("llama3")
-def llama3_rope_scaling(inv_freq, scaling: RopeScalingConfig):
+def llama3_rope_scaling(inv_freq, scaling: RopeScalingConfig, theta: float):
     """Llama 3.1: wavelengths longer than original_max_len / low_freq_factor are stretched by
     `factor`, those shorter than original_max_len / high_freq_factor kept, and the ones between
     blended linearly in original_max_len / wavelength."""
     wavelength = 2 * math.pi / inv_freq
     ratio = scaling.original_max_len / wavelength
     blend = jnp.clip((ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor), 0, 1)
-    return (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    return (1 - blend) * inv_freq / scaling.factor + blend * inv_freq, 1.0
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `factor` times longer (1 at factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(scaling: RopeScalingConfig) -> float:
+    """What YaRN multiplies cos and sin by (transformers' attention_factor)."""
+    if scaling.attention_factor:
+        return scaling.attention_factor
+    if scaling.mscale and scaling.mscale_all_dim:
+        return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    return yarn_mscale(scaling.factor)
+
+
+@ROPE_SCALINGS.register("yarn")
+def yarn_rope_scaling(inv_freq, scaling: RopeScalingConfig, theta: float):
+    """YaRN (as transformers' _compute_yarn_parameters): dimensions turning fewer than beta_slow
+    times over original_max_len are interpolated (inv_freq / factor), those turning more than
+    beta_fast times kept, a linear ramp over the dimension index between; cos and sin times
+    yarn_attention_factor."""
+    half = inv_freq.shape[-1]
+    dim = 2 * half
+    # The frequencies as transformers computes them (base^(2i/dim), then inverted), for equal bits.
+    pos_freqs = theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+
+    def correction_dim(rotations):
+        return dim * math.log(scaling.original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    inv_freq = (1.0 / (scaling.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, yarn_attention_factor(scaling)
 
 
 def rotary_sin_cos(positions_BL, head_dim: int, theta: float, scaling: RopeScalingConfig = RopeScalingConfig()):
-    """sin and cos [B, L, 1, K/2] of the RoPE angles, shared by every head and layer."""
+    """sin and cos [B, L, 1, K/2] of the RoPE angles, shared by every head and layer (YaRN: times
+    its attention factor, which scales the scores by its square)."""
     half = head_dim // 2
-    inv_freq = ROPE_SCALINGS.get(scaling.kind)(theta ** (-jnp.arange(half, dtype=jnp.float32) / half), scaling)
+    inv_freq, magnitude = ROPE_SCALINGS.get(scaling.kind)(theta ** (-jnp.arange(half, dtype=jnp.float32) / half),
+                                                          scaling, theta)
     angles_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq
-    return jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
+    sin, cos = jnp.sin(angles_BLK), jnp.cos(angles_BLK)
+    if magnitude != 1.0:
+        sin, cos = sin * magnitude, cos * magnitude
+    return sin[:, :, None, :], cos[:, :, None, :]
 
 
 def apply_rotary(x_BLNK, sin, cos):

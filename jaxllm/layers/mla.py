@@ -7,6 +7,9 @@
     q_h  = [q_nope_h, RoPE(q_rope_h)] = norm(x W_q_a) W_q_b   (or x W_q without model.mla.q_lora_rank)
     out  = Σ_h softmax(q_h · k_h / sqrt(A + R) where mask) v_h W_o_h
 
+(model.query_scale, where set, replaces 1 / sqrt(A + R): DeepSeek-V3 with YaRN multiplies it by
+mscale(factor, mscale_all_dim)^2.)
+
 Training expands the latent into per-head keys and values and runs the usual attention. The KV
 cache holds only c_kv and k_r per token (C + R numbers against GQA's 2·N·K); decoding absorbs the
 up-projections instead of expanding the cache: q_nope_h W_ukᵀ is a query in latent space, so the
@@ -108,7 +111,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_BLH1K = jnp.concatenate([q_nope_BLHA, q_rope_BLHR.astype(q_nope_BLHA.dtype)], axis=-1)[:, :, :, None]
         # The fused kernels want one head dimension for q, k and v; MLA's values are narrower.
         impl = "xla" if v_BSHV.shape[-1] != k_BSHK.shape[-1] else self.cfg.attention_impl
-        out = ops.attend(q_BLH1K, k_BSHK, v_BSHV, bias, has_keys, causal_self, impl, segment_ids_BL)
+        out = ops.attend(q_BLH1K, k_BSHK, v_BSHV, bias, has_keys, causal_self, impl, segment_ids_BL,
+                         scale=self.cfg.query_scale or None)
         return out[:, :, :, 0]
 
     def _attend_cached(self, q_nope_BLHA, q_rope_BLHR, latent_BLC, k_rope_BLR, w_kv_b, segment_ids_BL, prefix_BL):
@@ -154,7 +158,7 @@ class MultiHeadLatentAttention(nn.Module):
         A = m.qk_nope_head_dim
         w_kv_b = w_kv_b.astype(dtype)
         w_uk_CHA, w_uv_CHV = w_kv_b[..., :A], w_kv_b[..., A:]
-        scale = 1.0 / math.sqrt(A + m.qk_rope_head_dim)
+        scale = self.cfg.query_scale or 1.0 / math.sqrt(A + m.qk_rope_head_dim)
         q_latent_BLHC = jnp.einsum("blha,cha->blhc", q_nope_BLHA, w_uk_CHA)
         scores_BHLS = (jnp.einsum("blhc,bsc->bhls", q_latent_BLHC, latent_BSC.astype(dtype))
                        + jnp.einsum("blhr,bsr->bhls", q_rope_BLHR.astype(dtype), k_rope_BSR.astype(dtype))) * scale
