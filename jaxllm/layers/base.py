@@ -234,6 +234,8 @@ def apply_rotary(x_BLNK, sin, cos):
     """Rotates channel pairs (i, i + K/2) by position-dependent angles (RoPE, rotate-half form).
     Works for any head layout between L and K (e.g. [B, L, N, G, K]) given sin/cos broadcastable
     to it."""
-    x1, x2 = jnp.split(x_BLNK.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BLNK.dtype)
+    x1, x2 = (h.astype(jnp.float32) for h in jnp.split(x_BLNK, 2, axis=-1))
+    # Each half goes back to the input dtype before the concatenation (the same numbers): a float32
+    # concatenation made XLA write a float32 copy of q and k per layer at scale.
+    return jnp.concatenate([(x1 * cos - x2 * sin).astype(x_BLNK.dtype),
+                            (x2 * cos + x1 * sin).astype(x_BLNK.dtype)], axis=-1)

@@ -3,9 +3,10 @@ softmax that never holds the [L, S] scores, skips the blocks above the diagonal,
 documents apart by segment ids instead of a dense mask.
 
 It computes the same function as `attention.dot_product_attention(..., causal_self=True)` for the
-causal mask of `layers.attention` (same document, key not after the query): padding tokens share
-segment id 0 with each other only, and their outputs are zeroed as the XLA path's masked softmax
-zeroes queries without keys.
+causal mask of `layers.attention` (same document, key not after the query) at every real token.
+Padding tokens (segment id 0) attend to each other only, so their outputs differ from the XLA
+path's zeros; nothing real reads them and their loss weight is zero, and zeroing them cost a
+full-size select per layer at scale.
 
 Shape legend as in attention.py: B batch, L length, N KV heads, G query heads per KV head, K head
 dim, H = N·G query heads.
@@ -58,9 +59,7 @@ def _local(q_bLNGK, k_bLNK, v_bLNK, segment_ids_bL, interpret: bool):
     k_bNLK, v_bNLK = (jnp.swapaxes(t, 1, 2) for t in (k_bLNK, v_bLNK))
     segments = kernels.SegmentIds(q=segment_ids_bL, kv=segment_ids_bL)
     out_bHLK = jax.vmap(kernel)(q_bHLK, k_bNLK, v_bNLK, segment_ids=segments)
-    out_bLNGK = jnp.transpose(out_bHLK.reshape(b, N, G, L, K), (0, 3, 1, 2, 4))
-    not_padding = (segment_ids_bL != 0)[:, :, None, None, None]
-    return jnp.where(not_padding, out_bLNGK, 0).astype(q_bLNGK.dtype)
+    return jnp.transpose(out_bHLK.reshape(b, N, G, L, K), (0, 3, 1, 2, 4)).astype(q_bLNGK.dtype)
 
 
 def splash_attention(q_BLNGK, k_BLNK, v_BLNK, segment_ids_BL, interpret: bool = False):
