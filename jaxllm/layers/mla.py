@@ -15,7 +15,8 @@ cache holds only c_kv and k_r per token (C + R numbers against GQA's 2·N·K); d
 up-projections instead of expanding the cache: q_nope_h W_ukᵀ is a query in latent space, so the
 scores are (q_nope_h W_ukᵀ) · c_kv + q_rope_h · k_r and the output is (probs · c_kv) W_uv_h, one
 pass over the cache whatever the number of heads. (A quantized or adapted W_kv_b expands the
-cache each step instead: same result, slower.)
+cache each step instead: same result, slower.) model.kv_cache_dtype=int8 stores the latent and
+the RoPE key as int8 with one float32 scale per slot each.
 
 Shape legend as in layers/base.py, plus C KV latent rank, Q query latent rank, A the per-head
 dimension without RoPE, R the RoPE dimension, V the value head dimension.
@@ -123,8 +124,14 @@ class MultiHeadLatentAttention(nn.Module):
         B, L, C = latent_BLC.shape
         is_init = not self.has_variable("cache", "latent")
         # At init the input length is the cache capacity (the longest sequence to be generated).
-        cached_latent = self.variable("cache", "latent", jnp.zeros, (B, L, C), latent_BLC.dtype)
-        cached_rope = self.variable("cache", "rope_key", jnp.zeros, k_rope_BLR.shape, k_rope_BLR.dtype)
+        int8 = cfg.kv_cache_dtype == "int8"
+        latent_dtype, rope_dtype = ((latent_BLC.dtype, k_rope_BLR.dtype) if cfg.kv_cache_dtype == "auto"
+                                    else (jnp.dtype(cfg.kv_cache_dtype),) * 2)
+        cached_latent = self.variable("cache", "latent", jnp.zeros, (B, L, C), latent_dtype)
+        cached_rope = self.variable("cache", "rope_key", jnp.zeros, k_rope_BLR.shape, rope_dtype)
+        if int8:  # one scale per slot for the latent and one for the RoPE key
+            latent_scale = self.variable("cache", "latent_scale", jnp.ones, (B, L, 1), jnp.float32)
+            rope_scale = self.variable("cache", "rope_key_scale", jnp.ones, (B, L, 1), jnp.float32)
         cached_seg = self.variable("cache", "segment_ids", jnp.zeros, (B, L), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -134,8 +141,18 @@ class MultiHeadLatentAttention(nn.Module):
                                          *attention_bias(kind.mask(tokens, tokens, cfg)), False, segment_ids_BL)
         start = index.value
         rows = (BATCH, None, None)  # the latent is shared by the heads: split over the batch only
-        cached_latent.value = constrain(jax.lax.dynamic_update_slice(cached_latent.value, latent_BLC, (0, start, 0)), rows)
-        cached_rope.value = constrain(jax.lax.dynamic_update_slice(cached_rope.value, k_rope_BLR, (0, start, 0)), rows)
+
+        def write(cached, new_BLX):
+            cached.value = constrain(jax.lax.dynamic_update_slice(
+                cached.value, new_BLX.astype(cached.value.dtype), (0, start, 0)), rows)
+
+        if int8:
+            (latent_BLC, latent_scale_BL1), (k_rope_BLR, rope_scale_BL1) = (
+                ops.quantize_kv(latent_BLC), ops.quantize_kv(k_rope_BLR))
+            write(latent_scale, latent_scale_BL1)
+            write(rope_scale, rope_scale_BL1)
+        write(cached_latent, latent_BLC)
+        write(cached_rope, k_rope_BLR)
         cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids_BL.astype(jnp.int32), (0, start))
         index.value = start + L
         S = cached_seg.value.shape[1]
@@ -146,23 +163,33 @@ class MultiHeadLatentAttention(nn.Module):
         mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), cfg)
         bias, has_keys = attention_bias(mask_BLS)
+        scales = (latent_scale.value, rope_scale.value) if int8 else (None, None)
         if isinstance(w_kv_b, Adapted) or is_quantized(w_kv_b):
-            return self._attend_expanded(q_nope_BLHA, q_rope_BLHR, cached_latent.value, cached_rope.value, w_kv_b,
-                                         bias, has_keys, False, segment_ids_BL)
+            dtype = compute_dtype(cfg)
+            latent_BSC, k_rope_BSR = (x.value.astype(jnp.float32) * (1.0 if sc is None else sc)
+                                      for x, sc in zip((cached_latent, cached_rope), scales))
+            return self._attend_expanded(q_nope_BLHA, q_rope_BLHR, latent_BSC.astype(dtype), k_rope_BSR.astype(dtype),
+                                         w_kv_b, bias, has_keys, False, segment_ids_BL)
         return self._attend_absorbed(q_nope_BLHA, q_rope_BLHR, cached_latent.value, cached_rope.value, w_kv_b,
-                                     bias, has_keys)
+                                     bias, has_keys, *scales)
 
-    def _attend_absorbed(self, q_nope_BLHA, q_rope_BLHR, latent_BSC, k_rope_BSR, w_kv_b, bias, has_keys):
+    def _attend_absorbed(self, q_nope_BLHA, q_rope_BLHR, latent_BSC, k_rope_BSR, w_kv_b, bias, has_keys,
+                         latent_scale_BS1=None, rope_scale_BS1=None):
+        """An int8 cache's per-slot scales multiply the scores and the probabilities, as in
+        ops.cached_attention, so no dequantized copy of the cache is made."""
         m = self.cfg.mla
         dtype = compute_dtype(self.cfg)
         A = m.qk_nope_head_dim
         w_kv_b = w_kv_b.astype(dtype)
         w_uk_CHA, w_uv_CHV = w_kv_b[..., :A], w_kv_b[..., A:]
         scale = self.cfg.query_scale or 1.0 / math.sqrt(A + m.qk_rope_head_dim)
+        per_slot = lambda s_BS1: 1.0 if s_BS1 is None else s_BS1[:, None, None, :, 0]  # noqa: E731  [B, 1, 1, S]
         q_latent_BLHC = jnp.einsum("blha,cha->blhc", q_nope_BLHA, w_uk_CHA)
-        scores_BHLS = (jnp.einsum("blhc,bsc->bhls", q_latent_BLHC, latent_BSC.astype(dtype))
-                       + jnp.einsum("blhr,bsr->bhls", q_rope_BLHR.astype(dtype), k_rope_BSR.astype(dtype))) * scale
-        probs_BHLS = _masked_softmax(scores_BHLS, bias, has_keys).astype(dtype)
+        latent_scores = jnp.einsum("blhc,bsc->bhls", q_latent_BLHC, latent_BSC.astype(dtype)) * per_slot(latent_scale_BS1)
+        rope_scores = (jnp.einsum("blhr,bsr->bhls", q_rope_BLHR.astype(dtype), k_rope_BSR.astype(dtype))
+                       * per_slot(rope_scale_BS1))
+        probs_BHLS = _masked_softmax((latent_scores + rope_scores) * scale, bias, has_keys)
+        probs_BHLS = (probs_BHLS * per_slot(latent_scale_BS1)).astype(dtype)
         out_latent_BLHC = jnp.einsum("bhls,bsc->blhc", probs_BHLS, latent_BSC.astype(dtype))
         return jnp.einsum("blhc,chv->blhv", out_latent_BLHC, w_uv_CHV)
 
