@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxllm import batching
 from jaxllm import config as C
 from jaxllm.compression import quantize
 from jaxllm.decoding import Generator, SamplingConfig, left_pad
@@ -104,3 +105,17 @@ def test_int8_mla_is_close_to_float_and_its_cached_decoding_equals_full_recomput
                                     positions[:, 9 + t:10 + t])
         cached.append(logits[:, -1])
     np.testing.assert_allclose(np.concatenate(cached), int8_logits[0, 8:12], rtol=1e-4, atol=1e-4)
+
+
+def test_continuous_batching_of_a_latent_attention_model_equals_each_prompt_alone():
+    """The latent cache takes one write index per row, so refilled slots keep their own lengths."""
+    cfg = dataclasses.replace(mla_config(scan_layers=False, num_layers=1).model, init_std=0.5)
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
+    rng = np.random.default_rng(5)
+    prompts = [[1] + list(rng.integers(3, 259, n)) for n in (12, 1, 4, 7)]
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    alone = Generator(cfg)
+    expected = [alone.generate(params, [p], greedy, jax.random.key(0))[0] for p in prompts]
+    got = batching.ContinuousBatcher(cfg, slots=2, bucket=8).generate(params, prompts, greedy, jax.random.key(0))
+    assert got == expected
+    assert len({tuple(e) for e in expected}) == len(prompts)

@@ -142,9 +142,13 @@ class MultiHeadLatentAttention(nn.Module):
         start = index.value
         rows = (BATCH, None, None)  # the latent is shared by the heads: split over the batch only
 
+        # One write index per row (continuous batching: rows at different lengths) or one for all.
+        per_row = jnp.ndim(start) == 1
+        update = ((lambda x, new: ops.update_rows(x, new, start)) if per_row
+                  else (lambda x, new: jax.lax.dynamic_update_slice(x, new, (0, start) + (0,) * (x.ndim - 2))))
+
         def write(cached, new_BLX):
-            cached.value = constrain(jax.lax.dynamic_update_slice(
-                cached.value, new_BLX.astype(cached.value.dtype), (0, start, 0)), rows)
+            cached.value = constrain(update(cached.value, new_BLX.astype(cached.value.dtype)), rows)
 
         if int8:
             (latent_BLC, latent_scale_BL1), (k_rope_BLR, rope_scale_BL1) = (
@@ -153,14 +157,15 @@ class MultiHeadLatentAttention(nn.Module):
             write(rope_scale, rope_scale_BL1)
         write(cached_latent, latent_BLC)
         write(cached_rope, k_rope_BLR)
-        cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids_BL.astype(jnp.int32), (0, start))
+        cached_seg.value = update(cached_seg.value, segment_ids_BL.astype(jnp.int32))
         index.value = start + L
         S = cached_seg.value.shape[1]
         k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         k_prefix_BS = None
         if prefix_BL is not None:
-            k_prefix_BS = jax.lax.dynamic_update_slice(jnp.zeros((B, S), bool), prefix_BL, (0, start))
-        mask_BLS = kind.mask(Tokens(segment_ids_BL, start + q_index_BL, prefix_BL),
+            k_prefix_BS = update(jnp.zeros((B, S), bool), prefix_BL)
+        start_B1 = start[:, None] if per_row else start
+        mask_BLS = kind.mask(Tokens(segment_ids_BL, start_B1 + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), cfg)
         bias, has_keys = attention_bias(mask_BLS)
         scales = (latent_scale.value, rope_scale.value) if int8 else (None, None)
