@@ -7,12 +7,15 @@ one token of the target's, so that the output is distributed exactly as the targ
     accept draft token d_i with probability min(1, p_i(d_i) / q_i(d_i));
     at the first rejection sample from norm(max(0, p_i - q_i)); if all are accepted, a bonus token from p_gamma
 
-Each round is one jitted program (the draft's gamma + 1 steps in a loop, the target's verification,
-the acceptance), after which both caches are rolled back to the accepted length by resetting their
-write index: the rejected slots are overwritten before any query can see them, since a query only
-sees keys at earlier slots. Rows of a batch share the cache's write index, so a round keeps the
-shortest accepted prefix over the rows; a prefix of a valid speculative sample is still a valid
-sample, so this only costs speed. `python -m jaxllm.generate --draft DIR --gamma K` is the command.
+A whole call runs as one jitted program (the prefills, then a lax.while_loop over rounds: the
+draft's gamma steps, the target's verification, the acceptance), so a round costs no dispatch and
+no device-to-host read; at batch 1 on XLA:CPU those cost more than a small model's decode step
+itself. After a round
+both caches are rolled back to the accepted length by resetting their write index: the rejected
+slots are overwritten before any query can see them, since a query only sees keys at earlier
+slots. Rows of a batch share the cache's write index, so a round keeps the shortest accepted
+prefix over the rows; a prefix of a valid speculative sample is still a valid sample, so this only
+costs speed. `python -m jaxllm.generate --draft DIR --gamma K` is the command.
 
 Shape legend as in decoding.py; G the number of drafted tokens (gamma), G1 = G + 1.
 """
@@ -43,6 +46,11 @@ def probabilities(logits_NV, sampling: SamplingConfig):
 
 def sample(probs_NV, rng):
     return jax.random.categorical(rng, jnp.log(probs_NV), axis=-1).astype(jnp.int32)
+
+
+def draw(q_NV, rng, sampling: SamplingConfig):
+    """A draft token from q; at temperature 0 the argmax (q is its one-hot), without drawing noise."""
+    return jnp.argmax(q_NV, axis=-1).astype(jnp.int32) if sampling.temperature == 0 else sample(q_NV, rng)
 
 
 def accept_drafts(p_G1V, q_GV, drafted_G, rng):
@@ -89,31 +97,36 @@ class SpeculativeGenerator:
         # original): its jitted prefill is compiled once.
         self.draft = self.target if draft_cfg == target_cfg else Generator(draft_cfg, mesh)
         self.gamma = gamma
-        # Of the last `generate` call: rounds, drafted and accepted tokens (rows still running).
+        # Of the last `generate` call: rounds, drafted and accepted tokens (rows still running), seconds.
         self.last_stats: dict = {}
 
-    @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4, 5))
-    def round(self, sampling: SamplingConfig, target_params, draft_params, t_cache, d_cache, last_B, positions_B,
-              slot, done_B, rng):
-        """One draft-verify-accept round. `last_B` (at `positions_B`, cache slot `slot`) is the
-        newest token, in neither cache yet. Returns the tokens emitted [B, G1] (n + 1 of them are
-        valid), n, each row's own accepted count, both caches and the advanced rng."""
+    def round(self, sampling: SamplingConfig, target_params, draft_params, t_cache, d_cache, prev_B, last_B,
+              positions_B, slot, done_B, rng):
+        """One draft-verify-accept round (traced inside `run`). `last_B` (at `positions_B`,
+        cache slot `slot`) is the newest token, in neither cache yet; `prev_B` the one before it.
+        Returns the tokens emitted [B, G1] (n + 1 of them are valid), n, each row's own accepted
+        count, both caches (the target's rolled back to slot + n + 1) and the advanced rng."""
         G, B = self.gamma, last_B.shape[0]
         rng, draft_rng, accept_rng = jax.random.split(rng, 3)
+        draft_keys = jax.random.split(draft_rng, G)
 
-        def draft_step(carry, i):
-            cache, token_B, key = carry
-            key, step_key = jax.random.split(key)
-            logits_BV, cache = self.draft.decode_step(draft_params, cache, token_B, positions_B + i)
-            q_BV = probabilities(logits_BV, sampling)
-            next_B = sample(q_BV, step_key)
-            return (cache, next_B, key), (q_BV, next_B)
-
-        # G + 1 steps: the last feeds d_G into the draft's cache (needed when every proposal is
-        # accepted); its proposal is dropped.
-        (d_cache, _, _), (q_G1BV, drafted_G1B) = jax.lax.scan(
-            draft_step, (d_cache, last_B, draft_rng), jnp.arange(G + 1, dtype=jnp.int32))
-        q_BGV, drafted_BG = jnp.swapaxes(q_G1BV[:G], 0, 1), jnp.swapaxes(drafted_G1B[:G], 0, 1)
+        # The draft's first step takes [prev, last] at slots slot - 1, slot: the token at slot - 1
+        # may not be in its cache (after a round whose G proposals were all accepted, d_G was never
+        # fed); where it is, it is rewritten with the same keys and values. This saves the extra
+        # draft step per round that feeding d_G would cost.
+        d_cache = set_cache_index(d_cache, slot - 1)
+        tokens_B2 = jnp.stack([prev_B, last_B], axis=1)
+        logits_B2V, d_cache = self.draft.forward(draft_params, d_cache, tokens_B2, jnp.ones_like(tokens_B2),
+                                                 positions_B[:, None] + jnp.array([-1, 0], jnp.int32))
+        q_BV = probabilities(logits_B2V[:, 1], sampling)
+        q_list, drafted_list = [q_BV], [draw(q_BV, draft_keys[0], sampling)]
+        # Unrolled (G is small and static): a lax.scan would carry the whole draft cache through
+        # its loop.
+        for i in range(1, G):
+            logits_BV, d_cache = self.draft.decode_step(draft_params, d_cache, drafted_list[-1], positions_B + i)
+            q_list.append(probabilities(logits_BV, sampling))
+            drafted_list.append(draw(q_list[-1], draft_keys[i], sampling))
+        q_BGV, drafted_BG = jnp.stack(q_list, axis=1), jnp.stack(drafted_list, axis=1)
 
         tokens_BG1 = jnp.concatenate([last_B[:, None], drafted_BG], axis=1)
         positions_BG1 = positions_B[:, None] + jnp.arange(G + 1, dtype=jnp.int32)
@@ -128,60 +141,82 @@ class SpeculativeGenerator:
         at_n_B = jnp.where(n_B > n, drafted_BG1[:, n], correction_B)
         emitted_BG1 = jnp.where(j < n, drafted_BG1, jnp.where(j == n, at_n_B[:, None], self.target.pad_id))
         emitted_BG1 = jnp.where(done_B[:, None], self.target.pad_id, emitted_BG1)
-        keep = slot + n + 1
-        return emitted_BG1, n, n_B, set_cache_index(t_cache, keep), set_cache_index(d_cache, keep), rng
+        return emitted_BG1, n, n_B, set_cache_index(t_cache, slot + n + 1), d_cache, rng
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(self, sampling: SamplingConfig, target_params, draft_params, tokens_BP, segment_ids_BP, positions_BP,
+            lengths_B, done_B, rng):
+        """The whole generation as one program: both prefills, the first token, then every round
+        until each row is done or has max_new_tokens (a lax.while_loop), so that neither a round
+        nor the setup costs a dispatch or a device-to-host read (XLA:CPU, batch 1, distill_tiny's
+        teacher: ~1.4-2 ms a dispatched decode step and read, ~0.4 ms a step inside a loop).
+        Returns the tokens [B, max_new + G1] (padding after each row's end) and the round
+        statistics."""
+        target, draft, G, max_new = self.target, self.draft, self.gamma, sampling.max_new_tokens
+        B, P = tokens_BP.shape
+        # The last round may write G + 1 slots past max_new_tokens.
+        T = P + max_new + G + 1
+        target_params, draft_params = target.decode_params(target_params), draft.decode_params(draft_params)
+        last_slot_B = jnp.full((B,), P - 1, jnp.int32)
+        logits_BV, t_cache = target.prefill(target_params, target.init_cache(B, T), tokens_BP, segment_ids_BP,
+                                            positions_BP, last_slot_B)
+        _, d_cache = draft.prefill(draft_params, draft.init_cache(B, T), tokens_BP, segment_ids_BP, positions_BP,
+                                   last_slot_B)
+        last_B, done_B, rng = target.choose(sampling, logits_BV, done_B, rng)
+        zero = jnp.zeros((), jnp.int32)
+        state = dict(out_BM=jnp.full((B, max_new + G + 1), target.pad_id, jnp.int32).at[:, 0].set(last_B),
+                     count=zero + 1, prev_B=tokens_BP[:, -1], last_B=last_B, positions_B=lengths_B, slot=zero + P,
+                     done_B=done_B, rng=rng, rounds=zero, drafted=zero, accepted=zero, emitted=zero)
+
+        def unfinished(carry):
+            s = carry[2]
+            return (s["count"] < max_new) & ~jnp.all(s["done_B"])
+
+        def one_round(carry):
+            t_cache, d_cache, s = carry
+            emitted_BG1, n, n_B, t_cache, d_cache, rng = self.round(
+                sampling, target_params, draft_params, t_cache, d_cache, s["prev_B"], s["last_B"],
+                s["positions_B"], s["slot"], s["done_B"], s["rng"])
+            running_B = ~s["done_B"]
+            rows = jnp.sum(running_B, dtype=jnp.int32)
+            done_B = s["done_B"]
+            if sampling.stop_at_eos:
+                done_B = done_B | jnp.any((emitted_BG1 == target.eos_id) & (jnp.arange(G + 1) <= n), axis=1)
+            # The token at the new slot - 1: the n-th accepted draft, or the old newest token.
+            prev_B = jnp.where(n > 0, emitted_BG1[:, jnp.maximum(n - 1, 0)], s["last_B"])
+            s = dict(out_BM=jax.lax.dynamic_update_slice(s["out_BM"], emitted_BG1, (0, s["count"])),
+                     count=s["count"] + n + 1, prev_B=prev_B, last_B=emitted_BG1[:, n],
+                     positions_B=s["positions_B"] + n + 1, slot=s["slot"] + n + 1, done_B=done_B, rng=rng,
+                     rounds=s["rounds"] + 1, drafted=s["drafted"] + G * rows,
+                     accepted=s["accepted"] + jnp.sum(jnp.where(running_B, n_B, 0)),
+                     emitted=s["emitted"] + (n + 1) * rows)
+            return t_cache, d_cache, s
+
+        state = jax.lax.while_loop(unfinished, one_round, (t_cache, d_cache, state))[2]
+        return state["out_BM"], {k: state[k] for k in ("rounds", "drafted", "accepted", "emitted")}
 
     def generate(self, target_params, draft_params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, rng):
         """Generated token ids per prompt (without the prompt, cut after EOS), as
         `Generator.generate` returns them; `last_stats` holds the acceptance figures."""
-        target, draft, G = self.target, self.draft, self.gamma
+        target = self.target
         n_prompts = len(prompts)
         prompts = list(prompts) + [target.filler] * (-n_prompts % target._batch_multiple())
         tokens, segment_ids, positions, lengths = pad_prompts(prompts, "left", target.pad_id)
-        B, P = tokens.shape
-        T = P + sampling.max_new_tokens + G + 1
-        last_slot = np.full(B, P - 1, np.int32)
-        start = time.perf_counter()
-        target_params = target._run(target.decode_params, target_params)
-        draft_params = target._run(draft.decode_params, draft_params)
-        placed = [target._place(x) for x in (tokens, segment_ids, positions, last_slot)]
-        logits_BV, t_cache = target._run(target.prefill, target_params, target.init_cache(B, T), *placed)
-        _, d_cache = target._run(draft.prefill, draft_params, draft.init_cache(B, T), *placed)
-        done = np.zeros(B, bool)
+        done = np.zeros(len(prompts), bool)
         done[n_prompts:] = True
-        last_B, done_B, rng = target._run(target.choose, sampling, logits_BV, target._place(done), rng)
-        out = [[int(t)] for t in np.asarray(last_B)]
-        positions_B, slot = target._place(lengths), P
-        stats = {"rounds": 0, "drafted": 0, "accepted": 0, "emitted": 0}
-
-        def finished(row):
-            return (sampling.stop_at_eos and target.eos_id in row) or len(row) >= sampling.max_new_tokens
-
-        done |= np.array([finished(r) for r in out])
-        while not done.all():
-            emitted, n, n_B, t_cache, d_cache, rng = target._run(
-                self.round, sampling, target_params, draft_params, t_cache, d_cache, last_B, positions_B, slot,
-                target._place(done), rng)
-            emitted, n, n_B = np.asarray(emitted), int(n), np.asarray(n_B)
-            running = ~done
-            stats["rounds"] += 1
-            stats["drafted"] += G * int(running.sum())
-            stats["accepted"] += int(n_B[running].sum())
-            for b in np.flatnonzero(running):
-                out[b].extend(int(t) for t in emitted[b, :n + 1])
-                stats["emitted"] += n + 1
-                done[b] = finished(out[b])
-            last_B = target._place(emitted[:, n])
-            positions_B, slot = positions_B + n + 1, slot + n + 1
+        start = time.perf_counter()
+        out_BM, stats = jax.device_get(target._run(
+            self.run, sampling, target_params, draft_params,
+            *(target._place(x) for x in (tokens, segment_ids, positions, lengths, done)), rng))
+        stats = {k: int(v) for k, v in stats.items()}
         stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
         stats["tokens_per_round"] = stats["emitted"] / max(stats["rounds"] * n_prompts, 1)
         stats["seconds"] = time.perf_counter() - start
         self.last_stats = stats
         results = []
-        for row in out[:n_prompts]:
-            row = row[:sampling.max_new_tokens]
-            if sampling.stop_at_eos and target.eos_id in row:
-                row = row[:row.index(target.eos_id) + 1]
+        for row in out_BM[:n_prompts, :sampling.max_new_tokens]:
+            row = list(row)
+            end = row.index(target.eos_id) + 1 if sampling.stop_at_eos and target.eos_id in row else len(row)
             # Generated padding is dropped, as Generator.generate drops it.
-            results.append([t for t in row if t != target.pad_id])
+            results.append([int(t) for t in row[:end] if t != target.pad_id or t == target.eos_id])
         return results

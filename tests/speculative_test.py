@@ -79,6 +79,34 @@ def test_greedy_speculative_equals_greedy_target(target):
     assert spec.last_stats["rounds"] == 2  # 1 token from the prefill, then 4 per round
 
 
+def test_rows_stop_at_eos_as_the_target_stops(target):
+    """stop_at_eos: a row that emits EOS inside a round stops there while the other goes on (the
+    rounds run in one device loop, which must see the EOS itself). The EOS embedding is scaled up
+    so that greedy decoding reaches it, in the two rows at different steps."""
+    cfg, params = target
+    eos = decoding.Generator(cfg).eos_id
+    params = dict(params, embed={"embedding": params["embed"]["embedding"].at[eos].multiply(4.0)})
+    sampling = decoding.SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=True)
+    spec = speculative.SpeculativeGenerator(cfg, cfg, gamma=3)
+    expected = plain_greedy(spec, params, PROMPTS, sampling)
+    assert [row[-1] for row in expected] == [eos, eos] and len(expected[0]) != len(expected[1]), expected
+    assert spec.generate(params, params, PROMPTS, sampling, jax.random.key(0)) == expected
+    assert spec.generate(params, init(cfg, 3), PROMPTS, sampling, jax.random.key(0)) == expected
+
+
+def test_sampled_self_draft_is_always_accepted(target):
+    """Temperature 1 with top-k, the target as its own draft: q = p at every drafted position, so
+    every proposal is accepted, which holds only if the draft's cache and positions stay right
+    across rounds. Rows have max_new_tokens tokens; another key gives other tokens."""
+    cfg, params = target
+    sampling = decoding.SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=5, stop_at_eos=False)
+    spec = speculative.SpeculativeGenerator(cfg, cfg, gamma=2)
+    first = spec.generate(params, params, PROMPTS, sampling, jax.random.key(0))
+    assert [len(row) for row in first] == [10, 10]
+    assert spec.last_stats["acceptance_rate"] == 1.0, spec.last_stats
+    assert spec.generate(params, params, PROMPTS, sampling, jax.random.key(1)) != first
+
+
 @pytest.mark.parametrize("variant", ["int8", "moe"])
 def test_greedy_speculative_with_int8_and_moe_targets(target, variant):
     cfg, params = target
