@@ -140,7 +140,7 @@ def breakdown(target_cfg, target_params, draft_cfg, draft_params, untrained_para
         plain_times = []
         for _ in range(3):
             gen.generate(params, [prompt], sampling, jax.random.key(0))
-            plain_times += gen.last_timings["step_s"]
+            plain_times.append(gen.last_timings["decode_s"] / max(gen.last_timings["tokens_per_row"] - 1, 1))
         record[f"{name}_plain_generate_token_ms"] = 1000 * statistics.median(plain_times)
     for gamma in gammas:
         spec = speculative.SpeculativeGenerator(target_cfg, draft_cfg, gamma)

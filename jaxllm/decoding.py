@@ -133,8 +133,9 @@ class Generator:
         self.model = Transformer(dataclasses.replace(self.model_cfg, scan_layers=False), decode=True)
         self.full_model = Transformer(self.model_cfg)
         self.mesh = mesh
-        # Wall-clock seconds of the last `generate` call: the prompt pass ("prefill_s") and each
-        # following step ("step_s"), for benchmarks.
+        # Wall-clock seconds of the last `generate` call, for benchmarks: the prompt pass to the
+        # first token ("prefill_s"), then with the cache the decode loop ("decode_s", making
+        # "tokens_per_row" tokens including the first), without it each step ("step_s").
         self.last_timings: dict = {}
         self._cache_shapes: dict = {}
 
@@ -218,6 +219,29 @@ class Generator:
         tokens_B, done_B, rng = self.choose(sampling, logits_BV, done_B, rng)
         return tokens_B, positions_B + 1, done_B, rng, cache
 
+    @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+    def decode_loop(self, sampling: SamplingConfig, params, cache, tokens_B, positions_B, done_B, rng):
+        """The generated tokens [B, max_new_tokens] from the first one on (padding after a row is
+        done), the number of steps taken and the cache, in one program: `decode_and_choose` in a while loop that stops at max_new_tokens or when every
+        row is done. A host round trip per token cost a small model on XLA:CPU 0.7-1 ms, more
+        than its decode step (benchmarks/README, speculative decoding)."""
+        B, N = tokens_B.shape[0], sampling.max_new_tokens
+        out_BN = jnp.full((B, N), self.pad_id, jnp.int32).at[:, 0].set(tokens_B)
+
+        def more(carry):
+            t, done_B = carry[0], carry[3]
+            return (t + 1 < N) & ~(sampling.stop_at_eos & jnp.all(done_B))
+
+        def step(carry):
+            t, tokens_B, positions_B, done_B, rng, cache, out_BN = carry
+            tokens_B, positions_B, done_B, rng, cache = self.decode_and_choose(
+                sampling, params, cache, tokens_B, positions_B, done_B, rng)
+            return t + 1, tokens_B, positions_B, done_B, rng, cache, out_BN.at[:, t + 1].set(tokens_B)
+
+        carry = (jnp.zeros((), jnp.int32), tokens_B, positions_B, done_B, rng, cache, out_BN)
+        t, *_, cache, out_BN = jax.lax.while_loop(more, step, carry)
+        return out_BN, t + 1, cache  # the cache returned so that it updates in the donated buffers
+
     @functools.partial(jax.jit, static_argnums=0)
     def recompute_step(self, params, tokens_BT, segment_ids_BT, positions_BT, last_B, prefix_BT=None,
                        prefix_embeds=None):
@@ -254,7 +278,7 @@ class Generator:
         T = I + P + sampling.max_new_tokens
         last_slot = I + np.where(padding == "left", P - 1, lengths - 1).astype(np.int32)
         next_position = lengths + I
-        timings = {"prefill_s": 0.0, "step_s": []}
+        timings = {"prefill_s": 0.0}
         start = time.perf_counter()
         if use_cache:
             cache = self.init_cache(B, T)
@@ -280,26 +304,30 @@ class Generator:
         done[n_prompts:] = True  # the filler rows
         tokens_B, done_B, rng = self._run(self.choose, sampling, last_logits, self._place(done), rng)
         positions_B = self._place(next_position)
-        for t in range(sampling.max_new_tokens):
-            new_tokens = np.asarray(tokens_B)  # already padding where the row was done
-            now = time.perf_counter()
-            if t == 0:
-                timings["prefill_s"] = now - start
-            else:
-                timings["step_s"].append(now - start)
-            start = now
-            out[:, t] = new_tokens
-            if sampling.stop_at_eos:
-                done |= new_tokens == self.eos_id
-                if done.all():
+        if use_cache:
+            jax.block_until_ready(tokens_B)
+            timings["prefill_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            out_BN, steps, _ = self._run(self.decode_loop, sampling, params, cache, tokens_B, positions_B, done_B, rng)
+            out = np.asarray(out_BN)
+            timings["decode_s"], timings["tokens_per_row"] = time.perf_counter() - start, int(steps)
+        else:
+            timings["step_s"] = []
+            for t in range(sampling.max_new_tokens):
+                new_tokens = np.asarray(tokens_B)  # already padding where the row was done
+                now = time.perf_counter()
+                if t == 0:
+                    timings["prefill_s"] = now - start
+                else:
+                    timings["step_s"].append(now - start)
+                start = now
+                out[:, t] = new_tokens
+                if sampling.stop_at_eos:
+                    done |= new_tokens == self.eos_id
+                    if done.all():
+                        break
+                if t + 1 == sampling.max_new_tokens:
                     break
-            if t + 1 == sampling.max_new_tokens:
-                break
-            if use_cache:
-                tokens_B, positions_B, done_B, rng, cache = self._run(
-                    self.decode_and_choose, sampling, params, cache, tokens_B, positions_B, done_B, rng
-                )
-            else:
                 slot = I + P + t
                 buf_tokens[:, slot - I], buf_segments[:, slot], buf_positions[:, slot] = new_tokens, 1, next_position
                 last_slot = np.full(B, slot, np.int32)
@@ -307,7 +335,7 @@ class Generator:
                     self._place, (buf_tokens, buf_segments, buf_positions, last_slot)),
                     None if prefix is None else self._place(buf_prefix), prefix_embeds)
                 tokens_B, done_B, rng = self._run(self.choose, sampling, last_logits, done_B, rng)
-            next_position = next_position + 1
+                next_position = next_position + 1
         self.last_timings = timings
         results = []
         for row in out[:n_prompts]:
