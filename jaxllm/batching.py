@@ -54,9 +54,9 @@ class ContinuousBatcher:
     Admitted prompts are prefilled together, right-padded to the longest one's bucket (the next power
     of two or 1.5 times one, at least `bucket` tokens: `padded_length`), and their row count rounded
     up to a power of two, so the prefill compiles once per (rows, length) bucket, not once per prompt
-    length; the padding is masked,
-    and each row's index is set to its real length, so generated tokens overwrite it.
-    `steps_per_call` bounds the steps one decode call runs (the size of its token buffer)."""
+    length; the padding is masked, and each row's index is set to its real length, so generated
+    tokens overwrite it. `steps_per_call` bounds the steps one decode call runs (the size of its
+    token buffer)."""
 
     def __init__(self, model_cfg: ModelConfig, slots: int, bucket: int = 16, mesh: jax.sharding.Mesh | None = None,
                  steps_per_call: int = 64):
