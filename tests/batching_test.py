@@ -36,6 +36,30 @@ def test_continuous_batching_equals_one_at_a_time():
     assert batcher.last_stats["decode_steps"] < sum(len(out) for out in expected) - len(PROMPTS)
 
 
+
+@pytest.mark.parametrize("slots, steps_per_call", [(2, 3), (6, 64)])
+def test_continuous_batching_with_own_limits_equals_each_prompt_alone(slots, steps_per_call):
+    """Each prompt with its own limit of new tokens (0 and 1 included): every output equals the
+    prompt decoded alone up to that limit, whether decode calls are cut short by steps_per_call
+    (2 slots, 3 steps a call) or all prompts are admitted by one prefill whose rows are padded to a
+    power of two (5 prompts, 6 slots: 6 prefill rows, one of them padding that must be dropped)."""
+    cfg = dataclasses.replace(tiny_config().model, init_std=0.5)
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    limits = [5, 0, 9, 1, 3]
+    alone = decoding.Generator(cfg)
+    expected = [alone.generate(params, [p], decoding.SamplingConfig(n, 0.0, stop_at_eos=False), jax.random.key(0))[0]
+                if n else [] for p, n in zip(PROMPTS, limits)]
+    assert len(expected[2]) > 3  # (padding a model emits is dropped, as by Generator.generate)
+    batcher = batching.ContinuousBatcher(cfg, slots=slots, bucket=8, steps_per_call=steps_per_call)
+    greedy = decoding.SamplingConfig(max_new_tokens=max(limits), temperature=0.0, stop_at_eos=False)
+    assert batcher.generate(params, PROMPTS, greedy, jax.random.key(0), limits) == expected
+    stats = batcher.last_stats
+    assert stats["prefills"] == len(PROMPTS)
+    if slots >= len(PROMPTS):
+        assert stats["prefill_calls"] == 1
+    else:
+        assert stats["decode_calls"] >= -(-max(limits) // 3)
+
 def test_generate_command_refuses_a_prompts_file_with_prompts(tmp_path, capsys):
     # (The command's decoding itself is ContinuousBatcher, tested above; a run of it on the 8
     # test devices costs minutes of compilation.)

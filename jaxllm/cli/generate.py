@@ -108,8 +108,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             outputs = answer_images(cfg, params, pixels, prompts, sampling, jax.random.key(args.seed), mesh)
         elif args.prompts_file:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
-            outputs = ContinuousBatcher(cfg.model, args.slots, mesh=mesh).generate(
-                params, ids, sampling, jax.random.key(args.seed))
+            batcher = ContinuousBatcher(cfg.model, args.slots, mesh=mesh)
+            outputs = batcher.generate(params, ids, sampling, jax.random.key(args.seed))
+            stats = batcher.last_stats
+            print(f"continuous batching: {len(ids)} prompts in {batcher.slots} slots, "
+                  f"{stats['generated_tokens']} tokens in {stats['seconds']:.2f} s (compilation included), "
+                  f"{stats['decode_steps']} decode steps in {stats['decode_calls']} calls, "
+                  f"{stats['prefill_calls']} prefill calls", file=sys.stderr)
         elif args.draft:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
             spec = SpeculativeGenerator(cfg.model, draft_cfg.model, args.gamma, mesh)
