@@ -134,8 +134,9 @@ class Generator:
         self.full_model = Transformer(self.model_cfg)
         self.mesh = mesh
         # Wall-clock seconds of the last `generate` call, for benchmarks: the prompt pass to the
-        # first token ("prefill_s"), then with the cache the decode loop ("decode_s", making
-        # "tokens_per_row" tokens including the first), without it each step ("step_s").
+        # first token ("prefill_s") and each following step ("step_s"); with the cache also the
+        # whole decode loop ("decode_s", "tokens_per_row" tokens including the first), of which
+        # each step's entry is an equal share.
         self.last_timings: dict = {}
         self._cache_shapes: dict = {}
 
@@ -311,6 +312,8 @@ class Generator:
             out_BN, steps, _ = self._run(self.decode_loop, sampling, params, cache, tokens_B, positions_B, done_B, rng)
             out = np.asarray(out_BN)
             timings["decode_s"], timings["tokens_per_row"] = time.perf_counter() - start, int(steps)
+            # One program runs every step, so each step's time is its share of the loop.
+            timings["step_s"] = [timings["decode_s"] / max(int(steps) - 1, 1)] * (int(steps) - 1)
         else:
             timings["step_s"] = []
             for t in range(sampling.max_new_tokens):
