@@ -107,8 +107,12 @@ class SpeculativeGenerator:
         Returns the tokens emitted [B, G1] (n + 1 of them are valid), n, each row's own accepted
         count, both caches (the target's rolled back to slot + n + 1) and the advanced rng."""
         G, B = self.gamma, last_B.shape[0]
-        rng, draft_rng, accept_rng = jax.random.split(rng, 3)
-        draft_keys = jax.random.split(draft_rng, G)
+        greedy = sampling.temperature == 0
+        if greedy:  # no noise is drawn: the keys are never read
+            draft_keys, accept_rng = [None] * G, None
+        else:
+            rng, draft_rng, accept_rng = jax.random.split(rng, 3)
+            draft_keys = jax.random.split(draft_rng, G)
 
         # The draft's first step takes [prev, last] at slots slot - 1, slot: the token at slot - 1
         # may not be in its cache (after a round whose G proposals were all accepted, d_G was never
@@ -132,8 +136,17 @@ class SpeculativeGenerator:
         positions_BG1 = positions_B[:, None] + jnp.arange(G + 1, dtype=jnp.int32)
         logits_BG1V, t_cache = self.target.forward(target_params, t_cache, tokens_BG1, jnp.ones_like(tokens_BG1),
                                                    positions_BG1)
-        p_BG1V = probabilities(logits_BG1V, sampling)
-        n_B, correction_B = jax.vmap(accept_drafts)(p_BG1V, q_BGV, drafted_BG, jax.random.split(accept_rng, B))
+        if greedy:
+            # accept_drafts with one-hot p and q, without its random draws (which cost XLA:CPU
+            # more than the comparison): the drafts that match the target's argmax are accepted up
+            # to the first that does not, and the target's argmax follows.
+            target_BG1 = jnp.argmax(logits_BG1V, axis=-1).astype(jnp.int32)
+            n_B = jnp.argmin(jnp.append(drafted_BG == target_BG1[:, :G], jnp.zeros((B, 1), bool), axis=1), axis=1)
+            n_B = n_B.astype(jnp.int32)
+            correction_B = jnp.take_along_axis(target_BG1, n_B[:, None], axis=1)[:, 0]
+        else:
+            p_BG1V = probabilities(logits_BG1V, sampling)
+            n_B, correction_B = jax.vmap(accept_drafts)(p_BG1V, q_BGV, drafted_BG, jax.random.split(accept_rng, B))
         n = jnp.min(jnp.where(done_B, G, n_B))
         # Rows that accepted more than the shortest keep their accepted draft token at n.
         j = jnp.arange(G + 1)
