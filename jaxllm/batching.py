@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ConfigError, ModelConfig
-from jaxllm.decoding import Generator, SamplingConfig, choose_tokens
+from jaxllm.decoding import Generator, SamplingConfig
 
 
 def per_row_index(cache, rows: int):
@@ -96,8 +96,7 @@ class ContinuousBatcher:
         positions_nP = jnp.minimum(slot_n, lengths_n[:, None] - 1)
         logits_nV, small = self.gen.prefill(params, self.gen.init_cache(n, P), tokens_nP, segments_nP,
                                             positions_nP, lengths_n - 1)
-        rng, step_rng = jax.random.split(rng)
-        first_n = choose_tokens(logits_nV, step_rng, sampling)
+        first_n, eos_n, rng = self.gen.choose(sampling, logits_nV, jnp.zeros(n, bool), rng)
 
         def insert(path, big, new):
             if _is_index(path):
@@ -112,9 +111,7 @@ class ContinuousBatcher:
 
         cache = jax.tree_util.tree_map_with_path(insert, cache, small)
         remaining_n = limits_n - 1  # the first token is drawn
-        done_n = remaining_n <= 0
-        if sampling.stop_at_eos:
-            done_n = done_n | (first_n == self.gen.eos_id)
+        done_n = eos_n | (remaining_n <= 0)
         new_state = (first_n, lengths_n, done_n, remaining_n)
         state = tuple(x.at[rows_n].set(new, mode="drop") for x, new in zip(state, new_state))
         return cache, state, rng, first_n
@@ -134,17 +131,14 @@ class ContinuousBatcher:
 
         def step_fn(carry):
             step, (tokens_R, positions_R, done_R, remaining_R), rng, cache, out_RT, emitted_R = carry
-            logits_RV, cache = gen.decode_step(params, cache, tokens_R, positions_R)
-            rng, step_rng = jax.random.split(rng)
             live_R = ~done_R
-            new_R = jnp.where(live_R, choose_tokens(logits_RV, step_rng, sampling), gen.pad_id)
+            # Every row's cache index advances each step, so positions do too; a done row's token
+            # (padding) and position are never read before an admission replaces them.
+            new_R, positions_R, done_R, rng, cache = gen.decode_and_choose(
+                sampling, params, cache, tokens_R, positions_R, done_R, rng)
             out_RT = jax.lax.dynamic_update_slice(out_RT, new_R[:, None], (0, step))
             remaining_R = remaining_R - live_R
-            done_R = done_R | (remaining_R <= 0)
-            if sampling.stop_at_eos:
-                done_R = done_R | (new_R == gen.eos_id)
-            # Every row's cache index advances each step, so positions do too (done rows' are unused).
-            state = (jnp.where(live_R, new_R, tokens_R), positions_R + 1, done_R, remaining_R)
+            state = (new_R, positions_R, done_R | (remaining_R <= 0), remaining_R)
             return step + 1, state, rng, cache, out_RT, emitted_R + live_R
 
         carry = (jnp.int32(0), state, rng, cache, jnp.full((R, T), gen.pad_id, jnp.int32), jnp.zeros(R, jnp.int32))

@@ -223,9 +223,10 @@ class Generator:
     @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
     def decode_loop(self, sampling: SamplingConfig, params, cache, tokens_B, positions_B, done_B, rng):
         """The generated tokens [B, max_new_tokens] from the first one on (padding after a row is
-        done), the number of steps taken and the cache, in one program: `decode_and_choose` in a while loop that stops at max_new_tokens or when every
-        row is done. A host round trip per token cost a small model on XLA:CPU 0.7-1 ms, more
-        than its decode step (benchmarks/README, speculative decoding)."""
+        done), the number of steps taken and the cache, in one program: `decode_and_choose` in a
+        while loop that stops at max_new_tokens or when every row is done. A host round trip per
+        token cost a small model on XLA:CPU 0.7-1 ms, more than its decode step (benchmarks/README,
+        speculative decoding)."""
         B, N = tokens_B.shape[0], sampling.max_new_tokens
         out_BN = jnp.full((B, N), self.pad_id, jnp.int32).at[:, 0].set(tokens_B)
 

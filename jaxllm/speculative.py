@@ -48,11 +48,6 @@ def sample(probs_NV, rng):
     return jax.random.categorical(rng, jnp.log(probs_NV), axis=-1).astype(jnp.int32)
 
 
-def draw(q_NV, rng, sampling: SamplingConfig):
-    """A draft token from q; at temperature 0 the argmax (q is its one-hot), without drawing noise."""
-    return jnp.argmax(q_NV, axis=-1).astype(jnp.int32) if sampling.temperature == 0 else sample(q_NV, rng)
-
-
 def accept_drafts(p_G1V, q_GV, drafted_G, rng):
     """Rejection sampling of one row: (n, token) with n the number of drafted tokens accepted
     (0..G) and token the target's next one after them: drawn from norm(max(0, p_n - q_n)) after a
@@ -114,6 +109,13 @@ class SpeculativeGenerator:
             rng, draft_rng, accept_rng = jax.random.split(rng, 3)
             draft_keys = jax.random.split(draft_rng, G)
 
+        def propose(logits_BV, key):
+            """(q, the drafted token); greedy, the argmax alone (q, its one-hot, is never read)."""
+            if greedy:
+                return None, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+            q_BV = probabilities(logits_BV, sampling)
+            return q_BV, sample(q_BV, key)
+
         # The draft's first step takes [prev, last] at slots slot - 1, slot: the token at slot - 1
         # may not be in its cache (after a round whose G proposals were all accepted, d_G was never
         # fed); where it is, it is rewritten with the same keys and values. This saves the extra
@@ -122,15 +124,13 @@ class SpeculativeGenerator:
         tokens_B2 = jnp.stack([prev_B, last_B], axis=1)
         logits_B2V, d_cache = self.draft.forward(draft_params, d_cache, tokens_B2, jnp.ones_like(tokens_B2),
                                                  positions_B[:, None] + jnp.array([-1, 0], jnp.int32))
-        q_BV = probabilities(logits_B2V[:, 1], sampling)
-        q_list, drafted_list = [q_BV], [draw(q_BV, draft_keys[0], sampling)]
+        proposals = [propose(logits_B2V[:, 1], draft_keys[0])]
         # Unrolled (G is small and static): a lax.scan would carry the whole draft cache through
         # its loop.
         for i in range(1, G):
-            logits_BV, d_cache = self.draft.decode_step(draft_params, d_cache, drafted_list[-1], positions_B + i)
-            q_list.append(probabilities(logits_BV, sampling))
-            drafted_list.append(draw(q_list[-1], draft_keys[i], sampling))
-        q_BGV, drafted_BG = jnp.stack(q_list, axis=1), jnp.stack(drafted_list, axis=1)
+            logits_BV, d_cache = self.draft.decode_step(draft_params, d_cache, proposals[-1][1], positions_B + i)
+            proposals.append(propose(logits_BV, draft_keys[i]))
+        drafted_BG = jnp.stack([d for _, d in proposals], axis=1)
 
         tokens_BG1 = jnp.concatenate([last_B[:, None], drafted_BG], axis=1)
         positions_BG1 = positions_B[:, None] + jnp.arange(G + 1, dtype=jnp.int32)
@@ -145,7 +145,7 @@ class SpeculativeGenerator:
             n_B = n_B.astype(jnp.int32)
             correction_B = jnp.take_along_axis(target_BG1, n_B[:, None], axis=1)[:, 0]
         else:
-            p_BG1V = probabilities(logits_BG1V, sampling)
+            p_BG1V, q_BGV = probabilities(logits_BG1V, sampling), jnp.stack([q for q, _ in proposals], axis=1)
             n_B, correction_B = jax.vmap(accept_drafts)(p_BG1V, q_BGV, drafted_BG, jax.random.split(accept_rng, B))
         n = jnp.min(jnp.where(done_B, G, n_B))
         # Rows that accepted more than the shortest keep their accepted draft token at n.

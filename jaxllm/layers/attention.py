@@ -252,10 +252,7 @@ class Attention(nn.Module):
         cached_v.value = ops.update_cache(cached_v.value, v_BLNK, start)
         # A cache whose index has one entry per row (continuous batching: rows at different
         # lengths) writes each row at its own slot; the usual one index writes all rows alike.
-        per_row = jnp.ndim(start) == 1
-        write = ((lambda x, new: ops.update_rows(x, new, start)) if per_row
-                 else (lambda x, new: jax.lax.dynamic_update_slice(x, new, (0, start))))
-        cached_seg.value = write(cached_seg.value, segment_ids_BL.astype(jnp.int32))
+        cached_seg.value = ops.update_rows(cached_seg.value, segment_ids_BL.astype(jnp.int32), start)
         index.value = start + L
         S = cached_seg.value.shape[1]
         k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -263,8 +260,8 @@ class Attention(nn.Module):
         if prefix_BL is not None:
             # Keys written by earlier calls precede every query of this one, so only this call's
             # prefix flags change what is visible.
-            k_prefix_BS = write(jnp.zeros((B, S), bool), prefix_BL)
-        start_B1 = start[:, None] if per_row else start
+            k_prefix_BS = ops.update_rows(jnp.zeros((B, S), bool), prefix_BL, start)
+        start_B1 = start[:, None] if jnp.ndim(start) == 1 else start
         mask_BLS = kind.mask(Tokens(segment_ids_BL, start_B1 + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), self.cfg)
         return ops.cached_attention(q_BLNGK, cached_k.value, cached_v.value, *attention_bias(mask_BLS), *scales,

@@ -143,12 +143,8 @@ class MultiHeadLatentAttention(nn.Module):
         rows = (BATCH, None, None)  # the latent is shared by the heads: split over the batch only
 
         # One write index per row (continuous batching: rows at different lengths) or one for all.
-        per_row = jnp.ndim(start) == 1
-        update = ((lambda x, new: ops.update_rows(x, new, start)) if per_row
-                  else (lambda x, new: jax.lax.dynamic_update_slice(x, new, (0, start) + (0,) * (x.ndim - 2))))
-
         def write(cached, new_BLX):
-            cached.value = constrain(update(cached.value, new_BLX.astype(cached.value.dtype)), rows)
+            cached.value = constrain(ops.update_rows(cached.value, new_BLX.astype(cached.value.dtype), start), rows)
 
         if int8:
             (latent_BLC, latent_scale_BL1), (k_rope_BLR, rope_scale_BL1) = (
@@ -157,14 +153,14 @@ class MultiHeadLatentAttention(nn.Module):
             write(rope_scale, rope_scale_BL1)
         write(cached_latent, latent_BLC)
         write(cached_rope, k_rope_BLR)
-        cached_seg.value = update(cached_seg.value, segment_ids_BL.astype(jnp.int32))
+        cached_seg.value = ops.update_rows(cached_seg.value, segment_ids_BL.astype(jnp.int32), start)
         index.value = start + L
         S = cached_seg.value.shape[1]
         k_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         k_prefix_BS = None
         if prefix_BL is not None:
-            k_prefix_BS = update(jnp.zeros((B, S), bool), prefix_BL)
-        start_B1 = start[:, None] if per_row else start
+            k_prefix_BS = ops.update_rows(jnp.zeros((B, S), bool), prefix_BL, start)
+        start_B1 = start[:, None] if jnp.ndim(start) == 1 else start
         mask_BLS = kind.mask(Tokens(segment_ids_BL, start_B1 + q_index_BL, prefix_BL),
                              Tokens(cached_seg.value, k_index_BS, k_prefix_BS), cfg)
         bias, has_keys = attention_bias(mask_BLS)

@@ -220,18 +220,17 @@ def update_cache(cache_XSK, new_BLNK, start):
     `start` is one slot for all rows, or [B] one per row (continuous batching)."""
     B, L, N, K = new_BLNK.shape
     new_XLK = jnp.swapaxes(new_BLNK, 1, 2).reshape(B * N, L, K).astype(cache_XSK.dtype)
-    if jnp.ndim(start) == 1:
-        updated = update_rows(cache_XSK, new_XLK, jnp.repeat(start, N))
-    else:
-        updated = jax.lax.dynamic_update_slice(cache_XSK, new_XLK, (0, start, 0))
     # Sharded like the keys and values themselves, so a sharded step never gathers it.
-    return _constrain_cache(updated)
+    return _constrain_cache(update_rows(cache_XSK, new_XLK, jnp.repeat(start, N) if jnp.ndim(start) == 1 else start))
 
 
-def update_rows(x_BS, new_BL, start_B):
-    """x with each row b's new_BL[b] written at its own slot start_B[b] (along axis 1)."""
+def update_rows(x_BS, new_BL, start):
+    """x with new_BL written along axis 1 at slot `start`: one slot for every row, or [B] each row
+    b's new_BL[b] at its own slot start[b] (continuous batching)."""
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice(x_BS, new_BL, (0, start) + (0,) * (x_BS.ndim - 2))
     write = lambda row, new, start: jax.lax.dynamic_update_slice(row, new, (start,) + (0,) * (row.ndim - 1))  # noqa: E731
-    return jax.vmap(write)(x_BS, new_BL, start_B)
+    return jax.vmap(write)(x_BS, new_BL, start)
 
 
 def cached_attention(q_BLNGK, k_XSK, v_XSK, bias_B11LS, has_keys_B11L1, k_scale_XS1=None, v_scale_XS1=None,
