@@ -3,6 +3,7 @@ distilled student of experiments/distill_tiny.py as the draft and with an untrai
 student's shape. One JSON object per line.
 
     python experiments/distill_tiny.py                    # the teacher and the distilled student, if missing
+    python experiments/distill_tiny_draft.py              # a student distilled to draft (--draft runs/distill_tiny_draft)
     python benchmarks/speculative.py [--target runs/distill_tiny_teacher] [--draft runs/distill_tiny]
                                      [--gammas 2,4] [--new_tokens 64] [--repeats 3] [--breakdown]
 
@@ -11,10 +12,10 @@ configuration compiles once). Every configuration runs once untimed (compilation
 configurations take turns --repeats times; the median of the repeats' total seconds is reported.
 At temperature 0 `same_as_plain` checks the output is the target's greedy output token for token.
 
-"plain" is jaxllm's generation path (`Generator.generate`: one jitted step and one device-to-host
-read per token), the baseline of `speedup_vs_plain`. "plain_fused" is a reference only: the same
-decode steps in one jitted loop, to show how much of the speed-up comes from running without a
-host round trip per token rather than from speculation. `--breakdown` also prints the cost of the
+"plain" is jaxllm's generation path (`Generator.generate`: the prefill, then every decode step
+in one jitted loop), the baseline of `speedup_vs_plain`. "plain_fused" is a reference only: the
+decode steps in this file's own fori_loop (from when `generate` read each token back to the
+host; the two now differ by the noise and a few dispatches). `--breakdown` also prints the cost of the
 pieces (one line, milliseconds): a decode step of the target and of the draft, dispatched alone and
 inside a jitted loop, the draft's 2-position first step and the target's gamma + 1 position
 verification inside a loop, the prefill of the first prompt (dispatched), a token of
