@@ -31,6 +31,13 @@ from jaxllm.models import MODELS
 from jaxllm.speculative import SpeculativeGenerator, check_draft
 
 
+def decode_layout(gen: Generator, params):
+    """`params` in `gen`'s decoding layout (`Generator.decode_params`), made once so that the loaded
+    layout can be freed: a run trained in float32 that computes in bfloat16 decodes from bfloat16
+    kernels, half their memory."""
+    return gen._run(gen.decode_params, params)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sample from a jaxllm checkpoint.")
     parser.add_argument("--workdir", required=True)
@@ -109,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.prompts_file:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
             batcher = ContinuousBatcher(cfg.model, args.slots, mesh=mesh)
+            params = decode_layout(batcher.gen, params)
             outputs = batcher.generate(params, ids, sampling, jax.random.key(args.seed))
             stats = batcher.last_stats
             print(f"continuous batching: {len(ids)} prompts in {batcher.slots} slots, "
@@ -118,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.draft:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
             spec = SpeculativeGenerator(cfg.model, draft_cfg.model, args.gamma, mesh)
+            params, draft_params = decode_layout(spec.target, params), decode_layout(spec.draft, draft_params)
             outputs = spec.generate(params, draft_params, ids, sampling, jax.random.key(args.seed))
             stats = spec.last_stats
             print(f"speculative decoding: acceptance rate {stats['acceptance_rate']:.3f} "
@@ -125,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{stats['tokens_per_round']:.2f} tokens per round", file=sys.stderr)
         else:
             ids = [tokenizer_lib.prompt_ids(tok, p) for p in prompts]
-            outputs = Generator(cfg.model, mesh).generate(
-                params, ids, sampling, jax.random.key(args.seed), padding=args.padding
-            )
+            gen = Generator(cfg.model, mesh)
+            params = decode_layout(gen, params)
+            outputs = gen.generate(params, ids, sampling, jax.random.key(args.seed), padding=args.padding)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -68,7 +68,7 @@ def plan_generation(cfg: Config, mesh, chip: Chip, batch: int, prompt_len: int, 
     # Only the pad and EOS ids come from the tokenizer; the plan needs no tokenizer file.
     model_cfg = dataclasses.replace(cfg.model, tokenizer="bytes")
     generator = decoding.Generator(model_cfg, mesh)
-    # Unscanned params (decode_params' layout), sharded as a restored run's are.
+    # Unscanned params, sharded as a restored run's are.
     params = restore.abstract_params(
         dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, scan_layers=False)), mesh)
     cache = _abstract_cache(generator, mesh, batch, cache_len)
@@ -79,6 +79,11 @@ def plan_generation(cfg: Config, mesh, chip: Chip, batch: int, prompt_len: int, 
 
     report: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "cache_len": cache_len}
     with sharding.activate(mesh):
+        # In the layout generation decodes with (decode_params: q/k/v and gate/up fused, cast to
+        # the compute dtype, as `python -m jaxllm.generate` keeps them), placed as XLA places them.
+        prepare = decoding.Generator.decode_params.lower(generator, params).compile()
+        params = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                              jax.eval_shape(lambda p: generator.decode_params(p), params), prepare.output_shardings)
         start = time.perf_counter()
         prefill = decoding.Generator.prefill.lower(generator, params, cache, ints(batch, prompt_len), ints(batch, prompt_len),
                                           ints(batch, prompt_len), ints(batch)).compile()
