@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import data, ops, restore, sharding
+from jaxllm import data, restore, sharding
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.layers import ATTENTION_KINDS
@@ -105,39 +105,29 @@ def unstack_layers(cfg: ModelConfig, params):
     return out
 
 
-def fuse_projections(params, dtype=None):
-    """`params` with every attention's q, k and v kernels fused into one "qkv" kernel and every
-    gated MLP's gate and up into one "gate_up" (ops.fuse_qkv, ops.fuse_gate_up), which the layers
-    multiply by as they are; with `dtype` (the compute dtype) those layers' float kernels (qkv, o,
-    gate_up, down) are also cast to it when they are wider, which changes no result since the
-    matmuls cast them to it anyway. The training layout fuses and casts inside every call, right
-    for a train step; a standalone decode step on TPU then converts all the kernels at every step
-    (float32 read, bfloat16 written and read again), and a decode loop hoists the conversion but
-    keeps the copy for the call. Kernels with adapters (LoRA) stay as they are; quantized ones are
-    fused but not cast."""
-    def plain(w, rank):
-        return ((isinstance(w, (jax.Array, np.ndarray)) or (isinstance(w, dict) and ops.is_quantized(w)))
-                and max(x.ndim for x in jax.tree.leaves(w)) == rank)
-
+def narrow_projections(params, dtype):
+    """`params` with the attention's (q, k, v, o) and gated MLP's (gate, up, down) float kernels
+    cast to `dtype`, the compute dtype, where they are wider. The matmuls cast them to it anyway,
+    so no result changes; done inside every call, a standalone decode step on TPU reads the
+    float32 kernels and writes and reads bfloat16 copies at every step (a decode loop hoists the
+    conversion, but keeps the copy for the call). Kernels with adapters (LoRA) and quantized ones
+    stay as they are."""
     def narrow(w):
-        if dtype is None or isinstance(w, dict) or not jnp.issubdtype(w.dtype, jnp.floating):
+        if not isinstance(w, (jax.Array, np.ndarray)) or not jnp.issubdtype(w.dtype, jnp.floating):
             return w
         return w.astype(dtype) if jnp.dtype(w.dtype).itemsize > jnp.dtype(dtype).itemsize else w
 
-    def fuse(tree):
+    def walk(tree):
         if not isinstance(tree, dict):
             return tree
-        out = {name: fuse(value) for name, value in tree.items()}
-        if {"q", "k", "v", "o"} <= out.keys() and all(plain(out[n], 3) for n in "qkv") and plain(out["o"], 3):
-            out["qkv"] = narrow(ops.fuse_qkv(out.pop("q"), out.pop("k"), out.pop("v")))
-            out["o"] = narrow(out["o"])
-        # Expert kernels ([E, D, F]) are left to the MoE layer.
-        if {"gate", "up", "down"} <= out.keys() and all(plain(out[n], 2) for n in ("gate", "up", "down")):
-            out["gate_up"] = narrow(ops.fuse_gate_up(out.pop("gate"), out.pop("up")))
-            out["down"] = narrow(out["down"])
+        out = {name: walk(value) for name, value in tree.items()}
+        for names, rank in ((("q", "k", "v", "o"), 3), (("gate", "up", "down"), 2)):
+            # The layers' own kernels: expert kernels ([E, D, F]) are left to the MoE layer.
+            if set(names) <= out.keys() and all(getattr(out[n], "ndim", None) == rank for n in names):
+                out.update({n: narrow(out[n]) for n in names})
         return out
 
-    return fuse(params)
+    return walk(params)
 
 
 class Generator:
@@ -151,10 +141,10 @@ class Generator:
     was trained with `scan_layers`: under nn.scan the cache is one [layers, ...] array carried
     through the loop, and XLA copies all of it at every step (tiny_lm, batch 8, 640 cache slots:
     22 ms per step scanned, 3.3 ms unrolled). `generate` converts the params once per call
-    (`decode_params`: blocks unstacked, projections fused and in the compute dtype; a copy of the
+    (`decode_params`: blocks unstacked, projection kernels in the compute dtype; a copy of the
     weights while it runs, unless the caller converted them once, as `python -m jaxllm.generate`
     does); `forward`, `prefill` and `decode_step` also take them as they are, at the price of
-    slicing, fusing and casting the weights inside every call.
+    slicing and casting the weights inside every call.
     """
 
     def __init__(self, model_cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None):
@@ -206,8 +196,8 @@ class Generator:
 
     @functools.partial(jax.jit, static_argnums=0)
     def decode_params(self, params):
-        """`params` in the layout the decoding model takes (see `unstack_layers`, `fuse_projections`)."""
-        return fuse_projections(unstack_layers(self.model_cfg, params), jnp.dtype(self.model_cfg.dtype))
+        """`params` in the layout the decoding model takes (see `unstack_layers`, `narrow_projections`)."""
+        return narrow_projections(unstack_layers(self.model_cfg, params), jnp.dtype(self.model_cfg.dtype))
 
     @functools.partial(jax.jit, static_argnums=0)
     def forward(self, params, cache, tokens_BL, segment_ids_BL, positions_BL, prefix_BL=None, prefix_embeds=None):

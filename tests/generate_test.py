@@ -114,42 +114,39 @@ def test_unstack_layers_gives_the_unscanned_model_the_scanned_ones_weights(moe_e
 
 
 @pytest.mark.parametrize("kernels", ["float", "bfloat16_compute", "int8", "moe_every_2"])
-def test_fused_decoding_params_give_the_logits_of_the_separate_kernels(kernels):
-    """decode_params fuses q/k/v and gate/up once (float and int8 alike; the MoE blocks' expert
-    kernels stay as the MoE layer reads them) and casts the float ones to the compute dtype: the
-    decoding model's prefill logits equal, bit for bit, those from the separate float32 kernels,
-    which it fuses and casts per call."""
+def test_decoding_params_in_the_compute_dtype_give_the_same_logits(kernels):
+    """decode_params casts the attention's and MLP's float kernels to the compute dtype once
+    (int8 ones and the MoE blocks' expert kernels stay as they are): the decoding model's prefill
+    logits equal, bit for bit, those from the float32 kernels, which it casts per call."""
     from jaxllm import config as C
     from jaxllm.compression import quantize
 
     cfg = with_model(tiny_config(), num_layers=2).model
     if kernels == "moe_every_2":
         cfg = dataclasses.replace(cfg, moe=C.MoeConfig(num_experts=4, top_k=2, every=2, num_shared=1))
-    if kernels == "bfloat16_compute":
+    if kernels in ("bfloat16_compute", "moe_every_2"):
         cfg = dataclasses.replace(cfg, dtype="bfloat16")
     params = _tiny_params(cfg)
     if kernels == "int8":
         params = quantize.quantize_params(params)
     gen = decoding.Generator(cfg)
-    separate = decoding.unstack_layers(cfg, params)
-    fused = gen.decode_params(params)
-    attn, mlp = fused["block_0"]["attn"], fused["block_0"]["mlp"]
-    assert "qkv" in attn and not {"q", "k", "v"} & attn.keys()
-    assert "gate_up" in mlp and not {"gate", "up"} & mlp.keys()
+    as_trained = decoding.unstack_layers(cfg, params)
+    narrowed = gen.decode_params(params)
+    attn, mlp = narrowed["block_0"]["attn"], narrowed["block_0"]["mlp"]
+    want = jnp.dtype(jnp.float32 if kernels in ("float", "int8") else jnp.bfloat16)
     if kernels == "int8":
-        assert attn["qkv"].keys() == separate["block_0"]["attn"]["q"].keys()
+        assert attn["q"].keys() == as_trained["block_0"]["attn"]["q"].keys()
     else:
-        want_dtype = jnp.dtype(jnp.bfloat16 if kernels == "bfloat16_compute" else jnp.float32)
-        assert {attn["qkv"].dtype, attn["o"].dtype, mlp["gate_up"].dtype, mlp["down"].dtype} == {want_dtype}
-        assert separate["block_0"]["attn"]["q"].dtype == jnp.float32
+        assert {attn[n].dtype for n in "qkvo"} | {mlp[n].dtype for n in ("gate", "up", "down")} == {want}
+        assert as_trained["block_0"]["attn"]["o"].dtype == jnp.float32
+    assert narrowed["block_0"]["attn_norm"]["scale"].dtype == jnp.float32
     if kernels == "moe_every_2":
-        assert {"gate", "up"} <= fused["block_1"]["mlp"].keys() - {"gate_up"}
+        assert narrowed["block_1"]["mlp"]["gate"].dtype == jnp.float32  # expert kernels [E, D, F]
     tokens, segment_ids, positions, _ = decoding.pad_prompts([[data.BOS_ID, 10, 11, 12, 13], [data.BOS_ID, 40]])
     last = np.array([4, 4], np.int32)
-    got, _ = gen.prefill(fused, gen.init_cache(2, 8), tokens, segment_ids, positions, last)
-    want, _ = gen.prefill(separate, gen.init_cache(2, 8), tokens, segment_ids, positions, last)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert gen.decode_params(fused) is not None and jax.tree.structure(gen.decode_params(fused)) == jax.tree.structure(fused)
+    got, _ = gen.prefill(narrowed, gen.init_cache(2, 8), tokens, segment_ids, positions, last)
+    expected, _ = gen.prefill(as_trained, gen.init_cache(2, 8), tokens, segment_ids, positions, last)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
 PADDED_PROMPTS = [[data.BOS_ID, 10, 11, 12, 13, 14, 15], [data.BOS_ID, 40], [data.BOS_ID, 7, 8, 9]]

@@ -177,14 +177,9 @@ class Attention(nn.Module):
         dtype = compute_dtype(cfg)
         H, N, K, D = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        # Decoding params may hold q, k and v fused once (decoding.fuse_projections).
-        fused = self.has_variable("params", "qkv")
-        if fused:
-            w_qkv, w_q, w_k, w_v = self.get_variable("params", "qkv"), None, None, None
-        else:
-            w_q = self.param("q", dense_init(cfg.init_std, ("embed", "heads", "head_dim")), (D, H, K))
-            w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
-            w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
+        w_q = self.param("q", dense_init(cfg.init_std, ("embed", "heads", "head_dim")), (D, H, K))
+        w_k = self.param("k", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
+        w_v = self.param("v", dense_init(cfg.init_std, ("embed", "kv_heads", "head_dim")), (D, N, K))
         w_o = self.param("o", dense_init(out_std, ("heads", "head_dim", "embed")), (H, K, D))
         b_o = (self.param("o_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (D,))
                if cfg.attn_out_bias else None)
@@ -194,10 +189,7 @@ class Attention(nn.Module):
 
         # x W_q, x W_k, x W_v, query heads grouped by their KV head: q [B, L, N, G, K]; adapted
         # kernels add their adapters' terms to the fused projection's outputs.
-        if fused:
-            q_BLNGK, k_BLNK, v_BLNK = ops.fused_qkv(x_BLD, w_qkv, dtype)
-        else:
-            q_BLNGK, k_BLNK, v_BLNK = ops.qkv(x_BLD, *(unadapted(w) for w in (w_q, w_k, w_v)), dtype)
+        q_BLNGK, k_BLNK, v_BLNK = ops.qkv(x_BLD, *(unadapted(w) for w in (w_q, w_k, w_v)), dtype)
         q_BLNGK, k_BLNK, v_BLNK = (with_adapter(y, x_BLD, w, 1, dtype)
                                    for y, w in zip((q_BLNGK, k_BLNK, v_BLNK), (w_q, w_k, w_v)))
         if cfg.qkv_bias:

@@ -56,19 +56,11 @@ class Mlp(nn.Module):
         dtype = compute_dtype(cfg)
         D, F = cfg.d_model, cfg.mlp_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        # Decoding params may hold gate and up fused once (decoding.fuse_projections).
-        fused = self.has_variable("params", "gate_up")
-        if fused:
-            w_gate = w_up = None
-        else:
-            w_gate = self.param("gate", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
-            w_up = self.param("up", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
+        w_gate = self.param("gate", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
+        w_up = self.param("up", dense_init(cfg.init_std, ("embed", "mlp")), (D, F))
         w_down = self.param("down", dense_init(out_std, ("mlp", "embed")), (F, D))
         w_gate, w_up, w_down = with_dropout_keys(self, w_gate, w_up, w_down)  # LoRA; no-op for plain kernels
-        if fused:
-            gate_up_BLJF = ops.fused_gate_up(x_BLD, self.get_variable("params", "gate_up"), dtype)
-        else:
-            gate_up_BLJF = ops.gate_up(x_BLD, unadapted(w_gate), unadapted(w_up), dtype)
+        gate_up_BLJF = ops.gate_up(x_BLD, unadapted(w_gate), unadapted(w_up), dtype)
         if isinstance(w_gate, Adapted) or isinstance(w_up, Adapted):  # adapters' terms on the fused output
             gate_up_BLJF = jnp.stack([with_adapter(gate_up_BLJF[..., j, :], x_BLD, w, 1, dtype)
                                       for j, w in enumerate((w_gate, w_up))], axis=-2)

@@ -30,27 +30,18 @@ CAUSAL_QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 32
 
 
-def fuse_qkv(w_q_DHK, w_k_DNK, w_v_DNK):
-    """The kernel `qkv` multiplies by: per KV head n its G query heads, then k, then v ([D, N, G+2, K]),
-    so tensor sharding over kv_heads keeps each group on one shard. Float or quantized kernels."""
-    N, K = jax.tree.leaves(w_k_DNK)[0].shape[-2:]  # the int8 values of a quantized kernel come first
-    return map_kernels(
-        lambda q, k, v: jnp.concatenate([q.reshape(q.shape[0], N, -1, K), k[:, :, None], v[:, :, None]], axis=2),
-        w_q_DHK, w_k_DNK, w_v_DNK,
-    )
-
-
 def qkv(x_BLD, w_q_DHK, w_k_DNK, w_v_DNK, dtype):
     """x W_q [B, L, N, G, K], x W_k and x W_v [B, L, N, K] as one matmul.
 
     Three narrow matmuls each re-read x and run well below the matmul peak on CPU. The weights are
-    concatenated per call (cheap next to the matmul when training), so the parameters stay
-    separate; decoding takes them fused once (`fused_qkv`, decoding.fuse_projections)."""
-    return fused_qkv(x_BLD, fuse_qkv(w_q_DHK, w_k_DNK, w_v_DNK), dtype)
-
-
-def fused_qkv(x_BLD, w_qkv_DNJK, dtype):
-    """`qkv` with the kernels already fused by `fuse_qkv`."""
+    concatenated per step (cheap next to the matmul), so the parameters stay separate. Per KV head
+    n the fused kernel holds its G query heads, then k, then v, so tensor sharding over kv_heads
+    keeps each group on one shard."""
+    N, K = jax.tree.leaves(w_k_DNK)[0].shape[-2:]  # the int8 values of a quantized kernel come first
+    w_qkv_DNJK = map_kernels(
+        lambda q, k, v: jnp.concatenate([q.reshape(q.shape[0], N, -1, K), k[:, :, None], v[:, :, None]], axis=2),
+        w_q_DHK, w_k_DNK, w_v_DNK,
+    )
     qkv_BLNJK = dense(x_BLD, w_qkv_DNJK, 1, dtype, ("embed", "kv_heads", None, "head_dim"))
     qkv_BLNJK = nn.with_logical_constraint(qkv_BLNJK, (BATCH, LENGTH, ACT_KV_HEADS, None, None))
     G = qkv_BLNJK.shape[3] - 2

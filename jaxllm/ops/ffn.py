@@ -11,21 +11,11 @@ from jaxllm.ops.projection import dense, map_kernels
 from jaxllm.sharding import target_platform
 
 
-def fuse_gate_up(w_gate_DF, w_up_DF):
-    """The [D, 2, F] kernel `gate_up` multiplies by. "mlp" stays the last axis, so tensor sharding
-    splits gate and up identically. Float or quantized kernels."""
-    return map_kernels(lambda g, u: jnp.stack([g, u], axis=1), w_gate_DF, w_up_DF)
-
-
 def gate_up(x_BLD, w_gate_DF, w_up_DF, dtype):
     """[x W_gate, x W_up] stacked on axis -2 ([B, L, 2, F]), computed as one [D, 2, F] matmul:
-    two narrow matmuls each re-read x and run well below the matmul peak on CPU. Decoding takes
-    the kernels fused once (`fused_gate_up`, decoding.fuse_projections)."""
-    return fused_gate_up(x_BLD, fuse_gate_up(w_gate_DF, w_up_DF), dtype)
-
-
-def fused_gate_up(x_BLD, w_DJF, dtype):
-    """`gate_up` with the kernels already fused by `fuse_gate_up`."""
+    two narrow matmuls each re-read x and run well below the matmul peak on CPU. "mlp" stays the
+    last axis, so tensor sharding splits gate and up identically."""
+    w_DJF = map_kernels(lambda g, u: jnp.stack([g, u], axis=1), w_gate_DF, w_up_DF)
     return dense(x_BLD, w_DJF, 1, dtype, ("embed", None, "mlp"))
 
 

@@ -79,8 +79,8 @@ def plan_generation(cfg: Config, mesh, chip: Chip, batch: int, prompt_len: int, 
 
     report: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "cache_len": cache_len}
     with sharding.activate(mesh):
-        # In the layout generation decodes with (decode_params: q/k/v and gate/up fused, cast to
-        # the compute dtype, as `python -m jaxllm.generate` keeps them), placed as XLA places them.
+        # In the layout generation decodes with (decode_params: the layers' kernels in the compute
+        # dtype, as `python -m jaxllm.generate` keeps them), placed as XLA places them.
         prepare = decoding.Generator.decode_params.lower(generator, params).compile()
         params = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
                               jax.eval_shape(lambda p: generator.decode_params(p), params), prepare.output_shardings)
