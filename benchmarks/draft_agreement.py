@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import data, decoding, restore
+from jaxllm import decoding, restore
 from jaxllm.models import Transformer
 
-from speculative import PROMPT_CHARS, PROMPTS
+from speculative import prompt_ids
 
 
 def greedy_tokens(model_cfg, params, sequence) -> np.ndarray:
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     target_cfg, target_params = restore.load_params(args.target)
     draft_cfg, draft_params = restore.load_params(args.draft)
-    prompts = [[data.BOS_ID] + list(p[:PROMPT_CHARS].encode()) for p in PROMPTS]
+    prompts = prompt_ids()
     sampling = decoding.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eos=False)
     continuations = decoding.Generator(target_cfg.model).generate(target_params, prompts, sampling, jax.random.key(0))
     edges = [int(e) for e in args.buckets.split(",")]

@@ -45,6 +45,11 @@ PROMPTS = ["import os\nimport sys\n\n\ndef ", "class Parser:\n    def __init__(s
 PROMPT_CHARS = 30
 
 
+def prompt_ids(count: int = len(PROMPTS)) -> list[list[int]]:
+    """The first `count` built-in prompts as token ids (BOS, then their first PROMPT_CHARS bytes)."""
+    return [[data.BOS_ID] + list(p[:PROMPT_CHARS].encode()) for p in PROMPTS[:count]]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def fused_steps(gen: decoding.Generator, sampling, params, cache, tokens_B, positions_B, done_B, rng):
     """max_new_tokens - 1 of `gen`'s decode_and_choose steps in one lax.fori_loop: the tokens
@@ -187,7 +192,7 @@ def main() -> None:
     draft_cfg, draft_params = restore.load_params(args.draft)
     untrained = nn.meta.unbox(
         Transformer(draft_cfg.model).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-    prompts = [[data.BOS_ID] + list(p[:PROMPT_CHARS].encode()) for p in PROMPTS[:args.prompts]]
+    prompts = prompt_ids(args.prompts)
     gammas = [int(g) for g in args.gammas.split(",")]
 
     for temperature in (float(t) for t in args.temperatures.split(",")):

@@ -22,6 +22,7 @@ from jaxllm import data, restore, sharding
 from jaxllm import tokenizer as tokenizer_lib
 from jaxllm.config import Config, ConfigError, ModelConfig
 from jaxllm.layers import ATTENTION_KINDS
+from jaxllm.layers.base import compute_dtype
 from jaxllm.models import vlm
 from jaxllm.models.transformer import Transformer, dense_prefix, group_size
 
@@ -113,17 +114,17 @@ def narrow_projections(params, dtype):
     conversion, but keeps the copy for the call). Kernels with adapters (LoRA) and quantized ones
     stay as they are."""
     def narrow(w):
-        if not isinstance(w, (jax.Array, np.ndarray)) or not jnp.issubdtype(w.dtype, jnp.floating):
-            return w
-        return w.astype(dtype) if jnp.dtype(w.dtype).itemsize > jnp.dtype(dtype).itemsize else w
+        return w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) and w.dtype.itemsize > dtype.itemsize else w
 
     def walk(tree):
         if not isinstance(tree, dict):
             return tree
         out = {name: walk(value) for name, value in tree.items()}
         for names, rank in ((("q", "k", "v", "o"), 3), (("gate", "up", "down"), 2)):
-            # The layers' own kernels: expert kernels ([E, D, F]) are left to the MoE layer.
-            if set(names) <= out.keys() and all(getattr(out[n], "ndim", None) == rank for n in names):
+            # Plain arrays of the layers' own kernels: quantized (dicts), adapted and MoE expert
+            # ([E, D, F]) kernels are left as they are.
+            if set(names) <= out.keys() and all(isinstance(out[n], (jax.Array, np.ndarray)) and out[n].ndim == rank
+                                                for n in names):
                 out.update({n: narrow(out[n]) for n in names})
         return out
 
@@ -197,7 +198,7 @@ class Generator:
     @functools.partial(jax.jit, static_argnums=0)
     def decode_params(self, params):
         """`params` in the layout the decoding model takes (see `unstack_layers`, `narrow_projections`)."""
-        return narrow_projections(unstack_layers(self.model_cfg, params), jnp.dtype(self.model_cfg.dtype))
+        return narrow_projections(unstack_layers(self.model_cfg, params), compute_dtype(self.model_cfg))
 
     @functools.partial(jax.jit, static_argnums=0)
     def forward(self, params, cache, tokens_BL, segment_ids_BL, positions_BL, prefix_BL=None, prefix_embeds=None):

@@ -35,10 +35,8 @@ from jaxllm.decoding import Generator, SamplingConfig, filter_logits, pad_prompt
 
 
 def probabilities(logits_NV, sampling: SamplingConfig):
-    """The distribution a token is drawn from: the filtered softmax, or at temperature 0 the
-    one-hot of the argmax (so that greedy decoding is the same rejection test, exactly)."""
-    if sampling.temperature == 0:
-        return jax.nn.one_hot(jnp.argmax(logits_NV, axis=-1), logits_NV.shape[-1], dtype=jnp.float32)
+    """The distribution a token is sampled from at temperature > 0: the filtered softmax. (Greedy
+    rounds compare argmaxes instead, see `SpeculativeGenerator.round`.)"""
     filtered = filter_logits(logits_NV.reshape(-1, logits_NV.shape[-1]), sampling.temperature,
                              sampling.top_k, sampling.top_p)
     return jax.nn.softmax(filtered, axis=-1).reshape(logits_NV.shape)

@@ -81,9 +81,8 @@ def plan_generation(cfg: Config, mesh, chip: Chip, batch: int, prompt_len: int, 
     with sharding.activate(mesh):
         # In the layout generation decodes with (decode_params: the layers' kernels in the compute
         # dtype, as `python -m jaxllm.generate` keeps them), placed as XLA places them.
-        prepare = decoding.Generator.decode_params.lower(generator, params).compile()
-        params = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-                              jax.eval_shape(lambda p: generator.decode_params(p), params), prepare.output_shardings)
+        prepared = decoding.Generator.decode_params.lower(generator, params).compile().out_info
+        params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), prepared)
         start = time.perf_counter()
         prefill = decoding.Generator.prefill.lower(generator, params, cache, ints(batch, prompt_len), ints(batch, prompt_len),
                                           ints(batch, prompt_len), ints(batch)).compile()
